@@ -1,0 +1,407 @@
+"""Typed configuration: dataclasses with a help text per option, YAML presets, dotted overrides.
+
+A run's configuration is built in three layers, each replacing what the one before set:
+the dataclass defaults below, a preset or YAML file, then ``key=value`` overrides from the
+command line. There is no inheritance between presets (mmdetection's ``_base_`` chains are
+what we avoid): a preset lists every value it changes from these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "default"
+
+# The paper's unit of schedule (Detectron's 1x): 90k iterations at 16 images per batch,
+# with the LR divided by 10 at 60k and 80k, i.e. at total-30k and total-10k.  Longer
+# schedules ("Rethinking ImageNet Pre-training", Sec. 4) drop at total-60k and total-20k.
+ITERS_PER_X = 90_000
+REFERENCE_BATCH = 16
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its help text kept in metadata (printed by ``scratchdet config``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    depth: int = opt(50, "ResNet depth: 18, 34, 50, 101 or 152")
+    groups: int = opt(1, "ResNeXt cardinality (32 for 32x8d); 1 for plain ResNet")
+    width_per_group: int = opt(64, "ResNeXt width per group (8 for 32x8d); 64 for plain ResNet")
+    stem_channels: int = opt(64, "output channels of the stem's 7x7 conv")
+    base_width: int = opt(64, "channels of res2's 3x3 convs (doubled at each later stage); 64 in ResNet")
+    norm: str = opt(
+        "GN",
+        "normalization of backbone, FPN, box head and mask head together: GN, SyncBN, BN, FrozenBN or none",
+    )
+    gn_groups: int = opt(32, "GroupNorm groups (32 in the paper)")
+    zero_init_residual: bool = opt(
+        False, "init the last norm's scale of each residual block to 0 (detectron2 leaves this off: it hurt GN from scratch)"
+    )
+    num_classes: int = opt(0, "object classes without background; 0: taken from the training set's categories")
+    init: str = opt("random", "backbone initialization: random (training from scratch)")
+    fpn_channels: int = opt(256, "channels of every FPN level (P2-P6)")
+    anchor_sizes: list[int] = opt([32, 64, 128, 256, 512], "anchor size (pixels) of P2..P6, one per level")
+    anchor_aspect_ratios: list[float] = opt([0.5, 1.0, 2.0], "anchor aspect ratios (h/w) at every level")
+    rpn_batch_size_per_image: int = opt(256, "anchors sampled per image for the RPN loss")
+    rpn_pre_nms_topk_train: int = opt(2000, "proposals kept per level before NMS, training")
+    rpn_post_nms_topk_train: int = opt(2000, "proposals kept per image after NMS, training")
+    rpn_pre_nms_topk_test: int = opt(1000, "proposals kept per level before NMS, inference")
+    rpn_post_nms_topk_test: int = opt(1000, "proposals kept per image after NMS, inference")
+    box_head_num_conv: int = opt(4, "convs of the box head (the paper's 4conv1fc head)")
+    box_head_conv_dim: int = opt(256, "channels of the box head convs")
+    box_head_fc_dim: int = opt(1024, "width of the box head fc layer")
+    mask_head_num_conv: int = opt(4, "convs of the mask head")
+    mask_head_conv_dim: int = opt(256, "channels of the mask head convs")
+    roi_batch_size_per_image: int = opt(512, "RoIs sampled per image for the box head loss")
+    roi_positive_fraction: float = opt(0.25, "fraction of foreground RoIs in that sample")
+    score_thresh_test: float = opt(0.05, "minimum score of a detection at inference")
+    nms_thresh_test: float = opt(0.5, "per-class NMS IoU threshold at inference")
+    detections_per_image: int = opt(100, "detections kept per image (COCO evaluates 100)")
+    pixel_mean: list[float] = opt(
+        [123.675, 116.28, 103.53],
+        "RGB mean in 0-255 pixel units (ImageNet's, as detectron2); `scratchdet data stats` computes your data's",
+    )
+    pixel_std: list[float] = opt([58.395, 57.12, 57.375], "RGB std in 0-255 pixel units (ImageNet's)")
+
+
+@dataclass
+class DatasetConfig:
+    images: str = opt("", "folder of images; file_name in the JSON is relative to it")
+    annotations: str = opt("", "COCO instances JSON; empty for the embedded synthetic dataset")
+
+
+@dataclass
+class SynthConfig:
+    seed: int = opt(0, "seed of the synthetic dataset (the same seed draws the same dataset)")
+    num_train: int = opt(600, "training images of the synthetic dataset")
+    num_val: int = opt(100, "validation images of the synthetic dataset")
+    image_size: int = opt(256, "side of the square synthetic images, in pixels")
+    root: str = opt("", "where it is generated and cached; empty for ~/.cache/scratchdet/synth-<signature>")
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig, metadata={"help": "training set"})
+    val: DatasetConfig = field(default_factory=DatasetConfig, metadata={"help": "validation set (evaluated)"})
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "the embedded synthetic dataset"})
+    min_size_train: list[int] = opt([800], "shorter side at training; several values = multi-scale, one drawn per image")
+    max_size_train: int = opt(1333, "longer side cap at training")
+    min_size_test: int = opt(800, "shorter side at inference")
+    max_size_test: int = opt(1333, "longer side cap at inference")
+    flip_prob: float = opt(0.5, "probability of a horizontal flip at training (the paper's only augmentation)")
+    filter_empty: bool = opt(True, "leave out training images without any non-crowd annotation (as Detectron)")
+
+
+@dataclass
+class DataloaderConfig:
+    num_workers: int = opt(2, "data loading worker processes (0 loads in the main process)")
+    aspect_ratio_grouping: bool = opt(True, "batch landscape and portrait images separately, to pad less")
+
+
+@dataclass
+class SolverConfig:
+    base_lr: float = opt(0.02, "learning rate at `reference_batch_size` images per batch (0.02 at 16 in the paper)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(1e-4, "L2 weight decay of conv and fc weights")
+    weight_decay_norm: float = opt(0.0, "weight decay of norm scales and shifts (0 as Detectron's WEIGHT_DECAY_GN)")
+    weight_decay_bias: float = opt(1e-4, "weight decay of biases")
+    ims_per_batch: int = opt(16, "images per iteration, summed over all processes")
+    max_iter: int = opt(90_000, "training iterations (replaced by `schedule` when that is set)")
+    steps: list[int] = opt([60_000, 80_000], "iterations at which the LR is multiplied by `gamma`")
+    gamma: float = opt(0.1, "LR decay factor at each step")
+    warmup_iters: int = opt(1000, "iterations of linear warmup")
+    warmup_factor: float = opt(0.001, "LR factor at iteration 0 of the warmup")
+    schedule: str = opt("", "the paper's schedule, e.g. '6x' = 540k iterations at 16 images, LR drops at total-60k/-20k")
+    reference_batch_size: int = opt(
+        0,
+        "batch size at which base_lr, max_iter, steps and warmup are stated; others scale linearly. 0: no scaling",
+    )
+    checkpoint_period: int = opt(5000, "iterations between checkpoints")
+    keep_checkpoints: int = opt(3, "periodic checkpoints kept (older ones deleted); model_final is always kept")
+
+
+@dataclass
+class TestConfig:
+    eval_period: int = opt(0, "iterations between evaluations during training (0: only at the end)")
+    max_images: int = opt(0, "evaluate only the first N validation images (0: all)")
+    ims_per_batch: int = opt(1, "images per inference batch")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = opt(0, "seed of every RNG (Python, NumPy, torch, sampler, augmentation)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    amp: str = opt("off", "mixed precision: off, bf16 or fp16 (GroupNorm stays fp32)")
+    deterministic: bool = opt(True, "deterministic algorithms (bitwise-reproducible CPU runs)")
+    log_period: int = opt(20, "iterations between training log lines in metrics.jsonl")
+    num_threads: int = opt(0, "torch CPU threads (0: torch's default)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and input sizes"})
+    dataloader: DataloaderConfig = field(default_factory=DataloaderConfig, metadata={"help": "data loading"})
+    solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "optimizer and schedule"})
+    test: TestConfig = field(default_factory=TestConfig, metadata={"help": "evaluation"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the run itself"})
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` converted to annotation ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # "6x" needs quotes in YAML; a bare 6 is accepted as "6"
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def merge_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from a nested dict, checking names and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    types_ = _field_types(type(obj))
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in types_:
+            raise ConfigError(f"unknown config key '{key}' (known under '{prefix or '.'}': {', '.join(types_)})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            merge_dict(current, value, key + ".")
+        else:
+            setattr(obj, name, _check_value(key, types_[name], value))
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key (``solver.base_lr``) to a value, checking name and type."""
+    parts = key.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    merge_dict(cfg, nested)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'solver.base_lr=0.01'`` -> ``('solver.base_lr', 0.01)``; values are read as YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {e}") from None
+    return key, value
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``mask_rcnn_R50_FPN_GN_scratch_6x``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset '{name_or_path}'; presets: {', '.join(list_presets())}")
+    return preset
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then a preset or YAML file, then ``key=value`` overrides."""
+    cfg = Config()
+    path = resolve_preset(preset or DEFAULT_PRESET)
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    try:
+        merge_dict(cfg, values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that cross fields; each message names the key to change."""
+    choices = {
+        "model.norm": (cfg.model.norm, ("GN", "SyncBN", "BN", "FrozenBN", "none")),
+        "model.depth": (cfg.model.depth, (18, 34, 50, 101, 152)),
+        "train.amp": (cfg.train.amp, ("off", "bf16", "fp16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    if cfg.model.norm == "FrozenBN" and cfg.model.init == "random":
+        raise ConfigError(
+            "model.norm: FrozenBN freezes statistics that a randomly initialized network does not have "
+            "(mean 0, var 1 forever), so nothing would normalize; use GN or SyncBN to train from scratch "
+            "(as the paper does), or FrozenBN only with pretrained weights (model.init)"
+        )
+    if cfg.model.init != "random":
+        raise ConfigError(f"model.init: {cfg.model.init!r} is not supported yet; use 'random'")
+    if len(cfg.model.anchor_sizes) != 5:
+        raise ConfigError("model.anchor_sizes: give one size per FPN level P2..P6 (5 values)")
+    if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3:
+        raise ConfigError("model.pixel_mean / model.pixel_std: give 3 values (R, G, B)")
+    if cfg.solver.ims_per_batch < 1:
+        raise ConfigError("solver.ims_per_batch: must be at least 1")
+    if list(cfg.solver.steps) != sorted(cfg.solver.steps):
+        raise ConfigError(f"solver.steps: must be increasing, got {cfg.solver.steps}")
+    if not cfg.data.min_size_train:
+        raise ConfigError("data.min_size_train: give at least one size")
+    if bool(cfg.data.train.images) != bool(cfg.data.train.annotations):
+        raise ConfigError("data.train.images and data.train.annotations: give both (or neither, for synthetic data)")
+    if bool(cfg.data.val.images) != bool(cfg.data.val.annotations):
+        raise ConfigError("data.val.images and data.val.annotations: give both (or neither)")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (a run's ``config.yaml``)."""
+    cfg = Config()
+    merge_dict(cfg, values)
+    return cfg
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` for every option, for ``scratchdet config``."""
+    rows = []
+    obj = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(type(value), prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The schedule a run actually uses, after the paper's rule and batch-size scaling."""
+
+    base_lr: float
+    max_iter: int
+    steps: tuple[int, ...]
+    warmup_iters: int
+    notes: tuple[str, ...]
+
+
+def parse_schedule(text: str) -> float:
+    """``'6x'`` -> 6.0; any positive N, fractional too (``'0.5x'``)."""
+    t = text.strip().lower()
+    if not t.endswith("x"):
+        raise ConfigError(f"solver.schedule: {text!r} is not of the form Nx (e.g. 2x, 6x, 0.5x)")
+    try:
+        n = float(t[:-1])
+    except ValueError:
+        raise ConfigError(f"solver.schedule: {text!r} is not of the form Nx (e.g. 2x, 6x, 0.5x)") from None
+    if n <= 0:
+        raise ConfigError(f"solver.schedule: {text!r} must be positive")
+    return n
+
+
+def resolve_schedule(solver: SolverConfig) -> Schedule:
+    """Apply ``schedule`` (the paper's Nx rule) and linear scaling to ``ims_per_batch``."""
+    notes = []
+    base_lr, max_iter, steps, warmup = solver.base_lr, solver.max_iter, list(solver.steps), solver.warmup_iters
+    ref = solver.reference_batch_size
+    if solver.schedule:
+        n = parse_schedule(solver.schedule)
+        ref = ref or REFERENCE_BATCH
+        max_iter = round(n * ITERS_PER_X)
+        # Sec. 4 of the paper: "decrease the LR by 10x in the last 60k and last 20k iterations";
+        # for schedules of 1x and shorter, Detectron's 1x rule (total-30k, total-10k) scaled by N.
+        drops = (60_000, 20_000) if n > 1 else (round(30_000 * n), round(10_000 * n))
+        steps = [max_iter - d for d in drops]
+        notes.append(
+            f"schedule {solver.schedule}: {max_iter} iterations at {ref} images, LR drops at {steps[0]} and {steps[1]}"
+        )
+    if ref and ref != solver.ims_per_batch:
+        k = solver.ims_per_batch / ref
+        base_lr = base_lr * k
+        max_iter = max(1, round(max_iter / k))
+        steps = [round(s / k) for s in steps]
+        warmup = round(warmup / k)
+        notes.append(
+            f"linear scaling from {ref} to {solver.ims_per_batch} images per batch: LR {solver.base_lr:g} -> "
+            f"{base_lr:g}, {max_iter} iterations, LR drops at {steps}, warmup {warmup} iterations"
+        )
+    return Schedule(base_lr, max_iter, tuple(steps), warmup, tuple(notes))

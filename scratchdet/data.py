@@ -1,0 +1,384 @@
+"""COCO-format datasets, transforms (torchvision.transforms.v2 on tv_tensors) and the sampler.
+
+Augmentation randomness is a pure function of the run's seed and the sample's position in
+the training stream (``TrainSampler`` hands each index its own seed), never of a worker's RNG
+state.  That is what makes resume exact with any number of workers: the checkpoint need only
+hold the sampler's position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faster_coco_eval.core.mask as mask_utils
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Input that cannot be used; the message names the file and the image or annotation id."""
+
+
+@dataclass
+class ImageRecord:
+    id: int
+    file_name: str
+    height: int
+    width: int
+    anns: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class LoadReport:
+    """What was repaired or left out while reading a dataset, counted by reason."""
+
+    skipped: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str, what: str) -> None:
+        if not self.skipped[reason]:
+            log.warning("%s (first case: %s); such cases are skipped and counted", reason, what)
+        self.skipped[reason] += 1
+
+    def summary(self) -> str:
+        return "; ".join(f"{n} x {r}" for r, n in self.skipped.items()) or "nothing skipped"
+
+
+def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], LoadReport]:
+    """Read a COCO instances JSON into image records (annotations attached) and its categories."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing or non-list '{key}'")
+    report = LoadReport()
+    categories = []
+    cat_ids: set[int] = set()
+    for c in data["categories"]:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or isinstance(c.get("id"), bool):
+            raise DataError(f"{path}: category {c!r} has no integer 'id'")
+        if c["id"] in cat_ids:
+            raise DataError(f"{path}: duplicate category id {c['id']}")
+        cat_ids.add(c["id"])
+        categories.append({"id": c["id"], "name": str(c.get("name", c["id"]))})
+    records: dict[int, ImageRecord] = {}
+    for im in data["images"]:
+        if not isinstance(im, dict):
+            raise DataError(f"{path}: image entry {im!r} is not an object")
+        for key, tp in (("id", int), ("file_name", str), ("height", int), ("width", int)):
+            if not isinstance(im.get(key), tp) or isinstance(im.get(key), bool):
+                raise DataError(f"{path}: image id {im.get('id')!r}: missing or mistyped '{key}'")
+        if im["height"] <= 0 or im["width"] <= 0:
+            raise DataError(f"{path}: image id {im['id']}: height and width must be positive")
+        if im["id"] in records:
+            raise DataError(f"{path}: duplicate image id {im['id']}")
+        records[im["id"]] = ImageRecord(im["id"], im["file_name"], im["height"], im["width"])
+    ann_ids: set[int] = set()
+    for ann in data.get("annotations", []) or []:
+        if not isinstance(ann, dict):
+            raise DataError(f"{path}: annotation entry {ann!r} is not an object")
+        aid = ann.get("id")
+        if not isinstance(aid, int) or isinstance(aid, bool):
+            raise DataError(f"{path}: annotation {ann!r:.80}: missing or mistyped 'id'")
+        if aid in ann_ids:
+            raise DataError(f"{path}: duplicate annotation id {aid}")
+        ann_ids.add(aid)
+        rec = records.get(ann.get("image_id"))
+        if rec is None:
+            raise DataError(f"{path}: annotation id {aid} refers to unknown image id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in cat_ids:
+            raise DataError(f"{path}: annotation id {aid} (image id {rec.id}) has unknown category id "
+                            f"{ann.get('category_id')!r}")
+        bbox = ann.get("bbox")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'bbox' must be [x, y, w, h]")
+        if not all(np.isfinite(bbox)):
+            report.add("annotations with a non-finite bbox", f"{path} annotation id {aid}")
+            continue
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            report.add("annotations with an empty bbox (w or h <= 0)", f"{path} annotation id {aid}")
+            continue
+        rec.anns.append(ann)
+    return list(records.values()), categories, report
+
+
+def decode_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
+    """An annotation's segmentation (polygons, RLE or compressed RLE) as a [H, W] uint8 mask."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polys:
+            raise DataError(f"{where}: annotation id {ann['id']}: no polygon with 3 or more points")
+        rles = mask_utils.frPyObjects([[float(v) for v in p] for p in polys], height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if list(seg["size"]) != [height, width]:
+            raise DataError(f"{where}: annotation id {ann['id']}: RLE size {seg['size']} disagrees with the "
+                            f"image's {height}x{width}")
+        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+    else:
+        raise DataError(f"{where}: annotation id {ann['id']}: 'segmentation' is neither polygons nor RLE")
+    return mask_utils.decode(rle)
+
+
+class ResizeShortestEdge(v2.Transform):
+    """Resize so the shorter side is one of ``min_sizes`` (drawn per image) and the longer at most
+    ``max_size`` (detectron2's ResizeShortestEdge; torchvision's Resize refuses max_size == size)."""
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int) -> None:
+        super().__init__()
+        self.min_sizes, self.max_size = [int(s) for s in min_sizes], int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] if len(self.min_sizes) > 1 \
+            else self.min_sizes[0]
+        scale = size / min(h, w)
+        if max(h, w) * scale > self.max_size:
+            scale = self.max_size / max(h, w)
+        return {"size": (int(h * scale + 0.5), int(w * scale + 0.5)), "unchanged": abs(scale - 1) < 1e-9}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["unchanged"]:
+            return inpt
+        return self._call_kernel(v2.functional.resize, inpt, params["size"], antialias=True)
+
+
+def build_transforms(*, train: bool, min_sizes: Sequence[int], max_size: int, flip_prob: float) -> v2.Compose:
+    """Resize the shorter side (one of ``min_sizes``, drawn per image) capping the longer; flip."""
+    ops: list[Any] = [ResizeShortestEdge(min_sizes, max_size)]
+    if train and flip_prob > 0:
+        ops.append(v2.RandomHorizontalFlip(flip_prob))
+    ops.append(v2.SanitizeBoundingBoxes(min_size=1))  # boxes that shrank below a pixel, with their masks
+    return v2.Compose(ops)
+
+
+class CocoDetection(Dataset):
+    """A COCO instances dataset: item ``key`` (an index, or ``(index, seed)`` for augmentation) ->
+    ``(image [3, H, W] uint8, target)`` with ``boxes`` [N, 4] xyxy float, ``labels`` [N] int64
+    (contiguous, 1..K), ``masks`` [N, H, W] uint8, ``image_id`` and ``orig_size`` (H0, W0).
+
+    Crowd annotations are kept out of the targets (as Detectron); evaluation reads them from the
+    JSON itself.
+    """
+
+    def __init__(self, *, images: str | Path, annotations: str | Path, transforms: v2.Compose | None = None,
+                 filter_empty: bool = False) -> None:
+        self.images = Path(images)
+        self.annotations = Path(annotations)
+        records, categories, self.report = load_coco_json(self.annotations)
+        cat_ids = sorted(c["id"] for c in categories)
+        # Contiguous labels 1..K for the model (0 is background); mapped back when writing results.
+        self.cat_id_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
+        self.label_to_cat_id = {v: k for k, v in self.cat_id_to_label.items()}
+        names = {c["id"]: c["name"] for c in categories}
+        self.class_names = [names[cid] for cid in cat_ids]
+        if filter_empty:
+            kept = [r for r in records if any(not a.get("iscrowd", 0) for a in r.anns)]
+            if len(kept) < len(records):
+                self.report.skipped["training images without annotations (data.filter_empty)"] += (
+                    len(records) - len(kept))
+            records = kept
+        if not records:
+            raise DataError(f"{self.annotations}: no images to use ({self.report.summary()})")
+        self.records = records
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def aspect_ratios(self) -> list[float]:
+        """width / height of every image, from the JSON (no image is opened)."""
+        return [r.width / r.height for r in self.records]
+
+    def image_ids(self) -> list[int]:
+        return [r.id for r in self.records]
+
+    def load_image(self, rec: ImageRecord) -> Image.Image:
+        path = self.images / rec.file_name
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found (image id {rec.id} in {self.annotations})") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read image id {rec.id}: {e}") from None
+        if im.size != (rec.width, rec.height):
+            raise DataError(f"{path}: image id {rec.id} is {im.size[0]}x{im.size[1]} but {self.annotations} "
+                            f"says {rec.width}x{rec.height}")
+        return im
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        rec = self.records[index]
+        image = tv_tensors.Image(torch.from_numpy(np.array(self.load_image(rec))).permute(2, 0, 1).contiguous())
+        anns = [a for a in rec.anns if not a.get("iscrowd", 0)]
+        h, w = rec.height, rec.width
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        where = str(self.annotations)
+        masks = np.stack([decode_mask(a, h, w, where) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+        target = {
+            "boxes": _clamp(boxes, h, w),
+            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "masks": tv_tensors.Mask(torch.from_numpy(masks)),
+        }
+        if self.transforms is not None:
+            if seed is None:
+                image, target = self.transforms(image, target)
+            else:
+                # The sample's own RNG: the same (index, seed) gives the same augmentation in any worker.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image, target = self.transforms(image, target)
+        target = {
+            "boxes": target["boxes"].as_subclass(torch.Tensor),
+            "labels": target["labels"],
+            "masks": target["masks"].as_subclass(torch.Tensor),
+            "image_id": rec.id,
+            "orig_size": (h, w),
+        }
+        return image.as_subclass(torch.Tensor), target
+
+
+def _clamp(boxes: torch.Tensor, h: int, w: int) -> tv_tensors.BoundingBoxes:
+    boxes = boxes.clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+
+
+class TrainSampler:
+    """Infinite, deterministic, shardable and resumable stream of training batches.
+
+    Each epoch is a permutation drawn from ``(seed, epoch)``; images are grouped by orientation
+    (landscape/portrait) into global batches of ``batch_size``; rank ``r`` of ``world_size``
+    takes its contiguous slice of each global batch.  Batch ``i`` of the stream is a pure function
+    of ``(seed, i)``, so resuming at iteration ``i`` is ``TrainSampler(..., start=i)``.
+    Items are ``(index, sample_seed)``.
+    """
+
+    def __init__(self, aspect_ratios: Sequence[float], *, batch_size: int, seed: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1, group_by_aspect: bool = True) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"solver.ims_per_batch={batch_size} does not divide among {world_size} processes")
+        self.groups = [int(a >= 1.0) if group_by_aspect else 0 for a in aspect_ratios]
+        self.batch_size, self.seed, self.start = batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of one epoch (indices only)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+        buckets: dict[int, list[int]] = {0: [], 1: []}
+        batches = []
+        for i in order.tolist():
+            bucket = buckets[self.groups[i]]
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                batches.append(bucket.copy())
+                bucket.clear()
+        # Leftovers of both orientations fill mixed batches; an incomplete last one is dropped,
+        # unless the epoch had no batch at all (a dataset smaller than a batch).
+        rest = sorted(buckets[0] + buckets[1], key=order.tolist().index)
+        for k in range(0, len(rest) - self.batch_size + 1, self.batch_size):
+            batches.append(rest[k:k + self.batch_size])
+        if not batches:
+            batches.append((rest * self.batch_size)[: self.batch_size])
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.batch_size // self.world_size
+        position, epoch = 0, 0
+        while True:
+            batches = self.epoch_batches(epoch)
+            if position + len(batches) <= self.start:
+                position += len(batches)
+                epoch += 1
+                continue
+            for j, batch in enumerate(batches):
+                if position >= self.start:
+                    mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+                    offset = self.rank * per_rank
+                    seeds = np.random.SeedSequence([self.seed, epoch, j]).generate_state(len(batch))
+                    yield [(i, int(seeds[offset + k])) for k, i in enumerate(mine)]
+                position += 1
+            epoch += 1
+
+
+def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _worker_init(_: int) -> None:
+    # One thread per worker: workers run beside the main process, which needs the cores.
+    torch.set_num_threads(1)
+
+
+def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      worker_init_fn=_worker_init, persistent_workers=False)
+
+
+def test_loader(dataset: CocoDetection, *, batch_size: int = 1, num_workers: int = 0,
+                max_images: int = 0) -> DataLoader:
+    indices = list(range(len(dataset) if not max_images else min(max_images, len(dataset))))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=collate, worker_init_fn=_worker_init)
+
+
+def pixel_stats(dataset: CocoDetection, max_images: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel RGB mean and std (0-255) over a dataset's images, for model.pixel_mean/std."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    records = dataset.records[:max_images] if max_images else dataset.records
+    for rec in records:
+        px = np.asarray(dataset.load_image(rec), dtype=np.float64).reshape(-1, 3)
+        total += px.sum(0)
+        total_sq += (px**2).sum(0)
+        count += len(px)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0))
+    return [round(float(v), 3) for v in mean], [round(float(v), 3) for v in std]
+
+
+def resolve_datasets(data_cfg: Any) -> tuple[tuple[str, str], tuple[str, str] | None]:
+    """``((train images, train json), (val images, val json) or None)`` from ``cfg.data``.
+
+    With no training annotations given, the embedded synthetic dataset is generated (once,
+    cached) and used for both splits.
+    """
+    if data_cfg.train.annotations:
+        val = (data_cfg.val.images, data_cfg.val.annotations) if data_cfg.val.annotations else None
+        return (data_cfg.train.images, data_cfg.train.annotations), val
+    from . import synth
+
+    s = data_cfg.synth
+    root = synth.ensure(seed=s.seed, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, root=s.root)
+    return ((str(root / "train"), str(root / "annotations" / "instances_train.json")),
+            (str(root / "val"), str(root / "annotations" / "instances_val.json")))

@@ -1,0 +1,51 @@
+"""SGD with per-parameter weight decay, and the warmup + multi-step LR schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .model import NORM_TYPES
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, weight_decay_norm: float,
+                 weight_decay_bias: float) -> list[dict]:
+    """Parameters grouped by the weight decay they get: weights, norm scales/shifts, biases."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    groups: dict[str, list] = {"weight": [], "norm": [], "bias": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "norm" if id(p) in norm_params else "bias" if name.endswith(".bias") else "weight"
+        groups[kind].append(p)
+    decay = {"weight": weight_decay, "norm": weight_decay_norm, "bias": weight_decay_bias}
+    return [{"params": ps, "weight_decay": decay[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def build_optimizer(model: nn.Module, *, base_lr: float, momentum: float, weight_decay: float,
+                    weight_decay_norm: float, weight_decay_bias: float) -> torch.optim.SGD:
+    groups = param_groups(model, weight_decay=weight_decay, weight_decay_norm=weight_decay_norm,
+                          weight_decay_bias=weight_decay_bias)
+    return torch.optim.SGD(groups, lr=base_lr, momentum=momentum)
+
+
+def lr_factor(iteration: int, *, steps: Sequence[int], gamma: float, warmup_iters: int, warmup_factor: float) -> float:
+    """Multiplier of the base LR at ``iteration``: linear warmup from ``warmup_factor``, then steps."""
+    factor = gamma ** sum(iteration >= s for s in steps)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, *, steps: Sequence[int], gamma: float, warmup_iters: int,
+                       warmup_factor: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration; its state (``last_epoch``) is the iteration."""
+    steps = tuple(steps)
+
+    def factor(it: int) -> float:
+        return lr_factor(it, steps=steps, gamma=gamma, warmup_iters=warmup_iters, warmup_factor=warmup_factor)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

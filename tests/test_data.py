@@ -1,0 +1,149 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scratchdet.data import CocoDetection, DataError, ResizeShortestEdge, TrainSampler, build_transforms, load_coco_json
+from scratchdet.synth import CLASSES, MAX_SIZE, MIN_SIZE, generate
+
+
+def _tiny_train(tiny_coco, **kw):
+    return CocoDetection(images=tiny_coco / "train2017", annotations=tiny_coco / "annotations/instances_train2017.json",
+                         **kw)
+
+
+def test_coco_categories_are_mapped_contiguously_and_back(tiny_coco):
+    ds = _tiny_train(tiny_coco)
+    assert ds.num_classes == 80
+    cat_ids = sorted(ds.cat_id_to_label)
+    assert cat_ids[-1] == 90  # COCO's ids are not contiguous ...
+    assert sorted(ds.cat_id_to_label.values()) == list(range(1, 81))  # ... the model's labels are
+    assert all(ds.label_to_cat_id[ds.cat_id_to_label[c]] == c for c in cat_ids)
+    assert ds.class_names[0] == "person"
+
+
+def test_crowd_annotations_are_kept_out_of_targets(tiny_coco):
+    ds = _tiny_train(tiny_coco)
+    crowd_images = [i for i, r in enumerate(ds.records) if any(a.get("iscrowd") for a in r.anns)]
+    assert crowd_images, "tiny_coco has crowd RLE annotations"
+    i = crowd_images[0]
+    rec = ds.records[i]
+    _, target = ds[i]
+    assert len(target["labels"]) == sum(not a.get("iscrowd") for a in rec.anns)
+    assert target["masks"].shape[0] == len(target["boxes"]) == len(target["labels"])
+
+
+def test_polygon_masks_match_boxes(tiny_coco):
+    ds = _tiny_train(tiny_coco)
+    image, target = ds[0]
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    h, w = image.shape[-2:]
+    assert target["orig_size"] == (h, w)
+    for box, mask in zip(target["boxes"], target["masks"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert len(xs) > 0
+        # The decoded mask lies inside its (rounded) box.
+        assert xs.min() >= box[0].floor() - 1 and xs.max() <= box[2].ceil() + 1
+        assert ys.min() >= box[1].floor() - 1 and ys.max() <= box[3].ceil() + 1
+
+
+def test_filter_empty_counts_and_reports(tiny_coco):
+    ds = _tiny_train(tiny_coco, filter_empty=True)
+    assert len(ds) == 49  # the README: one train image has no annotations
+    assert "without annotations" in ds.report.summary()
+
+
+def test_resize_shortest_edge_with_cap():
+    t = ResizeShortestEdge([100], 150)
+    assert t(torch.zeros(3, 50, 200, dtype=torch.uint8)).shape[-2:] == (38, 150)
+    assert t(torch.zeros(3, 80, 60, dtype=torch.uint8)).shape[-2:] == (133, 100)
+
+
+def test_augmentation_is_a_function_of_the_sample_seed(tiny_coco):
+    ds = _tiny_train(tiny_coco, transforms=build_transforms(train=True, min_sizes=[96, 128, 160], max_size=200,
+                                                            flip_prob=0.5))
+    a = ds[(3, 12345)]
+    b = ds[(3, 12345)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["masks"], b[1]["masks"])
+    shapes = {tuple(ds[(3, s)][0].shape) for s in range(12)}
+    assert len(shapes) > 1  # multi-scale sizes are drawn
+
+
+def test_flip_moves_boxes_and_masks_together(tiny_coco):
+    plain = _tiny_train(tiny_coco, transforms=build_transforms(train=False, min_sizes=[128], max_size=200, flip_prob=0))
+    flip = _tiny_train(tiny_coco, transforms=build_transforms(train=True, min_sizes=[128], max_size=200, flip_prob=1.0))
+    (im0, t0), (im1, t1) = plain[0], flip[(0, 1)]
+    w = im0.shape[-1]
+    assert torch.equal(im1, im0.flip(-1))
+    assert torch.allclose(t1["boxes"][:, 0], w - t0["boxes"][:, 2], atol=1e-3)
+    assert torch.equal(t1["masks"], t0["masks"].flip(-1))
+
+
+def test_sampler_is_deterministic_resumable_and_shardable():
+    ratios = [1.5 if i % 3 else 0.7 for i in range(23)]
+    full = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=7)), 30))
+    again = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=7)), 30))
+    assert full == again
+    resumed = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=7, start=17)), 13))
+    assert resumed == full[17:]
+    r0 = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=7, rank=0, world_size=2)), 30))
+    r1 = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=7, rank=1, world_size=2)), 30))
+    assert [a + b for a, b in zip(r0, r1)] == full
+    other = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=8)), 30))
+    assert other != full
+
+
+def test_sampler_groups_by_aspect_ratio_and_covers_each_epoch():
+    ratios = [1.5 if i % 3 else 0.7 for i in range(24)]
+    s = TrainSampler(ratios, batch_size=4, seed=0)
+    batches = s.epoch_batches(0)
+    grouped = [b for b in batches if len({ratios[i] >= 1 for i in b}) == 1]
+    assert len(grouped) >= len(batches) - 1
+    seen = sorted(i for b in batches for i in b)
+    assert len(seen) >= 20 and len(set(seen)) == len(seen)
+
+
+def test_sampler_with_dataset_smaller_than_a_batch():
+    batch = next(iter(TrainSampler([1.0, 1.0, 0.5], batch_size=4, seed=0)))
+    assert len(batch) == 4
+
+
+def test_synth_dataset_meets_its_brief(tmp_path):
+    stats = generate(tmp_path, seed=3, num_train=40, num_val=5, image_size=256)
+    data = json.loads((tmp_path / "annotations/instances_train.json").read_text())
+    assert len(data["categories"]) == len(CLASSES) >= 6
+    assert stats.occluded / stats.instances >= 0.25
+    extents = [max(a["bbox"][2:]) for a in data["annotations"]]
+    assert min(extents) <= MIN_SIZE * 1.5 and max(extents) >= MAX_SIZE * 0.75
+    used = {a["category_id"] for a in data["annotations"]}
+    assert used == set(range(1, len(CLASSES) + 1))
+    # Deterministic: the same seed writes the same annotations.
+    generate(tmp_path / "again", seed=3, num_train=40, num_val=5, image_size=256)
+    assert (tmp_path / "again/annotations/instances_train.json").read_text() == json.dumps(data)
+
+
+def test_synth_masks_are_exact_and_visible_parts(tmp_path):
+    generate(tmp_path, seed=0, num_train=4, num_val=1, image_size=128)
+    ds = CocoDetection(images=tmp_path / "train", annotations=tmp_path / "annotations/instances_train.json")
+    _, target = ds[0]
+    masks = target["masks"].bool()
+    # Visible masks of different instances never overlap.
+    assert int(masks.sum(0).max()) <= 1
+    assert torch.all(masks.flatten(1).sum(1) >= 12)
+
+
+def test_missing_annotation_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope.json"):
+        load_coco_json(tmp_path / "nope.json")
+
+
+def test_pixel_stats(tmp_path):
+    from scratchdet.data import pixel_stats
+
+    generate(tmp_path, seed=0, num_train=3, num_val=1, image_size=64)
+    ds = CocoDetection(images=tmp_path / "train", annotations=tmp_path / "annotations/instances_train.json")
+    mean, std = pixel_stats(ds)
+    px = np.concatenate([np.asarray(ds.load_image(r), dtype=np.float64).reshape(-1, 3) for r in ds.records])
+    assert np.allclose(mean, px.mean(0), atol=1e-2) and np.allclose(std, px.std(0), atol=1e-2)
