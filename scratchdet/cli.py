@@ -14,18 +14,16 @@ from .config import ConfigError, describe, list_presets, load_config
 def _train(args: argparse.Namespace) -> int:
     from .engine import train
 
+    if args.preset is not None and "=" in args.preset:
+        # `scratchdet train key=value ...`: the first word is an override, not a preset
+        args.overrides.insert(0, args.preset)
+        args.preset = None
     if args.resume:
+        # The run's own resolved config, unless a preset is named; overrides apply on top.
         run_dir = Path(args.resume)
         cfg_file = run_dir / "config.yaml"
-        if args.preset is not None and not Path(args.preset).suffix:
-            # `scratchdet train --resume DIR key=value` : the first word is an override, not a preset
-            args.overrides.insert(0, args.preset)
-            args.preset = None
         cfg = load_config(args.preset or (str(cfg_file) if cfg_file.exists() else None), args.overrides)
     else:
-        if args.preset is not None and "=" in args.preset:
-            args.overrides.insert(0, args.preset)
-            args.preset = None
         cfg = load_config(args.preset, args.overrides)
         name = Path(args.preset).stem if args.preset else "default"
         run_dir = Path(args.out) if args.out else Path("runs") / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"

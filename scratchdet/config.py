@@ -128,6 +128,9 @@ class SolverConfig:
         0,
         "batch size at which base_lr, max_iter, steps and warmup are stated; others scale linearly. 0: no scaling",
     )
+    skip_nonfinite: int = opt(
+        0, "non-finite losses or gradients to skip (step not taken, logged) before stopping; 0: stop at the first"
+    )
     checkpoint_period: int = opt(5000, "iterations between checkpoints")
     keep_checkpoints: int = opt(3, "periodic checkpoints kept (older ones deleted); model_final is always kept")
 
@@ -200,6 +203,11 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -339,9 +339,12 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: int) -> DataLoader:
+def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: int, seed: int) -> DataLoader:
+    # The loader's own generator: creating its iterator must not draw from the global torch RNG,
+    # or a resumed run (which creates it at another point of that stream) would diverge.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      worker_init_fn=_worker_init, persistent_workers=False)
+                      worker_init_fn=_worker_init, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def test_loader(dataset: CocoDetection, *, batch_size: int = 1, num_workers: int = 0,

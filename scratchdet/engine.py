@@ -208,6 +208,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
 
     # ---- resume: model, solver, RNG and the sampler's position --------------------------------
     start_iter, seen = 0, {"images_seen": 0, "instances_seen": 0, "pixels_seen": 0}
+    window: dict[str, float] = {}  # loss sums since the last log line (checkpointed: a resumed log is the same)
+    n_window, skipped = 0, 0
     found = ckpt.latest_valid(run_dir) if resume else None
     if found is not None:
         path, state = found
@@ -217,6 +219,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         start_iter, seen = int(state["iteration"]), dict(state["seen"])
+        window, n_window, skipped = dict(state["window"]), int(state["n_window"]), int(state["skipped"])
         log.info("resumed from %s at iteration %d", path, start_iter)
     elif resume:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
@@ -240,7 +243,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         ckpt.save_checkpoint(run_dir / name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "iteration": iteration, "rng": ckpt.rng_state(), "seen": seen,
-            "meta": meta, "config": to_dict(cfg)})
+            "meta": meta, "config": to_dict(cfg), "window": window, "n_window": n_window, "skipped": skipped})
 
     # SIGTERM/SIGINT (a cluster's preemption, a Ctrl-C): finish the iteration, checkpoint, exit.
     stop = {"signal": None}
@@ -253,12 +256,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     # ---- the loop -------------------------------------------------------------------------------
     sampler = TrainSampler(train_set.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=cfg.train.seed,
                            start=start_iter, group_by_aspect=cfg.dataloader.aspect_ratio_grouping)
-    loader = iter(train_loader(train_set, sampler, num_workers=cfg.dataloader.num_workers))
+    loader = iter(train_loader(train_set, sampler, num_workers=cfg.dataloader.num_workers, seed=cfg.train.seed))
     model.train()
     bar = tqdm(total=sched.max_iter, initial=start_iter, desc="train", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    window: dict[str, float] = {}
-    t_window, n_window = time.perf_counter(), 0
+    t_window, n_timed = time.perf_counter(), 0
     last_eval: dict[str, Any] = {}
     try:
         for iteration in range(start_iter, sched.max_iter):
@@ -270,33 +272,48 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                 loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
             lr = optimizer.param_groups[0]["lr"]
-            # Stop on a non-finite loss (as torchvision's reference engine), naming the culprit.
-            if not torch.isfinite(losses):
-                bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
-                raise NonFiniteLossError(f"non-finite loss {', '.join(bad)} at iteration {iteration} (lr {lr:g}); "
-                                         f"the last good checkpoint is kept in {run_dir}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            # Stop on a non-finite loss or gradient (as torchvision's reference engine does for the
+            # loss), naming the culprit; or skip the step, a bounded number of times.  With fp16 the
+            # GradScaler already skips steps whose gradients overflow.
+            bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+            if not bad and cfg.train.amp != "fp16":
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                if not torch.isfinite(grad_norm):
+                    bad = ["gradient norm"]
+            if bad:
+                where = f"{', '.join(bad)} at iteration {iteration} (lr {lr:g})"
+                if skipped >= cfg.solver.skip_nonfinite:
+                    raise NonFiniteLossError(f"non-finite {where}; the last good checkpoint is kept in {run_dir}")
+                skipped += 1
+                log.warning("non-finite %s: step skipped (%d of solver.skip_nonfinite=%d)", where, skipped,
+                            cfg.solver.skip_nonfinite)
+                metrics.write({"iteration": iteration + 1, "skipped_step": where})
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
 
             seen["images_seen"] += len(images)
             seen["instances_seen"] += sum(len(t["labels"]) for t in targets)
             seen["pixels_seen"] += sum(im.shape[-1] * im.shape[-2] for im in images)
-            for k, v in loss_dict.items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
-            window["loss"] = window.get("loss", 0.0) + float(losses.detach())
-            n_window += 1
+            if not bad:
+                for k, v in loss_dict.items():
+                    window[k] = window.get(k, 0.0) + float(v.detach())
+                window["loss"] = window.get("loss", 0.0) + float(losses.detach())
+                n_window += 1
+            n_timed += 1
             done = iteration + 1
-            if done % cfg.train.log_period == 0 or done == sched.max_iter:
+            if (done % cfg.train.log_period == 0 or done == sched.max_iter) and n_window:
                 elapsed = time.perf_counter() - t_window
                 record = {"iteration": done, **{k: round(v / n_window, 5) for k, v in window.items()}, "lr": lr,
-                          "images_per_sec": round(n_window * cfg.solver.ims_per_batch / elapsed, 3),
-                          "time_per_iter": round(elapsed / n_window, 4), **seen}
+                          "images_per_sec": round(n_timed * cfg.solver.ims_per_batch / elapsed, 3),
+                          "time_per_iter": round(elapsed / n_timed, 4), **seen}
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{record['images_per_sec']:.1f}")
-                window, t_window, n_window = {}, time.perf_counter(), 0
+                window, t_window, n_window, n_timed = {}, time.perf_counter(), 0, 0
             bar.update(1)
             if eval_loader is not None and cfg.test.eval_period and done % cfg.test.eval_period == 0 \
                     and done < sched.max_iter:
