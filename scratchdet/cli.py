@@ -39,6 +39,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    if args.preset is not None and "=" in args.preset:
+        args.overrides.insert(0, args.preset)
+        args.preset = None
+    cfg = load_config(args.preset, args.overrides)
+    run_dir = Path(args.out) if args.out else Path("runs") / f"pretrain_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = pretrain(cfg, run_dir, force=args.force, progress=not args.no_progress)
+    print(f"backbone: {out}\nfine-tune with: scratchdet train model.init={out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import STAT_NAMES, evaluate_coco, infer_iou_type
 
@@ -159,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
+    pt = sub.add_parser("pretrain", help="classification pre-training of the backbone (the pretrained arm)",
+                        description=(
+        "ImageNet-style pre-training of the detector's ResNet trunk on an ImageFolder (one sub-folder per class): "
+        "SGD, cosine or step LR, random-resized crop and flip. Writes RUN_DIR/backbone_final.pth for "
+        "`scratchdet train model.init=PATH`. Model options (model.depth, model.norm, ...) and solver options "
+        "(solver.base_lr, solver.max_iter, solver.ims_per_batch) apply. Example:\n"
+        "  scratchdet pretrain pretrain.images=imagenet/train model.depth=50 model.norm=GN solver.max_iter=450000"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt.add_argument("preset", nargs="?", help="a preset name or YAML file (its model section is used)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.images=DIR")
+    pt.add_argument("--out", help="run directory (default: runs/pretrain_TIMESTAMP)")
+    pt.add_argument("--force", action="store_true", help="overwrite a run directory that already holds a run")
+    pt.add_argument("--no-progress", action="store_true")
+    pt.set_defaults(func=_pretrain)
+
     e = sub.add_parser("eval", help="COCO box and mask AP of a run, or of a results file", description=(
         "Evaluate with COCO AP (faster-coco-eval). Either a run's model on its validation set:\n"
         "  scratchdet eval --run RUN_DIR [key=value ...]\n"
@@ -224,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - our own clear errors, without a traceback
         from .data import DataError
         from .engine import NonFiniteLossError
+        from .weights import WeightsError
 
-        if isinstance(e, (DataError, NonFiniteLossError)):
+        if isinstance(e, (DataError, NonFiniteLossError, WeightsError)):
             print(f"scratchdet: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -9,6 +9,7 @@ what we avoid): a preset lists every value it changes from these defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +51,15 @@ class ModelConfig:
         False, "init the last norm's scale of each residual block to 0 (detectron2 leaves this off: it hurt GN from scratch)"
     )
     num_classes: int = opt(0, "object classes without background; 0: taken from the training set's categories")
-    init: str = opt("random", "backbone initialization: random (training from scratch)")
+    init: str = opt(
+        "random",
+        "backbone init: random (from scratch), imagenet (torchvision's BN or Detectron's GN ImageNet weights, by "
+        "model.norm), or a path to a torchvision state dict, a `scratchdet pretrain` checkpoint or a Detectron .pkl",
+    )
+    stride_in_1x1: bool = opt(
+        False, "put a bottleneck's stride in its 1x1 conv (Detectron's MSRA/Caffe2 models) instead of the 3x3 (torchvision)"
+    )
+    freeze_at: int = opt(0, "freeze the stem (1) and res2..resN (N) when fine-tuning; 0 trains everything")
     fpn_channels: int = opt(256, "channels of every FPN level (P2-P6)")
     anchor_sizes: list[int] = opt([32, 64, 128, 256, 512], "anchor size (pixels) of P2..P6, one per level")
     anchor_aspect_ratios: list[float] = opt([0.5, 1.0, 2.0], "anchor aspect ratios (h/w) at every level")
@@ -102,6 +111,10 @@ class DataConfig:
     max_size_test: int = opt(1333, "longer side cap at inference")
     flip_prob: float = opt(0.5, "probability of a horizontal flip at training (the paper's only augmentation)")
     filter_empty: bool = opt(True, "leave out training images without any non-crowd annotation (as Detectron)")
+    subset: float = opt(
+        0.0, "train on a random subset: a count (10000) or a fraction (0.1) of the images; 0: all. Nested across sizes"
+    )
+    subset_seed: int = opt(0, "seed of the subset draw; the same seed nests smaller subsets in larger ones")
 
 
 @dataclass
@@ -123,6 +136,7 @@ class SolverConfig:
     gamma: float = opt(0.1, "LR decay factor at each step")
     warmup_iters: int = opt(1000, "iterations of linear warmup")
     warmup_factor: float = opt(0.001, "LR factor at iteration 0 of the warmup")
+    epochs: float = opt(0.0, "train for this many passes over the training set (sets max_iter; steps keep their fraction)")
     schedule: str = opt("", "the paper's schedule, e.g. '6x' = 540k iterations at 16 images, LR drops at total-60k/-20k")
     reference_batch_size: int = opt(
         0,
@@ -153,6 +167,13 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    images: str = opt("", "ImageFolder root for `scratchdet pretrain` (one sub-folder of images per class)")
+    crop_size: int = opt(224, "random-resized-crop size")
+    lr_schedule: str = opt("cosine", "cosine or step (the solver's steps and gamma)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and input sizes"})
@@ -160,6 +181,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "optimizer and schedule"})
     test: TestConfig = field(default_factory=TestConfig, metadata={"help": "evaluation"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the run itself"})
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata={"help": "`scratchdet pretrain`"})
 
 
 class ConfigError(ValueError):
@@ -311,8 +333,6 @@ def validate(cfg: Config) -> None:
             "(mean 0, var 1 forever), so nothing would normalize; use GN or SyncBN to train from scratch "
             "(as the paper does), or FrozenBN only with pretrained weights (model.init)"
         )
-    if cfg.model.init != "random":
-        raise ConfigError(f"model.init: {cfg.model.init!r} is not supported yet; use 'random'")
     if len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: give one size per FPN level P2..P6 (5 values)")
     if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3:
@@ -386,11 +406,13 @@ def parse_schedule(text: str) -> float:
     return n
 
 
-def resolve_schedule(solver: SolverConfig) -> Schedule:
-    """Apply ``schedule`` (the paper's Nx rule) and linear scaling to ``ims_per_batch``."""
+def resolve_schedule(solver: SolverConfig, num_images: int | None = None) -> Schedule:
+    """Apply ``schedule`` (the paper's Nx rule) or ``epochs``, then linear scaling to ``ims_per_batch``."""
     notes = []
     base_lr, max_iter, steps, warmup = solver.base_lr, solver.max_iter, list(solver.steps), solver.warmup_iters
     ref = solver.reference_batch_size
+    if solver.schedule and solver.epochs:
+        raise ConfigError("solver.schedule and solver.epochs: give one of them")
     if solver.schedule:
         n = parse_schedule(solver.schedule)
         ref = ref or REFERENCE_BATCH
@@ -412,4 +434,27 @@ def resolve_schedule(solver: SolverConfig) -> Schedule:
             f"linear scaling from {ref} to {solver.ims_per_batch} images per batch: LR {solver.base_lr:g} -> "
             f"{base_lr:g}, {max_iter} iterations, LR drops at {steps}, warmup {warmup} iterations"
         )
+    if solver.epochs:
+        if not num_images:
+            raise ConfigError("solver.epochs: needs the training set's size")
+        new_max = max(1, math.ceil(solver.epochs * num_images / solver.ims_per_batch))
+        steps = [round(s * new_max / max_iter) for s in steps]
+        max_iter = new_max
+        notes.append(f"{solver.epochs:g} epochs of {num_images} images at {solver.ims_per_batch} per batch: "
+                     f"{max_iter} iterations, LR drops at {steps} (same fractions of the schedule)")
     return Schedule(base_lr, max_iter, tuple(steps), warmup, tuple(notes))
+
+
+# The paper (Sec. 5, Fig. 1/5): from scratch, COCO needs about 3x (~4.3M images seen) to catch up
+# with ImageNet pre-training.
+SCRATCH_MIN_IMAGES = 3 * ITERS_PER_X * REFERENCE_BATCH
+
+
+def short_schedule_warning(init: str, images_seen: int) -> str | None:
+    """A warning for a from-scratch schedule shorter than the paper found necessary, else None."""
+    if init != "random" or images_seen >= SCRATCH_MIN_IMAGES:
+        return None
+    return (f"training from scratch for {images_seen:,} images, {images_seen / SCRATCH_MIN_IMAGES:.3g} of the "
+            f"{SCRATCH_MIN_IMAGES:,} (3x COCO schedule) the paper found necessary for scratch to catch up with "
+            f"ImageNet pre-training on COCO ({SCRATCH_MIN_IMAGES / max(images_seen, 1):.1f}x short); smaller datasets "
+            "may need fewer, but expect a gap if the schedule is short")

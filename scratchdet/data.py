@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,12 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
             raise DataError(f"{path}: duplicate image id {im['id']}")
         records[im["id"]] = ImageRecord(im["id"], im["file_name"], im["height"], im["width"])
     ann_ids: set[int] = set()
-    for ann in data.get("annotations", []) or []:
+    annotations = data.get("annotations")
+    if annotations is None:
+        annotations = []
+    if not isinstance(annotations, list):
+        raise DataError(f"{path}: 'annotations' must be a list")
+    for ann in annotations:
         if not isinstance(ann, dict):
             raise DataError(f"{path}: annotation entry {ann!r} is not an object")
         aid = ann.get("id")
@@ -102,24 +108,63 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
         if aid in ann_ids:
             raise DataError(f"{path}: duplicate annotation id {aid}")
         ann_ids.add(aid)
-        rec = records.get(ann.get("image_id"))
+        image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        rec = records.get(image_id) if isinstance(image_id, int) else None
         if rec is None:
             raise DataError(f"{path}: annotation id {aid} refers to unknown image id {ann.get('image_id')!r}")
-        if ann.get("category_id") not in cat_ids:
+        if not isinstance(category_id, int) or category_id not in cat_ids:
             raise DataError(f"{path}: annotation id {aid} (image id {rec.id}) has unknown category id "
                             f"{ann.get('category_id')!r}")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):  # also accepts False/True
+            raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'iscrowd' must be 0 or 1, got {crowd!r}")
         bbox = ann.get("bbox")
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'bbox' must be [x, y, w, h]")
+        what = f"{path} annotation id {aid} (image id {rec.id})"
         if not all(np.isfinite(bbox)):
-            report.add("annotations with a non-finite bbox", f"{path} annotation id {aid}")
+            report.add("annotations with a non-finite bbox", what)
             continue
         if bbox[2] <= 0 or bbox[3] <= 0:
-            report.add("annotations with an empty bbox (w or h <= 0)", f"{path} annotation id {aid}")
+            report.add("annotations with an empty bbox (w or h <= 0)", what)
             continue
+        x0, y0 = max(bbox[0], 0.0), max(bbox[1], 0.0)
+        x1, y1 = min(bbox[0] + bbox[2], rec.width), min(bbox[1] + bbox[3], rec.height)
+        if x1 <= x0 or y1 <= y0:
+            report.add("annotations whose bbox lies outside the image", what)
+            continue
+        if [x0, y0, x1 - x0, y1 - y0] != list(bbox):
+            report.add("bboxes clipped to the image (repaired)", what)
+            ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}
+        if not crowd:
+            seg, problem = _check_segmentation(ann.get("segmentation"), rec.height, rec.width)
+            if problem:
+                report.add(problem, what)
+            if seg is None:
+                continue
+            ann = {**ann, "segmentation": seg}
         rec.anns.append(ann)
     return list(records.values()), categories, report
+
+
+def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, str | None]:
+    """``(usable segmentation or None, what was wrong or repaired)`` for a non-crowd annotation."""
+    if isinstance(seg, list):
+        good = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in p)]
+        if not good:
+            return None, "annotations without a polygon of 3 or more points"
+        if len(good) < len(seg):
+            return good, "polygons with fewer than 3 points dropped (repaired)"
+        return seg, None
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if list(seg["size"]) != [height, width]:
+            return None, "annotations whose RLE size disagrees with the image size"
+        if not isinstance(seg["counts"], (str, list)):
+            return None, "annotations with malformed RLE counts"
+        return seg, None
+    return None, "annotations without a usable segmentation (polygons or RLE)"
 
 
 def decode_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
@@ -201,6 +246,10 @@ class CocoDetection(Dataset):
             records = kept
         if not records:
             raise DataError(f"{self.annotations}: no images to use ({self.report.summary()})")
+        for r in records:  # a missing file is found now, not hours into training
+            if not (self.images / r.file_name).is_file():
+                raise DataError(f"{self.images / r.file_name}: image file not found (image id {r.id} in "
+                                f"{self.annotations})")
         self.records = records
         self.transforms = transforms
 
@@ -218,19 +267,36 @@ class CocoDetection(Dataset):
     def image_ids(self) -> list[int]:
         return [r.id for r in self.records]
 
+    def keep(self, image_ids: Sequence[int]) -> None:
+        """Restrict the dataset to these image ids (in the dataset's order)."""
+        wanted = set(image_ids)
+        self.records = [r for r in self.records if r.id in wanted]
+
     def load_image(self, rec: ImageRecord) -> Image.Image:
+        """The image as 8-bit RGB. Grayscale, palette, CMYK and alpha images are converted (alpha
+        dropped); 16-bit images scaled to 8 bits; EXIF orientation applied only where the JSON's size
+        is the rotated one (COCO's convention, and cocoapi's, is the stored pixels)."""
         path = self.images / rec.file_name
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im.load()
+                orientation = im.getexif().get(0x0112, 1)
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+                    rgb = Image.fromarray(arr.clip(0, 255).round().astype(np.uint8)).convert("RGB")
+                else:
+                    rgb = im.convert("RGB")
         except FileNotFoundError:
             raise DataError(f"{path}: image file not found (image id {rec.id} in {self.annotations})") from None
-        except OSError as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"{path}: cannot read image id {rec.id}: {e}") from None
-        if im.size != (rec.width, rec.height):
-            raise DataError(f"{path}: image id {rec.id} is {im.size[0]}x{im.size[1]} but {self.annotations} "
+        if rgb.size != (rec.width, rec.height) and orientation in (5, 6, 7, 8) and rgb.size == (rec.height, rec.width):
+            rgb = _apply_orientation(rgb, orientation)  # the annotations were made on the displayed image
+        if rgb.size != (rec.width, rec.height):
+            raise DataError(f"{path}: image id {rec.id} is {rgb.size[0]}x{rgb.size[1]} but {self.annotations} "
                             f"says {rec.width}x{rec.height}")
-        return im
+        return rgb
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -265,11 +331,35 @@ class CocoDetection(Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
+def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    """Rotate/flip stored pixels as EXIF orientation 2-8 says (PIL's exif_transpose, minus the EXIF)."""
+    ops = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180], 4: [Image.Transpose.FLIP_TOP_BOTTOM],
+           5: [Image.Transpose.TRANSPOSE], 6: [Image.Transpose.ROTATE_270], 7: [Image.Transpose.TRANSVERSE],
+           8: [Image.Transpose.ROTATE_90]}
+    for op in ops.get(orientation, []):
+        im = im.transpose(op)
+    return im
+
+
 def _clamp(boxes: torch.Tensor, h: int, w: int) -> tv_tensors.BoundingBoxes:
     boxes = boxes.clone()
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     return tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+
+
+def draw_subset(image_ids: Sequence[int], size: float, seed: int) -> list[int]:
+    """A random subset of ``size`` images (a count, or a fraction when below 1), sorted.
+
+    One permutation of the sorted ids per seed, cut at ``size``: for the same seed and base set a
+    smaller subset is always inside a larger one (the paper's 1k in 3.5k in 10k in 35k).
+    """
+    ids = sorted(image_ids)
+    count = round(size * len(ids)) if 0 < size < 1 else int(size)
+    if count < 1 or count > len(ids):
+        raise DataError(f"data.subset={size:g}: asks for {count} of {len(ids)} training images")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[:count])
 
 
 class TrainSampler:
@@ -337,6 +427,10 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
 def _worker_init(_: int) -> None:
     # One thread per worker: workers run beside the main process, which needs the cores.
     torch.set_num_threads(1)
+    # A preemption's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group; only the main
+    # process acts on it (checkpoint, exit), and it shuts the workers down itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: int, seed: int) -> DataLoader:

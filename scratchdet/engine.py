@@ -23,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, dump_yaml, resolve_schedule, to_dict
-from .data import CocoDetection, TrainSampler, build_transforms, resolve_datasets, test_loader, train_loader
+from .config import Config, dump_yaml, resolve_schedule, short_schedule_warning, to_dict
+from .data import CocoDetection, TrainSampler, build_transforms, draw_subset, resolve_datasets, test_loader, train_loader
 from .evaluation import evaluate_model, load_gt
 from .model import build_model, count_parameters, model_kwargs, norm_layers
+from .weights import imagenet_source, load_backbone
 
 log = logging.getLogger("scratchdet")
 
@@ -177,13 +178,29 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                                                               flip_prob=cfg.data.flip_prob))
         log.info("training data: %s (%d images, %d classes); %s", train_paths[1], len(train_set),
                  train_set.num_classes, train_set.report.summary())
+        if cfg.data.subset:
+            # The paper's data-size study (Sec. 5.3): random subsets, nested for one seed (1k in 10k in 35k).
+            ids = draw_subset(train_set.image_ids(), cfg.data.subset, cfg.data.subset_seed)
+            train_set.keep(ids)
+            log.info("data.subset=%g (seed %d): training on %d images", cfg.data.subset, cfg.data.subset_seed, len(ids))
 
     # ---- model, solver ----------------------------------------------------------------------
     model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None)).to(device)
+    init_meta: dict[str, Any] = {}
+    if dry_run and cfg.model.init == "imagenet":
+        # Describe, do not download: a dry run must work offline.
+        log.info("backbone would be initialized from %s", imagenet_source(cfg.model.depth, cfg.model.norm))
+    elif cfg.model.init != "random":
+        init_meta = load_backbone(model.backbone.body, cfg.model.init, depth=cfg.model.depth, norm=cfg.model.norm)
+    # What the pre-training stage saw, carried into every log line (the paper's "images seen" comparisons).
+    pretrain_seen = {f"pretrain_{k}": v for k, v in init_meta.get("seen", {}).items()}
     n_params, n_trainable = count_parameters(model)
-    sched = resolve_schedule(cfg.solver)
+    sched = resolve_schedule(cfg.solver, len(train_set) if train_set else None)
     for note in sched.notes:
         log.info("%s", note)
+    warning = short_schedule_warning(cfg.model.init, sched.max_iter * cfg.solver.ims_per_batch)
+    if warning:
+        log.warning("%s", warning)
     log.info("model: Mask R-CNN R%d-FPN, norm %s, %s parameters (%s trainable), init %s", cfg.model.depth,
              cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
     log.info("schedule: %d iterations of %d images, base LR %g, LR drops at %s, warmup %d iterations",
@@ -224,6 +241,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     elif resume:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     dump_yaml(cfg, run_dir / "config.yaml")
+    if cfg.data.subset:
+        (run_dir / "subset_image_ids.json").write_text(json.dumps(train_set.image_ids()))
     (run_dir / "env.json").write_text(json.dumps(environment(), indent=1))
     metrics = MetricsWriter(run_dir, keep_until=start_iter if found is not None else None)
     eval_loader, gt = build_eval(cfg, val_paths)
@@ -310,7 +329,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                 elapsed = time.perf_counter() - t_window
                 record = {"iteration": done, **{k: round(v / n_window, 5) for k, v in window.items()}, "lr": lr,
                           "images_per_sec": round(n_timed * cfg.solver.ims_per_batch / elapsed, 3),
-                          "time_per_iter": round(elapsed / n_timed, 4), **seen}
+                          "time_per_iter": round(elapsed / n_timed, 4), **seen, **pretrain_seen}
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{record['images_per_sec']:.1f}")
                 window, t_window, n_window, n_timed = {}, time.perf_counter(), 0, 0
@@ -335,8 +354,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         metrics.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    (run_dir / "final.json").write_text(json.dumps({**summary, **seen, **last_eval}, indent=1))
-    return {**summary, **seen, **last_eval}
+    (run_dir / "final.json").write_text(json.dumps({**summary, **seen, **pretrain_seen, **last_eval}, indent=1))
+    return {**summary, **seen, **pretrain_seen, **last_eval}
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None,

@@ -33,12 +33,21 @@ NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 # --------------------------------------------------------------------------- norm
 
 
+class FP32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 under autocast (bf16/fp16 statistics over small groups lose
+    precision); returns the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
 def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:
     """The one normalization switch (detectron2's ``get_norm``): a layer for ``channels``."""
     if norm == "GN":
         if channels % gn_groups:
             raise ValueError(f"GroupNorm: {channels} channels do not divide into model.gn_groups={gn_groups}")
-        return nn.GroupNorm(gn_groups, channels)
+        return FP32GroupNorm(gn_groups, channels)
     if norm == "SyncBN":
         return nn.SyncBatchNorm(channels)
     if norm == "BN":
@@ -107,7 +116,8 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, *, cin: int, planes: int, stride: int, groups: int, width_per_group: int, norm: Callable) -> None:
+    def __init__(self, *, cin: int, planes: int, stride: int, groups: int, width_per_group: int, norm: Callable,
+                 stride_in_1x1: bool = False) -> None:
         super().__init__()
         bias = isinstance(norm(planes), nn.Identity)
         self.conv1 = conv(cin, planes, 3, stride=stride, bias=bias)
@@ -128,17 +138,20 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1-3x3-1x1 block with the stride on the 3x3 (torchvision's "ResNet v1.5" layout)."""
+    """1x1-3x3-1x1 block; the stride on the 3x3 (torchvision's "ResNet v1.5") or, with
+    ``stride_in_1x1``, on the 1x1 (Detectron's MSRA/Caffe2 ImageNet models)."""
 
     expansion = 4
 
-    def __init__(self, *, cin: int, planes: int, stride: int, groups: int, width_per_group: int, norm: Callable) -> None:
+    def __init__(self, *, cin: int, planes: int, stride: int, groups: int, width_per_group: int, norm: Callable,
+                 stride_in_1x1: bool = False) -> None:
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
         bias = isinstance(norm(planes), nn.Identity)
-        self.conv1 = conv(cin, width, 1, bias=bias)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = conv(cin, width, 1, stride=s1, bias=bias)
         self.bn1 = norm(width)
-        self.conv2 = conv(width, width, 3, stride=stride, groups=groups, bias=bias)
+        self.conv2 = conv(width, width, 3, stride=s3, groups=groups, bias=bias)
         self.bn2 = norm(width)
         self.conv3 = conv(width, planes * 4, 1, bias=bias)
         self.bn3 = norm(planes * 4)
@@ -181,6 +194,7 @@ class ResNet(nn.Module):
         norm: str = "GN",
         gn_groups: int = 32,
         zero_init_residual: bool = False,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
         if depth not in STAGES:
@@ -199,7 +213,7 @@ class ResNet(nn.Module):
             for j in range(n):
                 stride = 2 if (j == 0 and i > 0) else 1
                 blocks.append(block(cin=cin, planes=planes, stride=stride, groups=groups,
-                                    width_per_group=width_per_group, norm=make_norm))
+                                    width_per_group=width_per_group, norm=make_norm, stride_in_1x1=stride_in_1x1))
                 cin = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels.append(cin)
@@ -209,6 +223,14 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)) and hasattr(m.last_norm(), "weight"):
                     nn.init.zeros_(m.last_norm().weight)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze the stem (1) and res2..res``freeze_at`` (Detectron's FREEZE_AT) for fine-tuning."""
+        stages = [[self.conv1, self.bn1]] + [[getattr(self, f"layer{i}")] for i in range(1, 5)]
+        for stage in stages[:freeze_at]:
+            for m in stage:
+                for p in m.parameters():
+                    p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """x: [B, 3, H, W] -> {"layer1".."layer4": [B, C_i, H/2^(i+1), W/2^(i+1)]}."""
@@ -250,6 +272,8 @@ def build_model(
     norm: str = "GN",
     gn_groups: int = 32,
     zero_init_residual: bool = False,
+    stride_in_1x1: bool = False,
+    freeze_at: int = 0,
     fpn_channels: int = 256,
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
     anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
@@ -278,7 +302,8 @@ def build_model(
     ``masks`` [N, 1, 28, 28] probabilities (paste them with ``paste_detections``).
     """
     trunk = ResNet(depth=depth, groups=groups, width_per_group=width_per_group, stem_channels=stem_channels,
-                   base_width=base_width, norm=norm, gn_groups=gn_groups, zero_init_residual=zero_init_residual)
+                   base_width=base_width, norm=norm, gn_groups=gn_groups, zero_init_residual=zero_init_residual,
+                   stride_in_1x1=stride_in_1x1)
     head_norm = norm_factory(norm, gn_groups=gn_groups)
     backbone = BackboneWithFPN(
         trunk,
@@ -289,6 +314,7 @@ def build_model(
         norm_layer=head_norm,
     )
     xavier_fill_(backbone.fpn)
+    trunk.freeze(freeze_at)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(anchor_aspect_ratios),) * len(anchor_sizes))
     rpn_head = RPNHead(fpn_channels, anchors.num_anchors_per_location()[0])
     normal_fill_(rpn_head, std=0.01)
@@ -343,6 +369,15 @@ def model_kwargs(model_cfg: Any, num_classes: int | None = None) -> dict[str, An
     if not n:
         raise ValueError("model.num_classes: unknown without a training set; set it (80 for COCO)")
     return {"num_classes": n, **kwargs}
+
+
+TRUNK_KEYS = ("depth", "groups", "width_per_group", "stem_channels", "base_width", "norm", "gn_groups",
+              "zero_init_residual", "stride_in_1x1")
+
+
+def trunk_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """The ``ResNet`` arguments of a ``ModelConfig`` (for ``scratchdet pretrain``'s classifier)."""
+    return {k: getattr(model_cfg, k) for k in TRUNK_KEYS}
 
 
 def paste_detections(

@@ -21,7 +21,7 @@ import faster_coco_eval.core.mask as mask_utils
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 2  # bump when the drawing changes, so caches are regenerated
+VERSION = 3  # bump when the drawing changes, so caches are regenerated
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
 MIN_SIZE, MAX_SIZE = 8, 128  # object extent in pixels, log-uniform between
 MIN_VISIBLE = 0.4  # an instance hidden more than this is not drawn at all (nobody could label it)
@@ -154,9 +154,9 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
     _draw_distractors(rng, img)
     objects = []
     for _ in range(int(rng.integers(3, 11))):
-        # Log-uniform sizes over the whole range for a third of the objects, the rest from 20 px up:
-        # small objects stay common (a third is under 32 px) without dominating the AP.
-        low = MIN_SIZE if rng.random() < 0.35 else 20
+        # Log-uniform sizes over the whole range for a quarter of the objects, the rest from 24 px up:
+        # small objects stay common without dominating the AP.
+        low = MIN_SIZE if rng.random() < 0.25 else 24
         extent = math.exp(rng.uniform(math.log(low), math.log(MAX_SIZE)))
         if objects and rng.random() < 0.45:  # place next to an earlier object, so they overlap
             other = objects[int(rng.integers(len(objects)))]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -86,3 +88,72 @@ def test_6x_scales_linearly_to_batch_2():
 def test_no_scaling_without_reference():
     s = resolve_schedule(load_config(None, ["solver.ims_per_batch=2"]).solver)
     assert s.notes == ()
+
+
+PAPER = [p for p in list_presets() if p.startswith("mask_rcnn_")]
+
+
+def test_preset_files_match_their_generator():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_presets", Path(__file__).parents[1] / "tools/make_presets.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    expected = gen.expected()
+    assert sorted(expected) == PAPER
+    for name, text in expected.items():
+        assert (gen.CONFIGS / f"{name}.yaml").read_text() == text, name
+
+
+NAME = re.compile(r"^mask_rcnn_(R50|R101|X152_32x8d)_FPN_(GN|SyncBN)_(scratch|pretrained)_(\d+)x(_scaleaug)?$")
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets_state_the_recipe_their_name_says(name):
+    m = NAME.match(name)
+    assert m, name
+    backbone, norm, init, n, scaleaug = m.groups()
+    cfg = load_config(name)
+    assert cfg.model.norm == norm and cfg.model.depth == {"R50": 50, "R101": 101, "X152_32x8d": 152}[backbone]
+    assert cfg.model.init == ("random" if init == "scratch" else "imagenet")
+    assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.weight_decay) == (16, 0.02, 1e-4)
+    assert cfg.solver.warmup_iters > 0 and cfg.data.max_size_train == 1333 and cfg.data.flip_prob == 0.5
+    assert cfg.data.min_size_train == ([640, 672, 704, 736, 768, 800] if scaleaug else [800])
+    s = resolve_schedule(cfg.solver)
+    total = int(n) * 90_000
+    assert (s.max_iter, s.steps) == (total, (total - 60_000, total - 20_000))
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_R101_FPN_SyncBN_pretrained_2x", "mask_rcnn_R50_FPN_GN_pretrained_4x",
+                                  "mask_rcnn_X152_32x8d_FPN_GN_scratch_9x_scaleaug"])
+def test_paper_presets_dry_run_offline(name, tmp_path):
+    from scratchdet.engine import train
+
+    summary = train(load_config(name), tmp_path / "run", dry_run=True, progress=False)
+    assert summary["num_classes"] == 80 and summary["parameters"] == summary["trainable_parameters"]
+
+
+@pytest.mark.parametrize("n, steps", [("0.5x", (30_000, 40_000)), ("1x", (60_000, 80_000)),
+                                      ("4.5x", (345_000, 385_000))])
+def test_fractional_schedules(n, steps):
+    s = resolve_schedule(load_config(None, [f"solver.schedule={n}", "solver.ims_per_batch=16"]).solver)
+    assert s.steps == steps
+
+
+def test_epochs_set_iterations_and_keep_step_fractions():
+    cfg = load_config(None, ["solver.epochs=12", "solver.ims_per_batch=4", "solver.max_iter=1000",
+                             "solver.steps=[750,900]"])
+    s = resolve_schedule(cfg.solver, num_images=1000)
+    assert s.max_iter == 3000 and s.steps == (2250, 2700)
+    with pytest.raises(ConfigError, match="one of them"):
+        resolve_schedule(load_config(None, ["solver.epochs=1", "solver.schedule=2x"]).solver, 10)
+
+
+def test_short_scratch_schedule_warns_by_how_much():
+    from scratchdet.config import short_schedule_warning
+
+    w = short_schedule_warning("random", 90_000 * 16)
+    assert w and "3.0x short" in w
+    assert short_schedule_warning("random", 6 * 90_000 * 16) is None
+    assert short_schedule_warning("imagenet", 10) is None

@@ -147,3 +147,25 @@ def test_pixel_stats(tmp_path):
     mean, std = pixel_stats(ds)
     px = np.concatenate([np.asarray(ds.load_image(r), dtype=np.float64).reshape(-1, 3) for r in ds.records])
     assert np.allclose(mean, px.mean(0), atol=1e-2) and np.allclose(std, px.std(0), atol=1e-2)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from scratchdet.data import draw_subset  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(5, 400), seed=st.integers(0, 2**31), sizes=st.lists(st.integers(1, 400), min_size=2, max_size=4))
+def test_subsets_are_nested_for_a_seed(n, seed, sizes):
+    ids = list(range(1000, 1000 + 3 * n, 3))
+    sizes = sorted(min(s, n) for s in sizes)
+    subsets = [set(draw_subset(ids, s, seed)) for s in sizes]
+    for small, large, k in zip(subsets, subsets[1:], sizes):
+        assert len(small) == k and small <= large
+
+
+def test_subset_fraction_and_errors():
+    assert len(draw_subset(list(range(50)), 0.1, 0)) == 5
+    with pytest.raises(DataError, match="data.subset"):
+        draw_subset(list(range(5)), 6, 0)

@@ -88,6 +88,11 @@ def test_run_directory_is_not_overwritten(tmp_path):
 def test_dry_run_describes_without_training(tmp_path):
     summary = train(load_config("mask_rcnn_R50_FPN_GN_scratch_6x"), tmp_path / "run", dry_run=True, progress=False)
     assert summary["parameters"] == summary["trainable_parameters"] > 40_000_000
-    assert summary["norm_layers"] == ["GroupNorm"]
+    assert summary["norm_layers"] == ["FP32GroupNorm"]
     assert summary["steps"] == [480_000, 520_000] and summary["max_iter"] == 540_000
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_autocast_trains_and_evaluates(tmp_path):
+    result = train(_cfg("train.amp=bf16", "solver.max_iter=2"), tmp_path / "run", progress=False)
+    assert 0 <= result["segm/AP"] <= 100

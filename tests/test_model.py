@@ -12,7 +12,7 @@ def test_paper_preset_is_groupnorm_everywhere_and_all_trainable():
     cfg = load_config("mask_rcnn_R50_FPN_GN_scratch_6x")
     model = build_model(**model_kwargs(cfg.model))
     norms = norm_layers(model)
-    assert norms and all(type(m) is nn.GroupNorm and m.num_groups == 32 for _, m in norms)
+    assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for _, m in norms)
     # GN in each of the four places the paper puts it.
     for part in ("backbone.body.", "backbone.fpn.", "roi_heads.box_head.", "roi_heads.mask_head."):
         assert any(n.startswith(part) for n, _ in norms), part
@@ -88,3 +88,13 @@ def test_train_step_and_inference_shapes():
     out = model(images)
     assert out[0]["masks"].shape[1:] == (1, 28, 28)
     assert (out[0]["boxes"][:, 2] <= 96).all()
+
+
+def test_groupnorm_runs_in_fp32_under_autocast():
+    norm = get_norm("GN", 64, gn_groups=32)
+    x = torch.randn(2, 64, 8, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    expected = nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps)
+    assert torch.allclose(y.float(), expected, atol=1e-2)
