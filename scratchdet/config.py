@@ -160,7 +160,9 @@ class TestConfig:
 class TrainConfig:
     seed: int = opt(0, "seed of every RNG (Python, NumPy, torch, sampler, augmentation)")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    amp: str = opt("off", "mixed precision: off, bf16 or fp16 (GroupNorm stays fp32)")
+    amp: str = opt("off", "mixed precision: off, bf16, fp16 or auto (bf16 where the CPU/GPU computes it natively; "
+                          "GroupNorm stays fp32)")
+    channels_last: bool = opt(False, "channels-last memory format for the model (faster convolutions on CPUs)")
     deterministic: bool = opt(True, "deterministic algorithms (bitwise-reproducible CPU runs)")
     log_period: int = opt(20, "iterations between training log lines in metrics.jsonl")
     num_threads: int = opt(0, "torch CPU threads (0: torch's default)")
@@ -322,7 +324,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "model.norm": (cfg.model.norm, ("GN", "SyncBN", "BN", "FrozenBN", "none")),
         "model.depth": (cfg.model.depth, (18, 34, 50, 101, 152)),
-        "train.amp": (cfg.train.amp, ("off", "bf16", "fp16")),
+        "train.amp": (cfg.train.amp, ("off", "bf16", "fp16", "auto")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -84,7 +84,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def amp_dtype(amp: str) -> torch.dtype | None:
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype; ``auto`` is bf16 where the hardware computes it natively (on a CPU
+    without native bf16, emulated bf16 would be slower than fp32), else off."""
+    if amp == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -161,7 +169,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = pick_device(cfg.train.device)
-    dtype = amp_dtype(cfg.train.amp)
+    dtype = amp_dtype(cfg.train.amp, device)
 
     # ---- data: training stream, validation set --------------------------------------------
     train_paths, val_paths = resolve_datasets(cfg.data)
@@ -186,6 +194,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
 
     # ---- model, solver ----------------------------------------------------------------------
     model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     init_meta: dict[str, Any] = {}
     if dry_run and cfg.model.init == "imagenet":
         # Describe, do not download: a dry run must work offline.
@@ -203,6 +213,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         log.warning("%s", warning)
     log.info("model: Mask R-CNN R%d-FPN, norm %s, %s parameters (%s trainable), init %s", cfg.model.depth,
              cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
+    log.info("precision: %s%s", {None: "fp32"}.get(dtype, str(dtype).replace("torch.", "")),
+             ", channels-last" if cfg.train.channels_last else "")
     log.info("schedule: %d iterations of %d images, base LR %g, LR drops at %s, warmup %d iterations",
              sched.max_iter, cfg.solver.ims_per_batch, sched.base_lr, list(sched.steps), sched.warmup_iters)
     summary = {"parameters": n_params, "trainable_parameters": n_trainable, "max_iter": sched.max_iter,
@@ -220,7 +232,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                                 weight_decay_bias=cfg.solver.weight_decay_bias)
     scheduler = build_lr_scheduler(optimizer, steps=sched.steps, gamma=cfg.solver.gamma,
                                    warmup_iters=sched.warmup_iters, warmup_factor=cfg.solver.warmup_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = {"class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id}
 
     # ---- resume: model, solver, RNG and the sampler's position --------------------------------
@@ -297,7 +309,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
             # loss), naming the culprit; or skip the step, a bounded number of times.  With fp16 the
             # GradScaler already skips steps whose gradients overflow.
             bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
-            if not bad and cfg.train.amp != "fp16":
+            if not bad and dtype != torch.float16:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
                 if not torch.isfinite(grad_norm):
                     bad = ["gradient norm"]

@@ -103,6 +103,7 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: torch.device, l
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(batch)
             for im, out, tgt in zip(images, outputs, targets):
+                out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
                 pasted = paste_detections(out, tuple(im.shape[-2:]), tuple(tgt["orig_size"]))
                 results.extend(to_coco_results(pasted, tgt["image_id"], label_to_cat_id))
                 image_ids.append(int(tgt["image_id"]))

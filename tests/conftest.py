@@ -22,7 +22,7 @@ TINY_SYNTH = ["data.synth.num_train=12", "data.synth.num_val=4", "data.synth.ima
               "data.min_size_train=[96]", "data.max_size_train=96", "data.min_size_test=96", "data.max_size_test=96"]
 TINY_SOLVER = ["solver.ims_per_batch=2", "solver.max_iter=6", "solver.steps=[4]", "solver.warmup_iters=2",
                "solver.checkpoint_period=3", "test.eval_period=0", "train.log_period=2", "dataloader.num_workers=0",
-               "train.device=cpu"]
+               "train.device=cpu", "train.amp=off", "train.channels_last=false"]
 
 
 @pytest.fixture(autouse=True)
