@@ -236,6 +236,8 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
+            return "on" if value else "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # "6x" needs quotes in YAML; a bare 6 is accepted as "6"
         raise ConfigError(f"{key}: expected a string, got {value!r}")

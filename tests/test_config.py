@@ -157,3 +157,7 @@ def test_short_scratch_schedule_warns_by_how_much():
     assert w and "3.0x short" in w
     assert short_schedule_warning("random", 6 * 90_000 * 16) is None
     assert short_schedule_warning("imagenet", 10) is None
+
+
+def test_yaml_off_is_the_string_off():
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"

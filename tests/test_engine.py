@@ -69,7 +69,7 @@ def test_train_on_tiny_coco_writes_coco_category_ids(tiny_coco, tmp_path):
 
 def test_non_finite_loss_stops_with_name_and_iteration(tmp_path):
     cfg = _cfg("solver.base_lr=1e12", "solver.warmup_iters=0", "solver.max_iter=30", "solver.checkpoint_period=1")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .*loss.* at iteration \d+ \(lr "):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss_\w+(, )?)+ at iteration \d+ \(lr "):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run/model_final.pth").exists()
     assert list((tmp_path / "run").glob("model_00*.pth"))  # the last good checkpoints stay
@@ -96,3 +96,14 @@ def test_dry_run_describes_without_training(tmp_path):
 def test_bf16_autocast_trains_and_evaluates(tmp_path):
     result = train(_cfg("train.amp=bf16", "solver.max_iter=2"), tmp_path / "run", progress=False)
     assert 0 <= result["segm/AP"] <= 100
+
+
+def test_skip_nonfinite_skips_a_bounded_number_of_steps(tmp_path):
+    base = ["solver.base_lr=1e12", "solver.warmup_iters=0", "solver.max_iter=6", "solver.checkpoint_period=100"]
+    train(_cfg(*base, "solver.skip_nonfinite=10"), tmp_path / "a", progress=False)
+    skipped = [r for r in read_metrics(tmp_path / "a") if "skipped_step" in r]
+    assert skipped and all("at iteration" in r["skipped_step"] for r in skipped)
+    assert (tmp_path / "a/model_final.pth").exists()
+    with pytest.raises(NonFiniteLossError):
+        train(_cfg(*base, "solver.skip_nonfinite=1"), tmp_path / "b", progress=False)
+    assert len([r for r in read_metrics(tmp_path / "b") if "skipped_step" in r]) == 1
