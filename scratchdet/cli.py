@@ -11,13 +11,17 @@ from pathlib import Path
 from .config import ConfigError, describe, list_presets, load_config
 
 
+def _split_preset(args: argparse.Namespace) -> None:
+    """`scratchdet train key=value ...`: the first word is an override, not a preset."""
+    if args.preset is not None and "=" in args.preset:
+        args.overrides.insert(0, args.preset)
+        args.preset = None
+
+
 def _train(args: argparse.Namespace) -> int:
     from .engine import train
 
-    if args.preset is not None and "=" in args.preset:
-        # `scratchdet train key=value ...`: the first word is an override, not a preset
-        args.overrides.insert(0, args.preset)
-        args.preset = None
+    _split_preset(args)
     if args.resume:
         # The run's own resolved config, unless a preset is named; overrides apply on top.
         run_dir = Path(args.resume)
@@ -42,9 +46,7 @@ def _train(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
-    if args.preset is not None and "=" in args.preset:
-        args.overrides.insert(0, args.preset)
-        args.preset = None
+    _split_preset(args)
     cfg = load_config(args.preset, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / f"pretrain_{time.strftime('%Y%m%d-%H%M%S')}"
     out = pretrain(cfg, run_dir, force=args.force, progress=not args.no_progress)

@@ -63,8 +63,6 @@ def setup_logging(run_dir: Path | None = None) -> None:
         fh = logging.FileHandler(run_dir / "log.txt")
         fh.setFormatter(fmt)
         log.addHandler(fh)
-    logging.getLogger("scratchdet.data").parent = log
-    logging.getLogger("scratchdet.checkpoint").parent = log
 
 
 def pick_device(name: str) -> torch.device:
