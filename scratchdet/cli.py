@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", description=(
         "Train Mask R-CNN. With no arguments: the embedded default (synthetic shapes, a small GroupNorm model "
-        "from scratch, CPU, about 12 minutes on 2 cores). Examples:\n"
+        "from scratch, CPU, about 13 minutes on 2 cores). Examples:\n"
         "  scratchdet train\n"
         "  scratchdet train mask_rcnn_R50_FPN_GN_scratch_6x solver.ims_per_batch=2 --dry-run\n"
         "  scratchdet train data.train.images=DIR data.train.annotations=F.json "

@@ -125,13 +125,18 @@ def test_paper_presets_state_the_recipe_their_name_says(name):
     assert (s.max_iter, s.steps) == (total, (total - 60_000, total - 20_000))
 
 
-@pytest.mark.parametrize("name", ["mask_rcnn_R101_FPN_SyncBN_pretrained_2x", "mask_rcnn_R50_FPN_GN_pretrained_4x",
-                                  "mask_rcnn_X152_32x8d_FPN_GN_scratch_9x_scaleaug"])
-def test_paper_presets_dry_run_offline(name, tmp_path):
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets_dry_run_offline(name, tmp_path, caplog):
+    import logging
+
     from scratchdet.engine import train
 
-    summary = train(load_config(name), tmp_path / "run", dry_run=True, progress=False)
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        summary = train(load_config(name), tmp_path / "run", dry_run=True, progress=False)
     assert summary["num_classes"] == 80 and summary["parameters"] == summary["trainable_parameters"]
+    assert f"LR drops at {summary['steps']}" in caplog.text  # the schedule is printed
+    if "pretrained" in name:
+        assert "would be initialized from https://" in caplog.text  # described, not downloaded
 
 
 @pytest.mark.parametrize("n, steps", [("0.5x", (30_000, 40_000)), ("1x", (60_000, 80_000)),
