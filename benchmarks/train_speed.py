@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from scratchdet.cli import split_preset
 from scratchdet.config import load_config
 from scratchdet.data import CocoDetection, TrainSampler, build_transforms, collate, resolve_datasets
 from scratchdet.model import build_model, model_kwargs
@@ -26,9 +27,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     args = p.parse_args()
-    if args.preset and "=" in args.preset:
-        args.overrides.insert(0, args.preset)
-        args.preset = None
+    split_preset(args)
     cfg = load_config(args.preset, args.overrides)
     (images, annotations), _ = resolve_datasets(cfg.data)
     ds = CocoDetection(images=images, annotations=annotations, filter_empty=True, transforms=build_transforms(

@@ -11,17 +11,26 @@ from pathlib import Path
 from .config import ConfigError, describe, list_presets, load_config
 
 
-def _split_preset(args: argparse.Namespace) -> None:
+def split_preset(args: argparse.Namespace) -> None:
     """`scratchdet train key=value ...`: the first word is an override, not a preset."""
     if args.preset is not None and "=" in args.preset:
         args.overrides.insert(0, args.preset)
         args.preset = None
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, *, preset_help: str, overrides_help: str, out_help: str) -> None:
+    """The positional preset and overrides and the run-directory options that train and pretrain share."""
+    p.add_argument("preset", nargs="?", help=preset_help)
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--force", action="store_true", help="overwrite a run directory that already holds a run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .engine import train
 
-    _split_preset(args)
+    split_preset(args)
     if args.resume:
         # The run's own resolved config, unless a preset is named; overrides apply on top.
         run_dir = Path(args.resume)
@@ -46,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
-    _split_preset(args)
+    split_preset(args)
     cfg = load_config(args.preset, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / f"pretrain_{time.strftime('%Y%m%d-%H%M%S')}"
     out = pretrain(cfg, run_dir, force=args.force, progress=not args.no_progress)
@@ -165,13 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "data.val.images=DIR data.val.annotations=V.json\n"
         "  scratchdet train --resume runs/default_20260101-120000\n"
         "Options are listed by `scratchdet config`."), formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("preset", nargs="?", help="a preset name (`scratchdet presets`) or a YAML file; default: default")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. solver.base_lr=0.01")
-    t.add_argument("--out", help="run directory (default: runs/PRESET_TIMESTAMP)")
+    _add_run_arguments(t, preset_help="a preset name (`scratchdet presets`) or a YAML file; default: default",
+                       overrides_help="dotted key=value overrides, e.g. solver.base_lr=0.01",
+                       out_help="run directory (default: runs/PRESET_TIMESTAMP)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest valid checkpoint")
-    t.add_argument("--force", action="store_true", help="overwrite a run directory that already holds a run")
     t.add_argument("--dry-run", action="store_true", help="build model, data and schedule, describe them, train nothing")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
     pt = sub.add_parser("pretrain", help="classification pre-training of the backbone (the pretrained arm)",
@@ -182,11 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(solver.base_lr, solver.max_iter, solver.ims_per_batch) apply. Example:\n"
         "  scratchdet pretrain pretrain.images=imagenet/train model.depth=50 model.norm=GN solver.max_iter=450000"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pt.add_argument("preset", nargs="?", help="a preset name or YAML file (its model section is used)")
-    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.images=DIR")
-    pt.add_argument("--out", help="run directory (default: runs/pretrain_TIMESTAMP)")
-    pt.add_argument("--force", action="store_true", help="overwrite a run directory that already holds a run")
-    pt.add_argument("--no-progress", action="store_true")
+    _add_run_arguments(pt, preset_help="a preset name or YAML file (its model section is used)",
+                       overrides_help="key=value overrides, e.g. pretrain.images=DIR",
+                       out_help="run directory (default: runs/pretrain_TIMESTAMP)")
     pt.set_defaults(func=_pretrain)
 
     e = sub.add_parser("eval", help="COCO box and mask AP of a run, or of a results file", description=(

@@ -111,10 +111,10 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
         image_id, category_id = ann.get("image_id"), ann.get("category_id")
         rec = records.get(image_id) if isinstance(image_id, int) else None
         if rec is None:
-            raise DataError(f"{path}: annotation id {aid} refers to unknown image id {ann.get('image_id')!r}")
+            raise DataError(f"{path}: annotation id {aid} refers to unknown image id {image_id!r}")
         if not isinstance(category_id, int) or category_id not in cat_ids:
             raise DataError(f"{path}: annotation id {aid} (image id {rec.id}) has unknown category id "
-                            f"{ann.get('category_id')!r}")
+                            f"{category_id!r}")
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1):  # also accepts False/True
             raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'iscrowd' must be 0 or 1, got {crowd!r}")

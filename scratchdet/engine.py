@@ -306,7 +306,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
             # Stop on a non-finite loss or gradient (as torchvision's reference engine does for the
             # loss), naming the culprit; or skip the step, a bounded number of times.  With fp16 the
             # GradScaler already skips steps whose gradients overflow.
-            bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+            bad = [] if torch.isfinite(losses) else [k for k, v in loss_dict.items() if not torch.isfinite(v)]
             if not bad and dtype != torch.float16:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
                 if not torch.isfinite(grad_norm):

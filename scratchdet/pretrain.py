@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import Config, dump_yaml, to_dict
 from .engine import MetricsWriter, environment, pick_device, prepare_run_dir, seed_everything, setup_logging
 from .model import ResNet, trunk_kwargs
+from .solver import lr_factor
 
 log = logging.getLogger("scratchdet")
 
@@ -74,10 +75,10 @@ def pretrain(cfg: Config, run_dir: str | Path, *, force: bool = False, progress:
     optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
     def factor(it: int) -> float:
-        warm = min(1.0, s.warmup_factor + (1 - s.warmup_factor) * it / s.warmup_iters) if s.warmup_iters else 1.0
-        if cfg.pretrain.lr_schedule == "cosine":
+        if cfg.pretrain.lr_schedule == "cosine":  # the warmup of lr_factor, then a cosine instead of steps
+            warm = lr_factor(it, steps=(), gamma=1.0, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
             return warm * 0.5 * (1 + math.cos(math.pi * it / s.max_iter))
-        return warm * s.gamma ** sum(it >= st for st in s.steps)
+        return lr_factor(it, steps=s.steps, gamma=s.gamma, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     loader = DataLoader(data, batch_size=s.ims_per_batch, shuffle=True, drop_last=len(data) >= s.ims_per_batch,

@@ -1,8 +1,9 @@
 """The embedded synthetic dataset: procedurally drawn shapes in COCO format, exact masks.
 
 Made to be learnable on a laptop CPU in minutes and still far from saturated: 6 shape
-classes, objects from about 8 to 128 px (log-uniform, so small ones are common, as in
-COCO), overlapping and occluded instances whose masks are the *visible* part, textured
+classes, objects from about 8 to 128 px (log-uniform over the whole range for a quarter of
+them, from 24 px up for the rest, so small ones are common as in COCO), overlapping and
+occluded instances whose masks are the *visible* part, textured
 backgrounds, and unannotated distractor scribbles and blobs.  Deterministic for a seed.
 """
 
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 
 VERSION = 3  # bump when the drawing changes, so caches are regenerated
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
-MIN_SIZE, MAX_SIZE = 8, 128  # object extent in pixels, log-uniform between
+MIN_SIZE, MAX_SIZE = 8, 128  # object extent in pixels (see draw_image for the distribution)
 MIN_VISIBLE = 0.4  # an instance hidden more than this is not drawn at all (nobody could label it)
 
 
