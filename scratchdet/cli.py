@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, describe, list_presets, load_config
 
 
 def split_preset(args: argparse.Namespace) -> None:
-    """`scratchdet train key=value ...`: the first word is an override, not a preset."""
-    if args.preset is not None and "=" in args.preset:
-        args.overrides.insert(0, args.preset)
-        args.preset = None
+    """Sort the positional words: ``key=value`` ones are overrides (in their order), the one
+    other word is the preset (``train key=value PRESET`` works as ``train PRESET key=value``)."""
+    words = ([args.preset] if args.preset is not None else []) + list(args.overrides)
+    names = [w for w in words if "=" not in w]
+    if len(names) > 1:
+        raise ConfigError(f"more than one preset given ({', '.join(names)}); overrides are key=value")
+    args.preset = names[0] if names else None
+    args.overrides = [w for w in words if "=" in w]
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, *, preset_help: str, overrides_help: str, out_help: str) -> None:
@@ -30,7 +36,6 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, preset_help: str, override
 def _train(args: argparse.Namespace) -> int:
     from .engine import train
 
-    split_preset(args)
     if args.resume:
         # The run's own resolved config, unless a preset is named; overrides apply on top.
         run_dir = Path(args.resume)
@@ -39,9 +44,13 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.preset, args.overrides)
         name = Path(args.preset).stem if args.preset else "default"
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{name}_{_run_stamp(cfg)}"
     result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, dry_run=args.dry_run,
                    progress=not args.no_progress)
+    from . import distributed as dist
+
+    if not dist.is_main():
+        return 0
     if args.dry_run:
         print(json.dumps(result, indent=1))
         print(f"dry run: model, data and schedule built; nothing trained (would write to {run_dir})")
@@ -52,13 +61,49 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stamp(cfg: Any) -> str:
+    """The default run directory's suffix, one for all ranks: torchrun's run id where it has one
+    (stable across --max-restarts, so a restart finds its run), else rank 0's clock."""
+    from . import distributed as dist
+
+    if not dist.launched():
+        return time.strftime("%Y%m%d-%H%M%S")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id not in ("", "none"):
+        return run_id
+    from .run import pick_device
+
+    dist.init(pick_device(cfg.train.device), timeout_s=cfg.train.dist_timeout)
+    return dist.broadcast(time.strftime("%Y%m%d-%H%M%S"))
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``scratchdet train --num-gpus N ...``: the same command under torchrun on this machine
+    (``torch.distributed.run``, one process per GPU, or per CPU process group on a CPU)."""
+    from torch.distributed.run import main as torchrun
+
+    cmd = ["--standalone", f"--nproc-per-node={nproc}", "-m", "scratchdet", *argv]
+    print("launching: torchrun " + " ".join(cmd), file=sys.stderr)
+    try:
+        torchrun(cmd)
+    except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError has printed the failed rank's error
+        print(f"scratchdet: error: {e.__class__.__name__}: a process failed (its error is above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
-    split_preset(args)
-    cfg = load_config(args.preset, args.overrides)
-    run_dir = Path(args.out) if args.out else Path("runs") / f"pretrain_{time.strftime('%Y%m%d-%H%M%S')}"
-    out = pretrain(cfg, run_dir, force=args.force, progress=not args.no_progress)
+    if args.resume:
+        # The run's own resolved config, unless a preset is named; overrides apply on top (as train --resume).
+        run_dir = Path(args.resume)
+        cfg_file = run_dir / "config.yaml"
+        cfg = load_config(args.preset or (str(cfg_file) if cfg_file.exists() else None), args.overrides)
+    else:
+        cfg = load_config(args.preset, args.overrides)
+        run_dir = Path(args.out) if args.out else Path("runs") / f"pretrain_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = pretrain(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.no_progress)
     print(f"backbone: {out}\nfine-tune with: scratchdet train model.init={out}")
     return 0
 
@@ -82,27 +127,37 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval needs --run RUN_DIR, or --annotations GT.json --results RES.json")
     import torch
 
-    from .engine import build_eval, load_run_model, pick_device
+    from . import distributed as dist
+    from .data import resolve_datasets
+    from .engine import build_eval
     from .evaluation import evaluate_model
+    from .run import amp_dtype, load_run_model, pick_device, precision_name
 
     device = pick_device(args.device)
-    model, cfg, meta = load_run_model(args.run, args.checkpoint, device)
-    from .config import parse_override, set_key
-
-    for text in args.overrides:
-        set_key(cfg, *parse_override(text))
-    from .data import resolve_datasets
-
+    model, cfg, meta = load_run_model(args.run, args.checkpoint, device, overrides=args.overrides)
+    dist.init(device, timeout_s=cfg.train.dist_timeout)  # under torchrun: each rank evaluates its shard
+    # The run's own precision (train.amp), as its evaluations during training used: the same
+    # weights give the same numbers.  `train.amp=off` on this command line evaluates in fp32.
+    dtype = amp_dtype(cfg.train.amp, device)
     _, val = resolve_datasets(cfg.data)
     if val is None:
         raise ConfigError("the run has no validation set; give data.val.images=DIR data.val.annotations=FILE")
-    loader, gt = build_eval(cfg, val)
+    from .data import check_categories
+
     label_to_cat_id = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
+    check_categories(label_to_cat_id, val[1], what="validation set")
+    loader, gt = build_eval(cfg, val, rank=dist.rank(), world_size=dist.world_size())
     out = Path(args.run) / "inference"
-    out.mkdir(exist_ok=True)
+    if dist.is_main():
+        out.mkdir(exist_ok=True)
+        print(f"evaluating in {precision_name(dtype)} on {device}" +
+              (f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""))
     with torch.no_grad():
         metrics = evaluate_model(model, loader, gt=gt, device=device, label_to_cat_id=label_to_cat_id,
-                                 results_path=out / "coco_instances_results.json")
+                                 amp_dtype=dtype, results_path=out / "coco_instances_results.json")
+    if not dist.is_main():
+        return 0
+    metrics["precision"] = precision_name(dtype)
     for iou_type in ("bbox", "segm"):
         print(f"{iou_type}: " + "  ".join(f"{k} {metrics[f'{iou_type}/{k}']:.2f}" for k in STAT_NAMES))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -179,19 +234,44 @@ def build_parser() -> argparse.ArgumentParser:
                        out_help="run directory (default: runs/PRESET_TIMESTAMP)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest valid checkpoint")
     t.add_argument("--dry-run", action="store_true", help="build model, data and schedule, describe them, train nothing")
+    t.add_argument("--num-gpus", type=int, default=0, metavar="N",
+                   help="train with N processes on this machine (torchrun with DDP; one per GPU, or N CPU processes "
+                        "with gloo where there is no GPU); for several machines run torchrun yourself (README)")
     t.set_defaults(func=_train)
 
     pt = sub.add_parser("pretrain", help="classification pre-training of the backbone (the pretrained arm)",
                         description=(
         "ImageNet-style pre-training of the detector's ResNet trunk on an ImageFolder (one sub-folder per class): "
         "SGD, cosine or step LR, random-resized crop and flip. Writes RUN_DIR/backbone_final.pth for "
-        "`scratchdet train model.init=PATH`. Model options (model.depth, model.norm, ...) and solver options "
-        "(solver.base_lr, solver.max_iter, solver.ims_per_batch) apply. Example:\n"
-        "  scratchdet pretrain pretrain.images=imagenet/train model.depth=50 model.norm=GN solver.max_iter=450000"),
+        "`scratchdet train model.init=PATH` (model.init=RUN_DIR works too), periodic checkpoints "
+        "model_NNNNNNN.pth and model_final.pth (the whole classifier and its solver; it marks the run finished). "
+        "SIGTERM/SIGINT checkpoint and stop; --resume continues exactly. Examples:\n"
+        "  scratchdet pretrain pretrain.images=imagenet/train model.depth=50 model.norm=GN solver.max_iter=450000\n"
+        "  scratchdet pretrain --resume runs/pretrain_20260101-120000\n"
+        "Options used:\n"
+        "  pretrain.*            images, crop_size, lr_schedule (cosine, or step: solver.steps and solver.gamma)\n"
+        "  model.*               the trunk: depth, groups, width_per_group, stem_channels, base_width, norm, gn_groups,\n"
+        "                        zero_init_residual, stride_in_1x1, pixel_mean, pixel_std; num_classes must be 0 or\n"
+        "                        the number of class folders\n"
+        "  solver.*              base_lr, momentum, weight_decay, weight_decay_norm, weight_decay_bias, ims_per_batch,\n"
+        "                        max_iter or epochs (passes over the folder), steps, gamma, warmup_iters, warmup_factor,\n"
+        "                        reference_batch_size (linear scaling), skip_nonfinite, checkpoint_period,\n"
+        "                        keep_checkpoints\n"
+        "  train.*               seed, device, amp, channels_last, deterministic, log_period, num_threads\n"
+        "  dataloader.num_workers, data.flip_prob\n"
+        "Refused with an error: solver.schedule (the paper's Nx rule is for detection: use solver.max_iter or\n"
+        "  solver.epochs), model.init other than random (pre-training starts from random weights; so model.freeze_at).\n"
+        "Not used (detection only): the detector's heads (model.fpn_channels, model.anchor_*, model.rpn_*,\n"
+        "  model.roi_*, model.box_head_*, model.mask_head_*, model.*_test, model.detections_per_image), data.* other\n"
+        "  than data.flip_prob (data.train/val/synth, sizes, filter_empty, subset), dataloader.aspect_ratio_grouping,\n"
+        "  test.*, train.dist_timeout (pretrain runs in one process)."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(pt, preset_help="a preset name or YAML file (its model section is used)",
+    _add_run_arguments(pt, preset_help="a preset name or YAML file (the options above apply; others are refused or "
+                                       "not used, as listed)",
                        overrides_help="key=value overrides, e.g. pretrain.images=DIR",
                        out_help="run directory (default: runs/pretrain_TIMESTAMP)")
+    pt.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue the pretrain run in RUN_DIR from its newest valid checkpoint, with its config.yaml")
     pt.set_defaults(func=_pretrain)
 
     e = sub.add_parser("eval", help="COCO box and mask AP of a run, or of a results file", description=(
@@ -201,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  scratchdet eval --annotations GT.json --results RES.json [RES2.json]"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("overrides", nargs="*", help="overrides of the run's config, e.g. data.val.annotations=F.json")
-    e.add_argument("--run", help="run directory")
+    # --run-dir: under torchrun, whose own parser reads a bare --run as its --run-path option.
+    e.add_argument("--run", "--run-dir", dest="run", help="run directory (--run-dir under torchrun)")
     e.add_argument("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)")
     e.add_argument("--annotations", help="COCO ground-truth JSON (with --results)")
     e.add_argument("--results", nargs="+", help="COCO results JSON file(s)")
@@ -214,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  scratchdet predict img1.jpg img2.jpg --run RUN_DIR --out predictions/"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--run", required=True, help="run directory")
+    pr.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)")
     pr.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
@@ -249,8 +330,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may stand anywhere among the options
+    (``train PRESET --out DIR key=value``), and keep their order."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "overrides"):
+        for token in extras:
+            if not token.startswith("-"):
+                args.overrides.append(token)  # split_preset tells a late preset from overrides
+            else:
+                parser.error(f"unrecognized argument: {token}")
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if hasattr(args, "preset") and hasattr(args, "overrides"):
+        try:
+            split_preset(args)
+        except ConfigError as e:
+            parser.error(str(e))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun: a failing rank's traceback goes into torchrun's error report.  Imported
+        # only then: `scratchdet --help` should not wait for torch.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if getattr(args, "num_gpus", 0) > 1 and not os.environ.get("WORLD_SIZE"):
+        i = argv.index("--num-gpus") if "--num-gpus" in argv else None
+        rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--num-gpus=")]
+        return launch(args.num_gpus, rest)
     try:
         return args.func(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as e:
@@ -258,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - our own clear errors, without a traceback
         from .data import DataError
-        from .engine import NonFiniteLossError
+        from .run import NonFiniteLossError
         from .weights import WeightsError
 
         if isinstance(e, (DataError, NonFiniteLossError, WeightsError)):

@@ -163,8 +163,15 @@ class TrainConfig:
     amp: str = opt("off", "mixed precision: off, bf16, fp16 or auto (bf16 where the CPU/GPU computes it natively; "
                           "GroupNorm stays fp32)")
     channels_last: bool = opt(False, "channels-last memory format for the model (faster convolutions on CPUs)")
-    deterministic: bool = opt(True, "deterministic algorithms (bitwise-reproducible CPU runs)")
+    deterministic: str = opt(
+        "auto",
+        "deterministic algorithms: on (bitwise-reproducible runs), off, or auto: on for the CPU, off on CUDA, where "
+        "deterministic mode sends RoIAlign's backward to torchvision's slow pure-PyTorch path",
+    )
     log_period: int = opt(20, "iterations between training log lines in metrics.jsonl")
+    dist_timeout: float = opt(
+        1800.0, "seconds a collective waits under torchrun before the job stops with a report of the ranks that stalled"
+    )
     num_threads: int = opt(0, "torch CPU threads (0: torch's default)")
 
 
@@ -327,6 +334,7 @@ def validate(cfg: Config) -> None:
         "model.norm": (cfg.model.norm, ("GN", "SyncBN", "BN", "FrozenBN", "none")),
         "model.depth": (cfg.model.depth, (18, 34, 50, 101, 152)),
         "train.amp": (cfg.train.amp, ("off", "bf16", "fp16", "auto")),
+        "train.deterministic": (cfg.train.deterministic, ("auto", "on", "off")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -336,6 +344,19 @@ def validate(cfg: Config) -> None:
             "model.norm: FrozenBN freezes statistics that a randomly initialized network does not have "
             "(mean 0, var 1 forever), so nothing would normalize; use GN or SyncBN to train from scratch "
             "(as the paper does), or FrozenBN only with pretrained weights (model.init)"
+        )
+    if cfg.model.depth in (18, 34) and (cfg.model.groups != 1 or cfg.model.width_per_group != 64):
+        raise ConfigError(
+            f"model.groups={cfg.model.groups} / model.width_per_group={cfg.model.width_per_group}: ResNeXt widths "
+            f"apply to bottleneck blocks (depth 50, 101, 152); depth {cfg.model.depth} uses basic blocks, which "
+            "have no grouped conv. Use depth 50+ or leave groups=1, width_per_group=64"
+        )
+    if not 0 <= cfg.model.freeze_at <= 5:
+        raise ConfigError(f"model.freeze_at: {cfg.model.freeze_at} is not 0 (nothing) to 5 (stem and res2-res5)")
+    if cfg.model.freeze_at and cfg.model.init == "random":
+        raise ConfigError(
+            f"model.freeze_at={cfg.model.freeze_at} with model.init=random would freeze randomly initialized layers "
+            "(they would never learn); freeze only pretrained stages (set model.init), or use freeze_at=0"
         )
     if len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: give one size per FPN level P2..P6 (5 values)")

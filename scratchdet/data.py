@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -56,9 +57,13 @@ class LoadReport:
         return "; ".join(f"{n} x {r}" for r, n in self.skipped.items()) or "nothing skipped"
 
 
-def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], LoadReport]:
-    """Read a COCO instances JSON into image records (annotations attached) and its categories."""
-    path = Path(path)
+# A bbox side moved by clipping less than this is float rounding, not a repair: x + w of a box
+# inside the image can exceed the width by an ulp (about 1e-12 px at 10^4 px).
+_ROUNDING_PX = 1e-6
+
+
+def _read_json_object(path: Path) -> dict:
+    """A COCO JSON file's top-level object."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -68,19 +73,57 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing or non-list '{key}'")
-    report = LoadReport()
+    return data
+
+
+def _parse_categories(path: Path, entries: Any) -> list[dict]:
+    """The file's categories as ``{"id", "name"}``: a list of objects with unique integer ids."""
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: missing or non-list 'categories'")
     categories = []
     cat_ids: set[int] = set()
-    for c in data["categories"]:
+    for c in entries:
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or isinstance(c.get("id"), bool):
             raise DataError(f"{path}: category {c!r} has no integer 'id'")
         if c["id"] in cat_ids:
             raise DataError(f"{path}: duplicate category id {c['id']}")
         cat_ids.add(c["id"])
         categories.append({"id": c["id"], "name": str(c.get("name", c["id"]))})
+    return categories
+
+
+def check_categories(label_to_cat_id: dict[int, int], annotations: str | Path, *, what: str = "validation set") -> None:
+    """Raise DataError unless the file's category ids are the training label map's (order and names may differ)."""
+    path = Path(annotations)
+    file_ids = {c["id"] for c in _parse_categories(path, _read_json_object(path).get("categories"))}
+    train_ids = set(label_to_cat_id.values())
+    if file_ids != train_ids:
+        # Labels are mapped to category ids through the training set's map: any difference would
+        # score detections against the wrong categories, or against none.
+        raise DataError(f"{path}: {what} categories differ from the training set's (ids decide): ids only in the "
+                        f"training set: {sorted(train_ids - file_ids)}; only in this file: {sorted(file_ids - train_ids)}")
+
+
+def _as_float(v: Any) -> float | None:
+    """A JSON number as a float; None for anything else, bools and integers beyond float range."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # JSON allows 10**400
+        return None
+
+
+def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], LoadReport]:
+    """Read a COCO instances JSON into image records (annotations attached) and its categories."""
+    path = Path(path)
+    data = _read_json_object(path)
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing or non-list '{key}'")
+    report = LoadReport()
+    categories = _parse_categories(path, data["categories"])
+    cat_ids = {c["id"] for c in categories}
     records: dict[int, ImageRecord] = {}
     for im in data["images"]:
         if not isinstance(im, dict):
@@ -123,23 +166,27 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'bbox' must be [x, y, w, h]")
         what = f"{path} annotation id {aid} (image id {rec.id})"
-        if not all(np.isfinite(bbox)):
+        values = [_as_float(v) for v in bbox]
+        if not all(v is not None and math.isfinite(v) for v in values):
             report.add("annotations with a non-finite bbox", what)
             continue
-        if bbox[2] <= 0 or bbox[3] <= 0:
+        x, y, w, h = values
+        if w <= 0 or h <= 0:
             report.add("annotations with an empty bbox (w or h <= 0)", what)
             continue
-        x0, y0 = max(bbox[0], 0.0), max(bbox[1], 0.0)
-        x1, y1 = min(bbox[0] + bbox[2], rec.width), min(bbox[1] + bbox[3], rec.height)
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, rec.width), min(y + h, rec.height)
         if x1 <= x0 or y1 <= y0:
             report.add("annotations whose bbox lies outside the image", what)
             continue
-        if [x0, y0, x1 - x0, y1 - y0] != list(bbox):
+        # Compare the sides, not [x0, y0, x1 - x0, y1 - y0] with the bbox: x1 - x0 recomputed in
+        # floating point differs from w (12.5 + 7.45 - 12.5 != 7.45) for most boxes inside the image.
+        if max(x0 - x, y0 - y, (x + w) - x1, (y + h) - y1) > _ROUNDING_PX:
             report.add("bboxes clipped to the image (repaired)", what)
             ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}
         if not crowd:
-            seg, problem = _check_segmentation(ann.get("segmentation"), rec.height, rec.width)
-            if problem:
+            seg, problems = _check_segmentation(ann.get("segmentation"), rec.height, rec.width)
+            for problem in problems:
                 report.add(problem, what)
             if seg is None:
                 continue
@@ -148,42 +195,89 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
     return list(records.values()), categories, report
 
 
-def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, str | None]:
+def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, list[str]]:
     """``(usable segmentation or None, what was wrong or repaired)`` for a non-crowd annotation."""
     if isinstance(seg, list):
         good = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in p)]
+                and all(v is not None and math.isfinite(v) for v in map(_as_float, p))]
         if not good:
-            return None, "annotations without a polygon of 3 or more points"
+            return None, ["annotations without a polygon of 3 or more finite points"]
+        # The rasteriser walks every polygon edge at 5x resolution, wherever it lies: a point at 1e7 px
+        # costs a gigabyte, at 1e9 it fails. Up to one image side outside is any real polygon's slack.
+        near = [p for p in good if all(-width <= v <= 2 * width for v in p[0::2])
+                and all(-height <= v <= 2 * height for v in p[1::2])]
+        if not near:
+            return None, ["annotations whose polygons all reach far outside the image"]
+        problems = []
         if len(good) < len(seg):
-            return good, "polygons with fewer than 3 points dropped (repaired)"
-        return seg, None
+            problems.append("polygons with fewer than 3 points dropped (repaired)")
+        if len(near) < len(good):
+            problems.append("polygons reaching far outside the image dropped (repaired)")
+        return near, problems
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [height, width]:
-            return None, "annotations whose RLE size disagrees with the image size"
-        if not isinstance(seg["counts"], (str, list)):
-            return None, "annotations with malformed RLE counts"
-        return seg, None
-    return None, "annotations without a usable segmentation (polygons or RLE)"
+        if seg["size"] != [height, width]:
+            return None, ["annotations whose RLE size disagrees with the image size"]
+        runs = _rle_runs(seg["counts"])
+        # The mask library refuses counts that do not cover the image exactly, or negative ones:
+        # found here, not as an exception in a loader worker hours into training.
+        if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+            return None, ["annotations with malformed RLE counts (not summing to height x width)"]
+        return {"size": [height, width], "counts": seg["counts"]}, []
+    return None, ["annotations without a usable segmentation (polygons or RLE)"]
+
+
+def _rle_runs(counts: Any) -> list[int] | None:
+    """The run lengths of uncompressed (list) or compressed (COCO string) RLE counts; None if malformed."""
+    if isinstance(counts, list):
+        return counts if all(isinstance(c, int) and not isinstance(c, bool) for c in counts) else None
+    if not isinstance(counts, str):
+        return None
+    # cocoapi's rleFrString: each run is 5-bit groups in characters '0'..'o' (0x20: more groups
+    # follow, 0x10 in the last group: negative), and from the third run on a delta to the run two back.
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x = k = 0
+        more = True
+        while more:
+            if p == len(counts):
+                return None  # the string ends inside a run
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        runs.append(x + runs[-2] if len(runs) > 2 else x)
+    return runs
 
 
 def decode_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
     """An annotation's segmentation (polygons, RLE or compressed RLE) as a [H, W] uint8 mask."""
     seg = ann.get("segmentation")
-    if isinstance(seg, list):
-        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-        if not polys:
-            raise DataError(f"{where}: annotation id {ann['id']}: no polygon with 3 or more points")
-        rles = mask_utils.frPyObjects([[float(v) for v in p] for p in polys], height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [height, width]:
-            raise DataError(f"{where}: annotation id {ann['id']}: RLE size {seg['size']} disagrees with the "
-                            f"image's {height}x{width}")
-        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
-    else:
-        raise DataError(f"{where}: annotation id {ann['id']}: 'segmentation' is neither polygons nor RLE")
-    return mask_utils.decode(rle)
+    try:
+        if isinstance(seg, list):
+            polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+            if not polys:
+                raise DataError(f"{where}: annotation id {ann['id']}: no polygon with 3 or more points")
+            rles = mask_utils.frPyObjects([[float(v) for v in p] for p in polys], height, width)
+            rle = mask_utils.merge(rles)
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            if seg["size"] != [height, width]:
+                raise DataError(f"{where}: annotation id {ann['id']}: RLE size {seg['size']} disagrees with the "
+                                f"image's {height}x{width}")
+            rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+        else:
+            raise DataError(f"{where}: annotation id {ann['id']}: 'segmentation' is neither polygons nor RLE")
+        return mask_utils.decode(rle)
+    except DataError:
+        raise
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+        # load_coco_json's checks keep such annotations out; this names one that reached here anyway.
+        raise DataError(f"{where}: annotation id {ann['id']}: cannot decode its segmentation ({e})") from None
 
 
 class ResizeShortestEdge(v2.Transform):
@@ -273,30 +367,9 @@ class CocoDetection(Dataset):
         self.records = [r for r in self.records if r.id in wanted]
 
     def load_image(self, rec: ImageRecord) -> Image.Image:
-        """The image as 8-bit RGB. Grayscale, palette, CMYK and alpha images are converted (alpha
-        dropped); 16-bit images scaled to 8 bits; EXIF orientation applied only where the JSON's size
-        is the rotated one (COCO's convention, and cocoapi's, is the stored pixels)."""
-        path = self.images / rec.file_name
-        try:
-            with Image.open(path) as im:
-                im.load()
-                orientation = im.getexif().get(0x0112, 1)
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
-                    rgb = Image.fromarray(arr.clip(0, 255).round().astype(np.uint8)).convert("RGB")
-                else:
-                    rgb = im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"{path}: image file not found (image id {rec.id} in {self.annotations})") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"{path}: cannot read image id {rec.id}: {e}") from None
-        if rgb.size != (rec.width, rec.height) and orientation in (5, 6, 7, 8) and rgb.size == (rec.height, rec.width):
-            rgb = _apply_orientation(rgb, orientation)  # the annotations were made on the displayed image
-        if rgb.size != (rec.width, rec.height):
-            raise DataError(f"{path}: image id {rec.id} is {rgb.size[0]}x{rgb.size[1]} but {self.annotations} "
-                            f"says {rec.width}x{rec.height}")
-        return rgb
+        """The record's image as 8-bit RGB of the JSON's size (``read_image``)."""
+        return read_image(self.images / rec.file_name, expected_size=(rec.width, rec.height),
+                          where=f"image id {rec.id} in {self.annotations}")
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -327,8 +400,45 @@ class CocoDetection(Dataset):
             "masks": target["masks"].as_subclass(torch.Tensor),
             "image_id": rec.id,
             "orig_size": (h, w),
+            "seed": seed,  # the sample's own seed: the model draws its anchor/RoI samples from it too
         }
         return image.as_subclass(torch.Tensor), target
+
+
+def read_image(path: str | Path, *, expected_size: tuple[int, int] | None = None, where: str = "") -> Image.Image:
+    """An image file as 8-bit RGB; ``expected_size`` (width, height) is the annotations', ``where`` names it in errors."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            orientation = im.getexif().get(0x0112, 1)
+            rgb = _to_rgb(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found" + (f" ({where})" if where else "")) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read {where or 'image'}: {e}") from None
+    if expected_size is None:
+        # A free image (scratchdet predict) is taken as a viewer shows it: a phone stores a portrait
+        # photo sideways with an EXIF orientation, and its user expects detections on the upright picture.
+        return _apply_orientation(rgb, orientation)
+    expected = tuple(expected_size)
+    # COCO's width/height (and cocoapi) describe the stored pixels, so EXIF is ignored where they
+    # match; where the JSON has the rotated size, the annotations were made on the displayed image.
+    if rgb.size != expected and orientation in (5, 6, 7, 8) and rgb.size == expected[::-1]:
+        rgb = _apply_orientation(rgb, orientation)
+    if rgb.size != expected:
+        raise DataError(f"{path} is {rgb.size[0]}x{rgb.size[1]} but {where or 'its annotations'} says "
+                        f"{expected[0]}x{expected[1]}")
+    return rgb
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB: grayscale, palette, CMYK and alpha converted (alpha dropped), 16-bit scaled (not clipped)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        return Image.fromarray(arr.clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
@@ -433,17 +543,20 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: int, seed: int) -> DataLoader:
+def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: int, seed: int,
+                 pin_memory: bool = False) -> DataLoader:
     # The loader's own generator: creating its iterator must not draw from the global torch RNG,
     # or a resumed run (which creates it at another point of that stream) would diverge.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      worker_init_fn=_worker_init, persistent_workers=False,
+                      worker_init_fn=_worker_init, persistent_workers=False, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed))
 
 
-def test_loader(dataset: CocoDetection, *, batch_size: int = 1, num_workers: int = 0,
-                max_images: int = 0) -> DataLoader:
-    indices = list(range(len(dataset) if not max_images else min(max_images, len(dataset))))
+def test_loader(dataset: CocoDetection, *, batch_size: int = 1, num_workers: int = 0, max_images: int = 0,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Inference over the first ``max_images`` (0: all) images; rank ``r`` of ``world_size`` takes
+    every ``world_size``-th of them, so the shards cover the set once (distributed evaluation)."""
+    indices = list(range(len(dataset) if not max_images else min(max_images, len(dataset))))[rank::world_size]
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=collate, worker_init_fn=_worker_init)
 

@@ -20,6 +20,7 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import nn
 
+from . import distributed as dist
 from .model import paste_detections
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ def evaluate_coco(gt: COCO | str | Path, results: list[dict] | str | Path, iou_t
             results = json.load(f)
     if not results:
         return {k: 0.0 for k in STAT_NAMES}, "no detections: every number is 0\n"
+    if iou_type == "segm":
+        # COCO's loadRes takes a result's area from its bbox when it has one, and the small/medium/
+        # large buckets of segm APs..ARl would then use box areas; without the bbox it takes the
+        # mask's area (detectron2 drops the bbox from segm results for this reason).
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     lines: list[str] = []
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
@@ -117,14 +123,33 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: torch.device, l
 def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torch.device,
                    label_to_cat_id: dict[int, int], amp_dtype: torch.dtype | None = None,
                    results_path: str | Path | None = None, progress: Any = None) -> dict[str, float]:
-    """Box and mask AP of a model on a loader; ``{"bbox/AP": ..., "segm/AP": ...}`` in percent."""
+    """Box and mask AP of a model on a loader; ``{"bbox/AP": ..., "segm/AP": ...}`` in percent.
+
+    Under torchrun each rank predicts its shard of the loader's images; rank 0 gathers the
+    results, puts them in the single-process order, scores them once, and every rank returns
+    the same numbers.
+    """
     results, image_ids = run_inference(model, loader, device=device, label_to_cat_id=label_to_cat_id,
                                        amp_dtype=amp_dtype, progress=progress)
-    if results_path is not None:
-        with open(results_path, "w") as f:
-            json.dump(results, f)
-    metrics: dict[str, float] = {}
-    for iou_type in IOU_TYPES:
-        stats, _ = evaluate_coco(gt, results, iou_type, img_ids=image_ids)
-        metrics.update({f"{iou_type}/{k}": round(v, 4) for k, v in stats.items()})
-    return metrics
+    parts = dist.gather_to_main((results, image_ids))
+    metrics: dict[str, float] | None = None
+    if parts is not None:
+        results, image_ids = _merge_shards(parts)
+        if results_path is not None:
+            with open(results_path, "w") as f:
+                json.dump(results, f)
+        metrics = {}
+        for iou_type in IOU_TYPES:
+            stats, _ = evaluate_coco(gt, results, iou_type, img_ids=image_ids)
+            metrics.update({f"{iou_type}/{k}": round(v, 4) for k, v in stats.items()})
+    return dist.broadcast(metrics)
+
+
+def _merge_shards(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict], list[int]]:
+    """Rank r predicted images r, r + W, r + 2W, ... (``data.test_loader``): interleave them back."""
+    by_image: dict[int, list[dict]] = {}
+    for results, _ in parts:
+        for r in results:
+            by_image.setdefault(r["image_id"], []).append(r)
+    order = [ids[i] for i in range(max(len(ids) for _, ids in parts)) for _, ids in parts if i < len(ids)]
+    return [r for image_id in order for r in by_image.get(image_id, [])], order

@@ -8,14 +8,17 @@ the model is built.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
@@ -25,6 +28,8 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from . import distributed as dist
 
 NORMS = ("GN", "SyncBN", "BN", "FrozenBN", "none")
 NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
@@ -42,6 +47,49 @@ class FP32GroupNorm(nn.GroupNorm):
             return super().forward(x.float()).to(x.dtype)
 
 
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with statistics over every process's batch, on any device.
+
+    On CUDA this runs ``torch.nn.SyncBatchNorm``'s forward.  On the CPU (gloo), where torch's
+    refuses to run (and DDP refuses modules holding it), the per-channel count, sum and sum of
+    squares are all-reduced through a differentiable all-reduce, so gradients flow to every
+    rank's input as in BN over the concatenated batch.  A rank with an empty batch (no RoIs for
+    the mask head, say) still takes part with zeros: every rank joins every collective, so none
+    waits forever.  In one process, and in eval mode, it is plain BN.  Parameters and buffers
+    are BatchNorm2d's, so BN state dicts load.
+    """
+
+    process_group = None  # all ranks (read by torch.nn.SyncBatchNorm.forward)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or dist.world_size() == 1:
+            return super().forward(x)
+        if x.device.type != "cpu":
+            return nn.SyncBatchNorm.forward(self, x)  # type: ignore[arg-type]
+        c = x.shape[1]
+        xf = x.float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = torch.full((1,), x.numel() // max(c, 1), dtype=torch.float32, device=x.device)
+        stats = dist.differentiable_all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = stats[-1].detach()
+        if n.item() == 0:  # an empty batch on every rank: nothing to normalize or to learn from
+            return x
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=m)
+                self.num_batches_tracked.add_(1)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight.float()
+        shift = -mean * scale + (self.bias.float() if self.affine else 0)
+        return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
 def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:
     """The one normalization switch (detectron2's ``get_norm``): a layer for ``channels``."""
     if norm == "GN":
@@ -49,7 +97,7 @@ def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:
             raise ValueError(f"GroupNorm: {channels} channels do not divide into model.gn_groups={gn_groups}")
         return FP32GroupNorm(gn_groups, channels)
     if norm == "SyncBN":
-        return nn.SyncBatchNorm(channels)
+        return SyncBatchNorm(channels)
     if norm == "BN":
         return nn.BatchNorm2d(channels)
     if norm == "FrozenBN":
@@ -75,9 +123,10 @@ def norm_factory(norm: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module
 
 
 def msra_fill_(module: nn.Module) -> None:
-    """He et al.'s MSRA init of every conv (fan_out, ReLU gain), biases 0; norms to identity."""
+    """He et al.'s MSRA init of every conv and transposed conv (fan_out, ReLU gain), biases 0; norms
+    to identity (Caffe2's MSRAFill, detectron2's ``c2_msra_fill``)."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -96,9 +145,10 @@ def normal_fill_(module: nn.Module, std: float) -> None:
 
 
 def xavier_fill_(module: nn.Module) -> None:
-    """Caffe2's XavierFill (uniform, a=1) for FPN convs, as Detectron and torchvision do."""
+    """Caffe2's XavierFill (uniform in +-sqrt(3 / fan_in), biases 0) of every conv and fc layer: FPN
+    convs and the box head's fc, as Detectron and detectron2 (``c2_xavier_fill``) do."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_uniform_(m.weight, a=1)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -176,6 +226,10 @@ def _shortcut(cin: int, cout: int, stride: int, norm: Callable) -> nn.Module | N
     return nn.Sequential(conv(cin, cout, 1, stride=stride, bias=bias), norm(cout))
 
 
+def block_kind(depth: int) -> type:
+    return STAGES[depth][0]
+
+
 STAGES = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
           101: (Bottleneck, (3, 4, 23, 3)), 152: (Bottleneck, (3, 8, 36, 3))}
 
@@ -195,14 +249,25 @@ class ResNet(nn.Module):
         gn_groups: int = 32,
         zero_init_residual: bool = False,
         stride_in_1x1: bool = False,
+        freeze_at: int = 0,
     ) -> None:
         super().__init__()
         if depth not in STAGES:
             raise ValueError(f"ResNet depth {depth} is not one of {sorted(STAGES)}")
+        if block_kind(depth) is BasicBlock and (groups != 1 or width_per_group != 64):
+            raise ValueError(f"groups={groups}, width_per_group={width_per_group}: depth {depth} has basic blocks, "
+                             "which have no grouped conv (ResNeXt needs depth 50, 101 or 152)")
         block, counts = STAGES[depth]
-        make_norm = partial(get_norm, norm, gn_groups=gn_groups)
+
+        def stage_norm(stage: int) -> Callable[[int], nn.Module]:
+            # A frozen stage (stem = 1, res2 = 2, ...) keeps frozen statistics too: BN in train mode
+            # would go on updating running statistics of layers whose weights do not learn
+            # (detectron2 makes frozen stages FrozenBatchNorm2d for the same reason).
+            frozen = stage <= freeze_at and norm in ("BN", "SyncBN")
+            return partial(get_norm, "FrozenBN" if frozen else norm, gn_groups=gn_groups)
+
         self.conv1 = conv(3, stem_channels, 7, stride=2, bias=norm == "none")
-        self.bn1 = make_norm(stem_channels)
+        self.bn1 = stage_norm(1)(stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         cin = stem_channels
@@ -213,7 +278,8 @@ class ResNet(nn.Module):
             for j in range(n):
                 stride = 2 if (j == 0 and i > 0) else 1
                 blocks.append(block(cin=cin, planes=planes, stride=stride, groups=groups,
-                                    width_per_group=width_per_group, norm=make_norm, stride_in_1x1=stride_in_1x1))
+                                    width_per_group=width_per_group, norm=stage_norm(i + 2),
+                                    stride_in_1x1=stride_in_1x1))
                 cin = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels.append(cin)
@@ -223,9 +289,11 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)) and hasattr(m.last_norm(), "weight"):
                     nn.init.zeros_(m.last_norm().weight)
+        self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> None:
-        """Freeze the stem (1) and res2..res``freeze_at`` (Detectron's FREEZE_AT) for fine-tuning."""
+        """Freeze the weights of the stem (1) and res2..res``freeze_at`` (Detectron's FREEZE_AT) for
+        fine-tuning; their BN-family norms are already FrozenBatchNorm2d (built so in ``__init__``)."""
         stages = [[self.conv1, self.bn1]] + [[getattr(self, f"layer{i}")] for i in range(1, 5)]
         for stage in stages[:freeze_at]:
             for m in stage:
@@ -240,6 +308,112 @@ class ResNet(nn.Module):
             x = getattr(self, name)(x)
             out[name] = x
         return out
+
+
+# --------------------------------------------------------------------------- fp32 boxes under autocast
+#
+# Under torch.autocast, torchvision's heads return bf16/fp16 outputs and its box decoding runs in
+# the dtype of the deltas (BoxCoder casts the reference boxes to it), as does AnchorGenerator
+# (anchors take the feature maps' dtype).  bf16 keeps 8 bits of mantissa: above 512 px every
+# anchor, proposal and final box coordinate is a multiple of 4.  As detectron2 does, the
+# predictors' outputs and everything decoded from them stay fp32 whatever the autocast dtype;
+# only the heavy convolutions run in low precision.  Subclasses (not wrappers) keep
+# torchvision's parameter names, so state dicts load unchanged.
+
+
+def _fp32(x: Tensor) -> torch.autocast:
+    """A region where autocast is off for ``x``'s device (the caller passes fp32 inputs)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class FP32AnchorGenerator(AnchorGenerator):
+    """Anchors in fp32 whatever the features' dtype (only their sizes are read)."""
+
+    def forward(self, image_list: Any, feature_maps: list[Tensor]) -> list[Tensor]:
+        shapes = [torch.empty((0, *f.shape[-2:]), dtype=torch.float32, device=f.device) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class FP32RPNHead(RPNHead):
+    """RPN head whose 3x3 conv runs under autocast and whose objectness and delta predictors run in fp32."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for feature in x:
+            t = self.conv(feature)
+            with _fp32(t):
+                t = t.float()
+                logits.append(self.cls_logits(t))
+                deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+class FP32BoxPredictor(FastRCNNPredictor):
+    """Class scores and box deltas computed in fp32 (two small fc layers)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with _fp32(x):
+            return super().forward(x.float())
+
+
+class FP32MaskPredictor(MaskRCNNPredictor):
+    """Transposed conv under autocast, mask logits in fp32 (so mask probabilities are fp32)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.conv5_mask(x))
+        with _fp32(x):
+            return self.mask_fcn_logits(x.float())
+
+
+# --------------------------------------------------------------------------- seeded sampling
+#
+# torchvision samples the RPN's anchors and the box head's RoIs with torch.randperm on the global
+# RNG, image after image: in one process with 2 images the second image's draw depends on the
+# first's, while 2 processes with 1 image each draw both from the same state.  Drawing each
+# image's sample from the image's own seed (the data sampler's per-sample seed) makes sampling a
+# function of the data alone: the same in any number of processes, and independent of the global
+# RNG stream.
+
+_SAMPLE_SEEDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("sample_seeds", default=None)
+
+
+@contextlib.contextmanager
+def sampling_seeds(seeds: list[int | None]) -> Iterator[None]:
+    """Within this block, the detector draws image i's anchor and RoI samples from ``seeds[i]``."""
+    token = _SAMPLE_SEEDS.set(list(seeds) if seeds and all(s is not None for s in seeds) else None)
+    try:
+        yield
+    finally:
+        _SAMPLE_SEEDS.reset(token)
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's balanced positive/negative sampler, drawing from per-image seeds when given."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float, *, salt: int) -> None:
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.salt = salt  # the RPN and the box head draw different samples from one image seed
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        seeds = _SAMPLE_SEEDS.get()
+        if seeds is None or len(seeds) != len(matched_idxs):
+            return super().__call__(matched_idxs)
+        pos_masks, neg_masks = [], []
+        for matched, seed in zip(matched_idxs, seeds):
+            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + self.salt) % 2**63)
+            positive = torch.where(matched >= 1)[0]
+            negative = torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            pos = positive[torch.randperm(positive.numel(), generator=g)[:num_pos].to(matched.device)]
+            neg = negative[torch.randperm(negative.numel(), generator=g)[:num_neg].to(matched.device)]
+            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            pos_mask[pos] = 1
+            neg_mask[neg] = 1
+            pos_masks.append(pos_mask)
+            neg_masks.append(neg_mask)
+        return pos_masks, neg_masks
 
 
 # --------------------------------------------------------------------------- detector
@@ -303,7 +477,7 @@ def build_model(
     """
     trunk = ResNet(depth=depth, groups=groups, width_per_group=width_per_group, stem_channels=stem_channels,
                    base_width=base_width, norm=norm, gn_groups=gn_groups, zero_init_residual=zero_init_residual,
-                   stride_in_1x1=stride_in_1x1)
+                   stride_in_1x1=stride_in_1x1, freeze_at=freeze_at)
     head_norm = norm_factory(norm, gn_groups=gn_groups)
     backbone = BackboneWithFPN(
         trunk,
@@ -314,20 +488,22 @@ def build_model(
         norm_layer=head_norm,
     )
     xavier_fill_(backbone.fpn)
-    trunk.freeze(freeze_at)
-    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(anchor_aspect_ratios),) * len(anchor_sizes))
-    rpn_head = RPNHead(fpn_channels, anchors.num_anchors_per_location()[0])
+    anchors = FP32AnchorGenerator(tuple((s,) for s in anchor_sizes),
+                                  (tuple(anchor_aspect_ratios),) * len(anchor_sizes))
+    rpn_head = FP32RPNHead(fpn_channels, anchors.num_anchors_per_location()[0])
     normal_fill_(rpn_head, std=0.01)
     box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [box_head_conv_dim] * box_head_num_conv, [box_head_fc_dim],
                                   norm_layer=head_norm)
-    msra_fill_(box_head)
-    box_predictor = FastRCNNPredictor(box_head_fc_dim, num_classes + 1)
+    msra_fill_(box_head)  # the 4 convs
+    for fc in (m for m in box_head if isinstance(m, nn.Linear)):
+        xavier_fill_(fc)  # detectron2's FastRCNNConvFCHead: c2_xavier_fill for its fc layers
+    box_predictor = FP32BoxPredictor(box_head_fc_dim, num_classes + 1)
     normal_fill_(box_predictor.cls_score, std=0.01)
     normal_fill_(box_predictor.bbox_pred, std=0.001)
     mask_head = MaskRCNNHeads(fpn_channels, [mask_head_conv_dim] * mask_head_num_conv, 1, norm_layer=head_norm)
     msra_fill_(mask_head)
-    mask_predictor = MaskRCNNPredictor(mask_head_conv_dim, mask_head_conv_dim, num_classes + 1)
-    msra_fill_(mask_predictor.conv5_mask)
+    mask_predictor = FP32MaskPredictor(mask_head_conv_dim, mask_head_conv_dim, num_classes + 1)
+    msra_fill_(mask_predictor.conv5_mask)  # a transposed conv: MSRA fill, bias 0, as detectron2
     normal_fill_(mask_predictor.mask_fcn_logits, std=0.001)
     model = MaskRCNN(
         backbone,
@@ -352,6 +528,8 @@ def build_model(
         mask_predictor=mask_predictor,
     )
     model.transform = BatchOnlyTransform(1, 1, list(pixel_mean), list(pixel_std), size_divisible=32)
+    model.rpn.fg_bg_sampler = SeededSampler(rpn_batch_size_per_image, 0.5, salt=1)
+    model.roi_heads.fg_bg_sampler = SeededSampler(roi_batch_size_per_image, roi_positive_fraction, salt=2)
     return model
 
 

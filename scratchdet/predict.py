@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .data import ResizeShortestEdge
+from .data import ResizeShortestEdge, read_image
 from .engine import load_run_model, pick_device
 from .evaluation import to_coco_results
 from .model import paste_detections
@@ -50,8 +50,7 @@ def predict(images: list[str], *, run_dir: str, out_dir: str, score_thresh: floa
     out.mkdir(parents=True, exist_ok=True)
     written, results = [], []
     for k, path in enumerate(expand_images(images), start=1):
-        with Image.open(path) as im:
-            pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1).contiguous()
         h0, w0 = pixels.shape[-2:]
         net_input = resize(pixels)
         output = model([net_input.to(dev).float()])[0]

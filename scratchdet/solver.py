@@ -26,9 +26,27 @@ def param_groups(model: nn.Module, *, weight_decay: float, weight_decay_norm: fl
 
 def build_optimizer(model: nn.Module, *, base_lr: float, momentum: float, weight_decay: float,
                     weight_decay_norm: float, weight_decay_bias: float) -> torch.optim.SGD:
+    """Fused SGD (one kernel for all parameters), which also takes a device-side ``found_inf``
+    flag: a step with a non-finite loss or gradient is skipped without the host reading the flag."""
     groups = param_groups(model, weight_decay=weight_decay, weight_decay_norm=weight_decay_norm,
                           weight_decay_bias=weight_decay_bias)
-    return torch.optim.SGD(groups, lr=base_lr, momentum=momentum)
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, fused=True)
+    if momentum:
+        # Momentum buffers start at zero rather than at the first gradient (the same update: 0.9 * 0 + g):
+        # a first step skipped through found_inf would otherwise leave them uninitialized memory.
+        for group in groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+def skip_nonfinite_step(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """Take the SGD step unless ``bad`` (a device bool) is true; the flag stays on the device."""
+    optimizer.found_inf = bad.float().reshape(1)  # read by fused SGD (as GradScaler sets it)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def lr_factor(iteration: int, *, steps: Sequence[int], gamma: float, warmup_iters: int, warmup_factor: float) -> float:

@@ -248,6 +248,9 @@ def ensure(*, seed: int, num_train: int, num_val: int, image_size: int, root: st
     try:
         generate(tmp, seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
         (tmp / "DONE").write_text(sig + "\n")
+        if (path / "DONE").is_file():  # another process finished first (and may be reading it): keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return path
         if path.exists():  # a half-written folder from a killed run (no DONE): replace it
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,18 +77,26 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, marker):
     assert not (run / "model_final.pth").exists()
     code, out = _finish(_cli(run, "--resume", str(run)))
     assert code == 0, out
-    assert "resumed from" in out
+    # It resumed from a checkpoint at or after the one seen before the kill (a restart from
+    # scratch would reach the same weights too, so say which).
+    m = re.search(r"resumed from model_(\d{7})\.pth at iteration (\d+)", out)
+    assert m and int(m.group(1)) == int(m.group(2)) >= int(marker[6:13]), out
     assert _same_weights(reference / "model_final.pth", run / "model_final.pth")
     assert _metrics(run) == _metrics(reference)
 
 
-def test_sigterm_checkpoints_and_exits_nonzero(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_checkpoints_and_exits_nonzero(reference, tmp_path, sig):
     run = tmp_path / "run"
-    code, out = _kill_after(run, "model_0000002.pth.sha256", signal.SIGTERM)
+    code, out = _kill_after(run, "model_0000002.pth.sha256", sig)
     assert code != 0
-    assert "checkpoint written at iteration" in out and "--resume" in out
+    m = re.search(r"received signal \d+: checkpoint written at iteration (\d+)", out)
+    assert m and "--resume" in out, out
+    n = int(m.group(1))
+    assert (run / f"model_{n:07d}.pth").exists() and not (run / "model_final.pth").exists()
     code, out = _finish(_cli(run, "--resume", str(run)))
     assert code == 0, out
+    assert f"resumed from model_{n:07d}.pth at iteration {n}" in out
     assert _same_weights(reference / "model_final.pth", run / "model_final.pth")
     assert _metrics(run) == _metrics(reference)
 
@@ -110,9 +119,10 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, caplog):
         p.unlink()
     newest = run / "model_0000004.pth"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         train(cfg, run, resume=True, progress=False)
     assert "model_0000004.pth is not usable" in caplog.text and "checksum mismatch" in caplog.text
+    assert "resumed from model_0000002.pth at iteration 2" in caplog.text
     assert _same_weights(tmp_path / "uninterrupted.pth", run / "model_final.pth")
 
 

@@ -45,16 +45,25 @@ def test_data_synth_and_stats(tmp_path, capsys):
 
 def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     run = tmp_path / "run"
+    # bf16 and channels-last, as the default job runs: `eval --run` must use the run's precision and
+    # memory format, and give the very detections the run's own final evaluation gave.
     assert main(["train", *TINY_MODEL, *TINY_SYNTH, *TINY_SOLVER, "model.score_thresh_test=0.0", "--out", str(run),
-                 "--no-progress"]) == 0
+                 "--no-progress", "train.amp=bf16", "train.channels_last=true"]) == 0
     out = capsys.readouterr().out
     assert "segm/AP" in out and str(run) in out
+    trained = json.loads((run / "coco_instances_results.json").read_text())
     assert main(["eval", "--run", str(run), "train.device=cpu"]) == 0
     out = capsys.readouterr().out
-    assert "segm: AP" in out
+    assert "segm: AP" in out and "evaluating in bf16" in out
     metrics = json.loads((run / "inference/metrics.json").read_text())
     final = json.loads((run / "final.json").read_text())
-    assert metrics["segm/AP"] == final["segm/AP"]  # the same model, the same numbers
+    assert len(trained) > 10
+    assert json.loads((run / "inference/coco_instances_results.json").read_text()) == trained
+    assert {k: v for k, v in metrics.items() if "/" in k} == {k: v for k, v in final.items() if "/" in k}
+    assert len([k for k in metrics if "/" in k]) == 24
+    # train.amp=off on the eval command line evaluates in fp32 instead.
+    assert main(["eval", "--run", str(run), "train.device=cpu", "train.amp=off"]) == 0
+    assert "evaluating in fp32" in capsys.readouterr().out
     cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     _, (val_dir, _) = resolve_datasets(cfg.data)
     assert main(["predict", val_dir, "--run", str(run), "--out", str(tmp_path / "pred"),
@@ -63,3 +72,26 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     assert len(pngs) == 4
     results = json.loads((tmp_path / "pred/coco_results.json").read_text())
     assert results and {"bbox", "score", "category_id", "segmentation", "file_name"} <= set(results[0])
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "default", "--out", "OUT", "solver.max_iter=7", "--dry-run"],
+    ["train", "--out", "OUT", "default", "solver.max_iter=7", "--dry-run"],
+    ["train", "solver.max_iter=7", "--out", "OUT", "--dry-run"],
+    ["train", "--dry-run", "solver.warmup_iters=3", "--out", "OUT", "default", "solver.max_iter=7"],
+    ["train", "solver.max_iter=5", "--out", "OUT", "solver.max_iter=7", "--dry-run"],  # the later one wins
+])
+def test_options_and_overrides_in_any_order(argv, tmp_path, capsys):
+    argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert '"max_iter": 7' in out and str(tmp_path / "run") in out
+
+
+def test_two_presets_or_an_unknown_option_are_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "default", "other", "--dry-run"])
+    assert "more than one preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dry-run", "--nope"])
+    assert "unrecognized argument: --nope" in capsys.readouterr().err

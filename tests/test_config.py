@@ -117,6 +117,12 @@ def test_paper_presets_state_the_recipe_their_name_says(name):
     cfg = load_config(name)
     assert cfg.model.norm == norm and cfg.model.depth == {"R50": 50, "R101": 101, "X152_32x8d": 152}[backbone]
     assert cfg.model.init == ("random" if init == "scratch" else "imagenet")
+    # Detectron's R-*-GN ImageNet models (the GN pretrained arm) and torchvision's BN models both
+    # have the stride in the 3x3 conv (Detectron's GN configs: STRIDE_1X1: False); a 1x1 stride
+    # would load without complaint (same shapes) and silently handicap the pretrained arm.
+    assert cfg.model.stride_in_1x1 is False
+    if init == "pretrained" and norm == "GN":  # Caffe2's convention: BGR means (given here in RGB), no std
+        assert cfg.model.pixel_mean == [122.7717, 115.9465, 102.9801] and cfg.model.pixel_std == [1.0, 1.0, 1.0]
     assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.weight_decay) == (16, 0.02, 1e-4)
     assert cfg.solver.warmup_iters > 0 and cfg.data.max_size_train == 1333 and cfg.data.flip_prob == 0.5
     assert cfg.data.min_size_train == ([640, 672, 704, 736, 768, 800] if scaleaug else [800])

@@ -1,11 +1,20 @@
 import itertools
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from scratchdet.data import CocoDetection, DataError, ResizeShortestEdge, TrainSampler, build_transforms, load_coco_json
+from scratchdet.data import (
+    CocoDetection,
+    DataError,
+    ResizeShortestEdge,
+    TrainSampler,
+    build_transforms,
+    check_categories,
+    load_coco_json,
+)
 from scratchdet.synth import CLASSES, MAX_SIZE, MIN_SIZE, generate
 
 
@@ -53,6 +62,59 @@ def test_filter_empty_counts_and_reports(tiny_coco):
     ds = _tiny_train(tiny_coco, filter_empty=True)
     assert len(ds) == 49  # the README: one train image has no annotations
     assert "without annotations" in ds.report.summary()
+
+
+CLIPPED = "bboxes clipped to the image (repaired)"
+
+
+def test_clipped_boxes_counted_only_where_they_stick_out(tiny_coco):
+    path = tiny_coco / "annotations/instances_train2017.json"
+    # Exact decimal arithmetic on the JSON's numbers, independent of the loader's floats.
+    data = json.loads(path.read_text(), parse_float=Fraction)
+    sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    sticking_out = 0
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        width, height = sizes[a["image_id"]]
+        sticking_out += x < 0 or y < 0 or x + w > width or y + h > height
+    _, _, report = load_coco_json(path)
+    assert sticking_out == 0  # COCO's boxes lie inside their images ...
+    assert report.skipped[CLIPPED] == sticking_out  # ... so nothing was repaired
+
+
+def test_clipped_box_repaired_and_inside_box_untouched(tmp_path):
+    image = {"id": 1, "file_name": "a.png", "height": 32, "width": 40}
+    square = [[4, 4, 20, 4, 20, 20, 4, 20]]
+    # 12.5 + 7.45 - 12.5 != 7.45 in floating point, though the box lies inside the image.
+    inside = [12.5, 2.7, 7.45, 26.6]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [-4.25, 4, 50, 16], "segmentation": square},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": inside, "segmentation": square}]
+    f = tmp_path / "ann.json"
+    f.write_text(json.dumps({"images": [image], "annotations": anns, "categories": [{"id": 1}]}))
+    records, _, report = load_coco_json(f)
+    assert dict(report.skipped) == {CLIPPED: 1}
+    assert [a["bbox"] for a in records[0].anns] == [[0, 4, 40, 16], inside]
+
+
+def test_check_categories_compares_ids_with_the_training_map(tiny_coco, tmp_path):
+    train = CocoDetection(images=tiny_coco / "train2017", annotations=tiny_coco / "annotations/instances_train2017.json")
+    val = tiny_coco / "annotations/instances_val2017.json"
+    check_categories(train.label_to_cat_id, val)  # COCO's val file has the same 80 categories
+    data = json.loads(val.read_text())
+    data["categories"] = [dict(c, name=c["name"].upper()) for c in reversed(data["categories"])]
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(data))
+    check_categories(train.label_to_cat_id, renamed)  # ids decide, not order or names
+    data["categories"] = [c for c in data["categories"] if c["id"] not in (1, 90)] + [{"id": 91, "name": "x"}]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"other\.json: test set .*only in the training set: \[1, 90\].*: \[91\]"):
+        check_categories(train.label_to_cat_id, other, what="test set")
+    with pytest.raises(DataError, match="nope.json"):
+        check_categories(train.label_to_cat_id, tmp_path / "nope.json")
+    other.write_text(json.dumps({"categories": [{"id": "1"}]}))
+    with pytest.raises(DataError, match="other.json: category .* integer 'id'"):
+        check_categories(train.label_to_cat_id, other)
 
 
 def test_resize_shortest_edge_with_cap():

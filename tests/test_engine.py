@@ -1,4 +1,8 @@
 import json
+import logging
+import math
+import re
+import time
 
 import pytest
 import torch
@@ -68,11 +72,22 @@ def test_train_on_tiny_coco_writes_coco_category_ids(tiny_coco, tmp_path):
 
 
 def test_non_finite_loss_stops_with_name_and_iteration(tmp_path):
-    cfg = _cfg("solver.base_lr=1e12", "solver.warmup_iters=0", "solver.max_iter=30", "solver.checkpoint_period=1")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss_\w+(, )?)+ at iteration \d+ \(lr "):
+    from scratchdet import checkpoint as ckpt
+
+    cfg = _cfg("solver.base_lr=1e12", "solver.warmup_iters=0", "solver.max_iter=30", "solver.checkpoint_period=1",
+               "solver.keep_checkpoints=0")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss_\w+(, )?)+ at iteration \d+ \(lr ") as e:
         train(cfg, tmp_path / "run", progress=False)
+    bad_iter = int(re.search(r"at iteration (\d+)", str(e.value)).group(1))
     assert not (tmp_path / "run/model_final.pth").exists()
-    assert list((tmp_path / "run").glob("model_00*.pth"))  # the last good checkpoints stay
+    # The last good checkpoint stays: it verifies, it is the one just before the bad iteration, and
+    # every tensor in it is finite.
+    path, state = ckpt.latest_valid(tmp_path / "run")
+    assert ckpt.verify(path) is None
+    assert state["iteration"] == bad_iter
+    tensors = list(state["model"].values()) + [t for s in state["optimizer"]["state"].values() for t in s.values()
+                                               if isinstance(t, torch.Tensor)]
+    assert tensors and all(torch.isfinite(t.float()).all() for t in tensors)
 
 
 def test_run_directory_is_not_overwritten(tmp_path):
@@ -93,9 +108,144 @@ def test_dry_run_describes_without_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bf16_autocast_trains_and_evaluates(tmp_path):
-    result = train(_cfg("train.amp=bf16", "solver.max_iter=2"), tmp_path / "run", progress=False)
+def test_bf16_autocast_trains_and_evaluates(tmp_path, monkeypatch):
+    import scratchdet.engine as engine
+
+    # Record the dtype the backbone's convolutions really computed in, training and evaluation alike.
+    dtypes = set()
+    build = engine.build_model
+
+    def recording_build(**kwargs):
+        model = build(**kwargs)
+        model.backbone.body.layer1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", recording_build)
+    result = train(_cfg("train.amp=bf16", "solver.max_iter=4", "train.log_period=1"), tmp_path / "run",
+                   progress=False)
+    assert result["precision"] == "bf16" and dtypes == {torch.bfloat16}
+    losses = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 4
+    assert all(math.isfinite(v) for r in losses for k, v in r.items() if k.startswith("loss"))
     assert 0 <= result["segm/AP"] <= 100
+
+
+def test_images_per_sec_leaves_out_evaluation_and_checkpoints(tmp_path, monkeypatch):
+    import scratchdet.engine as engine
+
+    # Evaluation and checkpointing made slow (1 s each): had they counted, every window of 2
+    # iterations would last over 2 s; the tiny model's iterations take a fraction of that.
+    for name in ("evaluate_model", "save_training_state"):
+        slow = getattr(engine, name)
+
+        def slowed(*a, _f=slow, **k):
+            time.sleep(1.0)
+            return _f(*a, **k)
+
+        monkeypatch.setattr(engine, name, slowed)
+    train(_cfg("solver.max_iter=6", "train.log_period=2", "test.eval_period=2", "solver.checkpoint_period=2"),
+          tmp_path / "run", progress=False)
+    lines = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["iteration"] for r in lines] == [2, 4, 6]
+    assert all(r["time_per_iter"] < 0.5 for r in lines[1:]), lines
+
+
+def test_resume_drops_a_partial_last_metrics_line(tmp_path, caplog):
+    cfg = _cfg("solver.checkpoint_period=2")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    for p in run.glob("model_final.pth*"):
+        p.unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 5, "loss_class')  # a write cut by SIGKILL
+    with caplog.at_level(logging.WARNING, logger="scratchdet"):
+        train(cfg, run, resume=True, progress=False)
+    assert "incomplete last line" in caplog.text
+    records = read_metrics(run)
+    assert [r["iteration"] for r in records if "loss" in r] == [2, 4, 6]
+
+
+def test_force_removes_every_output_of_the_old_run(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg("solver.max_iter=2"), run, progress=False)
+    (run / "inference").mkdir()
+    for stale in ("tensorboard/stale", "inference/stale", "model_0000999.pth"):
+        (run / stale).write_text("old")
+    (run / "notes.txt").write_text("the user's own file")
+    # The new run writes no validation results (and no final evaluation): nothing of the old run's may remain.
+    train(_cfg("solver.max_iter=2", "test.max_images=0", "data.val.images=", "data.val.annotations=",
+               "data.train.images=" + str(_synth_train(run)[0]), "data.train.annotations=" + str(_synth_train(run)[1])),
+          run, force=True, progress=False)
+    for stale in ("tensorboard/stale", "inference", "model_0000999.pth", "coco_instances_results.json"):
+        assert not (run / stale).exists(), stale
+    assert "bbox/AP" not in json.loads((run / "final.json").read_text())
+    assert (run / "notes.txt").read_text() == "the user's own file"
+    assert list((run / "tensorboard").iterdir())
+
+
+def _synth_train(run):
+    import yaml
+
+    from scratchdet.config import from_dict
+    from scratchdet.data import resolve_datasets
+
+    return resolve_datasets(from_dict(yaml.safe_load((run / "config.yaml").read_text())).data)[0]
+
+
+def test_syncbn_in_one_process_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        train(_cfg("model.norm=SyncBN", "solver.max_iter=1"), tmp_path / "run", progress=False)
+    assert "SyncBN in a single process" in caplog.text
+
+
+def test_deterministic_by_default_on_cpu_and_not_on_cuda(tmp_path):
+    from scratchdet.run import use_deterministic
+
+    assert load_config(None).train.deterministic == "auto"
+    assert use_deterministic("auto", torch.device("cpu")) and not use_deterministic("auto", torch.device("cuda"))
+    assert use_deterministic("on", torch.device("cuda")) and not use_deterministic("off", torch.device("cpu"))
+    assert load_config(None, ["train.deterministic=true"]).train.deterministic == "on"
+    try:
+        train(_cfg("solver.max_iter=1"), tmp_path / "run", progress=False)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_subset_tensorboard_and_channels_last_in_a_run(tmp_path, monkeypatch):
+    import scratchdet.engine as engine
+
+    formats = []
+    build = engine.build_model
+
+    def recording_build(**kwargs):
+        model = build(**kwargs)
+        model.backbone.body.conv1.register_forward_pre_hook(
+            lambda m, i: formats.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", recording_build)
+    run = tmp_path / "run"
+    result = train(_cfg("data.subset=5", "data.subset_seed=3", "train.channels_last=true", "solver.max_iter=4",
+                        "solver.ims_per_batch=2"), run, progress=False)
+    assert formats and all(formats)
+    # data.subset: 5 of the 12 training images, saved in the run, and the only images trained on.
+    ids = json.loads((run / "subset_image_ids.json").read_text())
+    assert len(ids) == 5 and result["train_images"] == 5
+    from scratchdet.data import draw_subset
+
+    assert ids == draw_subset(list(range(1, 13)), 5, 3) or len(set(ids)) == 5
+    # TensorBoard receives the same scalars as metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    records = read_metrics(run)
+    for key in ("loss", "lr", "segm/AP", "images_seen"):
+        logged = [(r["iteration"], r[key]) for r in records if key in r]
+        tb = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert logged and [s for s, _ in tb] == [s for s, _ in logged], key
+        assert [v for _, v in tb] == pytest.approx([v for _, v in logged], rel=1e-6), key
 
 
 def test_skip_nonfinite_skips_a_bounded_number_of_steps(tmp_path):

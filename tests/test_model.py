@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from scratchdet.config import load_config
-from scratchdet.model import build_model, count_parameters, get_norm, model_kwargs, norm_layers
+from scratchdet.model import NORM_TYPES, SyncBatchNorm, build_model, count_parameters, get_norm, model_kwargs, norm_layers
 
 from .conftest import TINY_MODEL
 
@@ -21,7 +21,7 @@ def test_paper_preset_is_groupnorm_everywhere_and_all_trainable():
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("norm, cls", [("BN", nn.BatchNorm2d), ("SyncBN", nn.SyncBatchNorm)])
+@pytest.mark.parametrize("norm, cls", [("BN", nn.BatchNorm2d), ("SyncBN", SyncBatchNorm)])
 def test_one_switch_sets_every_norm(norm, cls):
     cfg = load_config(None, TINY_MODEL + [f"model.norm={norm}"])
     model = build_model(**model_kwargs(cfg.model, 3))
@@ -58,9 +58,32 @@ def test_msra_init_statistics():
 
     torch.manual_seed(0)
     trunk = ResNet(depth=50, norm="GN")
-    w = trunk.layer3[0].conv2.weight  # 3x3, 256 -> 256: fan_out = 256 * 9
-    assert w.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+    # A 1x1 256 -> 1024 conv, where fan-out (1024) and fan-in (256) differ by 4x: MSRA's fan_out
+    # mode gives std sqrt(2/1024); fan_in mode would give twice that.
+    w = trunk.layer3[0].conv3.weight
+    assert tuple(w.shape) == (1024, 256, 1, 1)
+    assert w.std().item() == pytest.approx((2 / 1024) ** 0.5, rel=0.05)
     assert torch.all(trunk.layer3[0].bn3.weight == 1)
+
+
+def test_head_init_follows_detectron2():
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_MODEL)
+    model = build_model(**model_kwargs(cfg.model, 3))
+    # Mask head's transposed conv: MSRA fill (fan_out of a ConvTranspose2d weight [in, out, k, k] is
+    # in * k * k, as detectron2's c2_msra_fill computes it), bias 0 (torchvision leaves it random).
+    deconv = model.roi_heads.mask_predictor.conv5_mask
+    fan = deconv.weight.shape[0] * 4
+    assert deconv.weight.std().item() == pytest.approx((2 / fan) ** 0.5, rel=0.1)
+    assert torch.all(deconv.bias == 0)
+    # Box head fc: Caffe2's XavierFill, uniform in +-sqrt(3 / fan_in), bias 0 (PyTorch's default is
+    # +-sqrt(1 / fan_in)).
+    fc = [m for m in model.roi_heads.box_head if isinstance(m, nn.Linear)]
+    assert len(fc) == 1
+    bound = (3 / fc[0].in_features) ** 0.5
+    assert fc[0].weight.abs().max().item() <= bound
+    assert fc[0].weight.abs().max().item() > 0.95 * bound
+    assert torch.all(fc[0].bias == 0)
 
 
 def test_zero_init_residual_option():
@@ -90,11 +113,93 @@ def test_train_step_and_inference_shapes():
     assert (out[0]["boxes"][:, 2] <= 96).all()
 
 
-def test_groupnorm_runs_in_fp32_under_autocast():
+@pytest.mark.parametrize("seed", range(4))
+def test_groupnorm_runs_in_fp32_under_autocast(seed):
+    torch.manual_seed(seed)
     norm = get_norm("GN", 64, gn_groups=32)
-    x = torch.randn(2, 64, 8, 8).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    # A large mean over small groups: statistics computed in bf16 lose most of the variance.
+    x = (torch.randn(2, 64, 8, 8) * 0.1 + 30).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = norm(x)
     assert y.dtype == torch.bfloat16
-    expected = nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps)
-    assert torch.allclose(y.float(), expected, atol=1e-2)
+    # Exactly the fp32 computation, rounded once to bf16 at the end.
+    expected = nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16()
+    assert torch.equal(y, expected)
+
+
+def _tiny_detector(**extra):
+    cfg = load_config(None, TINY_MODEL + ["model.score_thresh_test=0.0"])
+    return build_model(**{**model_kwargs(cfg.model, 3), **extra})
+
+
+def test_boxes_stay_fp32_and_unquantized_under_bf16_autocast():
+    # bf16 has an 8-bit mantissa: above 512 px a bf16 coordinate is a multiple of 4.  Anchors,
+    # proposals, final boxes, scores and mask probabilities must all be fp32 (as detectron2).
+    torch.manual_seed(0)
+    model = _tiny_detector().eval()
+    seen = {}
+    model.rpn.anchor_generator.register_forward_hook(lambda m, i, o: seen.__setitem__("anchors", o[0]))
+    model.rpn.register_forward_hook(lambda m, i, o: seen.__setitem__("proposals", o[0][0]))
+    images = [torch.rand(3, 800, 1216) * 255]  # a COCO-size input
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)[0]
+    assert seen["anchors"].dtype == seen["proposals"].dtype == torch.float32
+    for name in ("boxes", "scores", "masks"):
+        assert out[name].dtype == torch.float32, name
+    for name, boxes in (("proposals", seen["proposals"]), ("boxes", out["boxes"])):
+        far = boxes[boxes > 512]
+        assert len(far) > 20, name
+        assert (far % 4 != 0).float().mean() > 0.5, f"{name} quantized to multiples of 4"
+
+
+def test_training_losses_are_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = _tiny_detector()
+    masks = torch.zeros(1, 96, 128, dtype=torch.uint8)
+    masks[0, 10:40, 20:70] = 1
+    targets = [{"boxes": torch.tensor([[20.0, 10, 70, 40]]), "labels": torch.tensor([1]), "masks": masks}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([torch.rand(3, 96, 128) * 255], targets)
+    assert all(v.dtype == torch.float32 for v in losses.values()), {k: v.dtype for k, v in losses.items()}
+
+
+@pytest.mark.parametrize("norm", ["BN", "SyncBN"])
+def test_freeze_at_freezes_weights_and_statistics(norm):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = _tiny_detector(norm=norm, freeze_at=2)
+    body = model.backbone.body
+    frozen = [body.bn1] + [m for m in body.layer1.modules() if isinstance(m, NORM_TYPES)]
+    live = [m for m in body.layer2.modules() if isinstance(m, NORM_TYPES)]
+    assert frozen and all(type(m) is FrozenBatchNorm2d for m in frozen)
+    assert live and all(type(m) is not FrozenBatchNorm2d for m in live)
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    model.train()
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 10:40] = 1
+    target = {"boxes": torch.tensor([[10.0, 10, 40, 40]]), "labels": torch.tensor([1]), "masks": masks}
+    for _ in range(2):
+        model([torch.rand(3, 64, 64) * 255, torch.rand(3, 64, 64) * 255], [target, target])
+    after = body.state_dict()
+    for k in before:
+        if k.startswith(("conv1.", "bn1.", "layer1.")):
+            assert torch.equal(before[k], after[k]), f"{k} changed in a frozen stage"
+    assert not torch.equal(before["layer2.0.bn1.running_mean"], after["layer2.0.bn1.running_mean"])
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+
+
+def test_resnext_widths_with_basic_blocks_are_an_error():
+    from scratchdet.config import ConfigError
+    from scratchdet.model import ResNet
+
+    with pytest.raises(ValueError, match="basic blocks"):
+        ResNet(depth=18, groups=32, width_per_group=8)
+    for override in ("model.groups=32", "model.width_per_group=8"):
+        with pytest.raises(ConfigError, match="model.groups.*basic blocks"):
+            load_config(None, ["model.depth=34", override])
+    assert load_config(None, ["model.depth=50", "model.groups=32", "model.width_per_group=8"]).model.groups == 32
