@@ -8,7 +8,6 @@ checkpoint.  The run directory, the metrics writer and checkpoints live in ``run
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, dump_yaml, resolve_schedule, short_schedule_warning, to_dict
+from .config import Config, ConfigError, resolve_schedule, short_schedule_warning, to_dict
 from .data import (
     CocoDetection,
     TrainSampler,
@@ -36,19 +35,18 @@ from .data import (
 from .evaluation import evaluate_model, load_gt
 from .model import build_model, count_parameters, model_kwargs, norm_layers, sampling_seeds
 from .run import (  # noqa: F401 - read_metrics and load_run_model are part of this module's public face
-    MetricsWriter,
+    LossWindow,
     NonFiniteLossError,
-    NullWriter,
     Preempted,
+    RunRecord,
     amp_dtype,
-    environment,
+    latest_checkpoint,
     load_run_model,
     pick_device,
     precision_name,
-    prepare_run_dir,
+    prepare_on_main,
     read_metrics,
     restore_training_state,
-    save_training_state,
     seed_everything,
     setup_logging,
     use_deterministic,
@@ -57,6 +55,39 @@ from .solver import build_lr_scheduler, build_optimizer, skip_nonfinite_step
 from .weights import imagenet_source, load_init
 
 log = logging.getLogger("scratchdet")
+
+
+def build_data(cfg: Config, *, dry_run: bool) -> tuple[CocoDetection | None, tuple[str, str] | None]:
+    """The training set (None in a dry run before the data is in place) and the validation files."""
+    if not dry_run and dist.world_size() > 1 and dist.is_main():
+        resolve_datasets(cfg.data)  # rank 0 generates the synthetic data (when used) while the others wait
+    dist.barrier()
+    train_paths, val_paths = resolve_datasets(cfg.data)
+    if dry_run and not Path(train_paths[1]).is_file():
+        # A dry run describes a preset before its data is in place (COCO presets, say).
+        log.info("training data: %s not found; the model is built for model.num_classes=%d", train_paths[1],
+                 cfg.model.num_classes)
+        return None, val_paths
+    return build_train_set(cfg, train_paths), val_paths
+
+
+def build_detector(cfg: Config, train_set: CocoDetection | None, device: torch.device, *,
+                   dry_run: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model on its device and memory format, initialized as ``model.init`` says; and what the
+    initialization loaded (``weights.load_init``'s meta)."""
+    model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    init_meta: dict[str, Any] = {}
+    if dry_run and cfg.model.init == "imagenet":
+        # Describe, do not download: a dry run must work offline.
+        log.info("backbone would be initialized from %s", imagenet_source(cfg.model.depth, cfg.model.norm))
+    elif cfg.model.init != "random":
+        init_meta = load_init(model, cfg.model.init, depth=cfg.model.depth, norm=cfg.model.norm)
+    if cfg.model.norm == "SyncBN" and dist.world_size() == 1:
+        log.info("model.norm=SyncBN in a single process: batch statistics come from this process's batch only "
+                 "(plain BN); launch with torchrun for statistics across processes")
+    return model, init_meta
 
 
 def build_train_set(cfg: Config, train_paths: tuple[str, str]) -> CocoDetection:
@@ -87,90 +118,21 @@ def build_eval(cfg: Config, val: tuple[str, str] | None, *, rank: int = 0,
     return loader, load_gt(val[1])
 
 
-class LossWindow:
-    """Loss sums since the last log line, the count of skipped non-finite steps and the first of
-    them, all kept on the device: nothing in the step waits for the host.  Read (and reduced over
-    ranks) at log lines and checkpoints; checkpointed, so a resumed run logs the same numbers."""
-
-    def __init__(self, names: list[str], device: torch.device) -> None:
-        self.names, self.device = names, device
-        self.sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # each loss, then their total
-        self.steps = torch.zeros((), dtype=torch.int64, device=device)  # steps taken in this window
-        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps, whole run
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first skipped iteration
-        self.bad_terms = torch.zeros(len(names) + 1, dtype=torch.bool, device=device)  # ... and what was non-finite
-
-    def add(self, losses: torch.Tensor, bad: torch.Tensor, iteration: int) -> None:
-        """losses: [L + 1] (each loss and the total), bad: [] bool, both on the device."""
-        self.sums += torch.where(bad, 0.0, losses.detach().double())
-        self.steps += (~bad).long()
-        self.skipped += bad.long()
-        first = bad & (self.first_bad < 0)
-        self.first_bad = torch.where(first, iteration, self.first_bad)
-        self.bad_terms = torch.where(first, ~torch.isfinite(losses.detach()), self.bad_terms)
-
-    def read(self) -> tuple[dict[str, float], int]:
-        """The window's mean losses over steps and ranks (a host sync), and the steps they cover."""
-        sums = dist.all_reduce_(self.sums.clone())
-        steps = int(dist.all_reduce_(self.steps.clone()).item())
-        means = {k: round(float(v) / max(steps, 1), 5) for k, v in zip(self.names + ["loss"], sums.tolist())}
-        self.sums.zero_()
-        self.steps.zero_()
-        return means, steps
-
-    def nonfinite(self) -> tuple[int, int, list[str]]:
-        """(skipped steps so far, first skipped iteration, the losses non-finite there)."""
-        terms = [n for n, b in zip(self.names, self.bad_terms.tolist()) if b]  # finite losses: the gradient was not
-        return int(self.skipped.item()), int(self.first_bad.item()), terms or ["gradient norm"]
-
-    def state(self) -> dict[str, Any]:
-        """For a checkpoint (called on every rank): the partial sums of all ranks, gathered on rank 0
-        (the others restart from 0), so the one file rank 0 writes holds the whole window."""
-        dist.all_reduce_(self.sums)
-        dist.all_reduce_(self.steps)
-        if not dist.is_main():
-            self.sums.zero_()
-            self.steps.zero_()
-        return {"names": self.names, **{k: getattr(self, k).cpu() for k in
-                                        ("sums", "steps", "skipped", "first_bad", "bad_terms")}}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> LossWindow:
-        window = cls(list(state["names"]), device)
-        for k in ("skipped", "first_bad", "bad_terms") + (("sums", "steps") if dist.is_main() else ()):
-            setattr(window, k, state[k].to(device))
-        return window
-
-
-def _prepare_on_main(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Rank 0 prepares the run directory; a refusal stops every rank with the same error."""
-    error = None
-    if dist.is_main():
-        try:
-            prepare_run_dir(run_dir, resume=resume, force=force)
-        except FileExistsError as e:
-            error = str(e)
-    error = dist.broadcast(error)
-    if error:
-        raise FileExistsError(error)
-
-
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
           dry_run: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or, with ``dry_run``, describe) a run; returns the final metrics.
 
     Under ``torchrun`` every rank runs this function: each takes its slice of every global batch,
-    gradients are averaged by DDP, and rank 0 alone writes the run directory.
+    DDP averages the gradients, and rank 0 alone writes the run directory.
     """
     run_dir = Path(run_dir)
     device = pick_device(cfg.train.device)
     if not dry_run:
         dist.init(device, timeout_s=cfg.train.dist_timeout)
-        if dist.restarted() and not resume:
-            # torchrun --max-restarts: the workers start again with the same command line.
+        if dist.restarted() and not resume:  # torchrun --max-restarts runs the same command line again
             log.warning("restart %s by torchrun: resuming %s", os.environ["TORCHELASTIC_RESTART_COUNT"], run_dir)
             resume = True
-        _prepare_on_main(run_dir, resume=resume, force=force)
+        prepare_on_main(run_dir, resume=resume, force=force)
     setup_logging(None if dry_run else run_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -181,34 +143,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must divide "
                           f"among the {world} processes")
 
-    # ---- data: training stream, validation set --------------------------------------------
-    if not dry_run and world > 1 and dist.is_main():
-        resolve_datasets(cfg.data)  # rank 0 generates the synthetic data (when used) while the others wait
-    dist.barrier()
-    train_paths, val_paths = resolve_datasets(cfg.data)
-    train_set = None
-    if dry_run and not Path(train_paths[1]).is_file():
-        # A dry run describes a preset before its data is in place (COCO presets, say).
-        log.info("training data: %s not found; the model is built for model.num_classes=%d",
-                 train_paths[1], cfg.model.num_classes)
-    else:
-        train_set = build_train_set(cfg, train_paths)
-
-    # ---- model, schedule ------------------------------------------------------------------------
-    model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None)).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    init_meta: dict[str, Any] = {}
-    if dry_run and cfg.model.init == "imagenet":
-        # Describe, do not download: a dry run must work offline.
-        log.info("backbone would be initialized from %s", imagenet_source(cfg.model.depth, cfg.model.norm))
-    elif cfg.model.init != "random":
-        init_meta = load_init(model, cfg.model.init, depth=cfg.model.depth, norm=cfg.model.norm)
-    # What the pre-training stage saw, carried into every log line (the paper's "images seen" comparisons).
+    # ---- data, model, schedule ------------------------------------------------------------------
+    train_set, val_paths = build_data(cfg, dry_run=dry_run)
+    model, init_meta = build_detector(cfg, train_set, device, dry_run=dry_run)
+    # What a pre-training stage saw, carried into every log line (the paper's "images seen" comparisons).
     pretrain_seen = {f"pretrain_{k}": v for k, v in init_meta.get("seen", {}).items()}
-    if cfg.model.norm == "SyncBN" and world == 1:
-        log.info("model.norm=SyncBN in a single process: batch statistics come from this process's batch only "
-                 "(plain BN); launch with torchrun for statistics across processes")
     sched = resolve_schedule(cfg.solver, len(train_set) if train_set else None)
     summary = describe_run(cfg, model, sched, dtype, train_set)
     if dry_run:
@@ -223,60 +162,41 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                                    warmup_iters=sched.warmup_iters, warmup_factor=cfg.solver.warmup_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = {"class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id}
-    start_iter, seen = 0, {"images_seen": 0, "instances_seen": 0, "pixels_seen": 0}
-    window: LossWindow | None = None  # created at the first step, when the loss names are known
-    found = dist.broadcast(ckpt.latest_valid(run_dir) if resume and dist.is_main() else None)
-    if found is not None:  # every rank loads the checkpoint rank 0 chose (the run directory is shared)
-        path = found[0]
-        state = found[1] if dist.is_main() else ckpt.load_checkpoint(path)
+    start_iter, seen, window = 0, None, None  # the loss window starts at the first step (loss names)
+    found = latest_checkpoint(run_dir) if resume else None
+    if found is not None:
+        path, state = found
         restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_iter, seen = int(state["iteration"]), dict(state["seen"])
+        start_iter, seen = int(state["iteration"]), state["seen"]
         window = LossWindow.from_state(state["window"], device) if state.get("window") else None
         log.info("resumed from %s at iteration %d", path.name, start_iter)
     elif resume:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
-    if dist.is_main():
-        dump_yaml(cfg, run_dir / "config.yaml")
-        if cfg.data.subset:
-            (run_dir / "subset_image_ids.json").write_text(json.dumps(train_set.image_ids()))
-        (run_dir / "env.json").write_text(json.dumps(environment(), indent=1))
-    metrics = MetricsWriter(run_dir, keep_until=start_iter if found else None) if dist.is_main() else NullWriter()
+    record = RunRecord(run_dir, config=to_dict(cfg), start_iter=start_iter, resumed=found is not None, seen=seen,
+                       files={"subset_image_ids.json": train_set.image_ids()} if cfg.data.subset else None)
+    eval_loader, gt = build_eval(cfg, val_paths, rank=rank, world_size=world)
     if val_paths is not None:  # results are written with the training label map's category ids
         check_categories(train_set.label_to_cat_id, val_paths[1], what="validation set")
-    eval_loader, gt = build_eval(cfg, val_paths, rank=rank, world_size=world)
-    if world > 1:
-        # One process per device; gradients averaged over ranks in the backward pass.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    else:
-        train_model = model
+    # One process per device under torchrun; DDP averages gradients during the backward pass.
+    train_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+    ) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
 
     def evaluate(iteration: int) -> dict[str, Any]:
-        bar = tqdm(total=len(eval_loader.dataset), desc="eval", leave=False, file=sys.stderr,
-                   disable=not progress or not dist.is_main())
-        with bar:
-            result = evaluate_model(model, eval_loader, gt=gt, device=device, label_to_cat_id=train_set.label_to_cat_id,
-                                    amp_dtype=dtype, results_path=run_dir / "coco_instances_results.json",
-                                    progress=bar)
-        record = {"iteration": iteration, **result}
-        metrics.write(record)
+        """Box and mask AP on the validation set (each rank its shard), logged by rank 0."""
+        with tqdm(total=len(eval_loader.dataset), desc="eval", leave=False, file=sys.stderr,
+                  disable=not progress or not dist.is_main()) as bar:
+            result = {"iteration": iteration, **evaluate_model(
+                model, eval_loader, gt=gt, device=device, label_to_cat_id=train_set.label_to_cat_id, amp_dtype=dtype,
+                results_path=run_dir / "coco_instances_results.json", progress=bar)}
+        record.write(result)
         log.info("iteration %d: bbox/AP %.2f  segm/AP %.2f", iteration, result["bbox/AP"], result["segm/AP"])
-        return record
-
-    pending = [0, 0, 0]  # images, instances, pixels of this rank since the last reduction
-
-    def count_seen() -> None:
-        """Add every rank's images/instances/pixels since the last call (they describe the global batch)."""
-        for key, n in zip(seen, dist.sum_ints(pending)):
-            seen[key] += n
-        pending[:] = [0, 0, 0]
+        return result
 
     def check_nonfinite(iteration: int) -> None:
-        """Stop when more steps were skipped than solver.skip_nonfinite allows (a host sync)."""
-        if window is None:
-            return
-        n, first, terms = window.nonfinite()
+        """Stop when more steps were skipped than solver.skip_nonfinite allows (reads the device)."""
+        n, first, terms = window.nonfinite() if window is not None else (0, -1, [])
         if n > cfg.solver.skip_nonfinite:
             lr = sched.base_lr * scheduler.lr_lambdas[0](first)
             raise NonFiniteLossError(
@@ -285,21 +205,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                 f"kept in {run_dir}")
 
     def save(name: str, iteration: int) -> None:
-        count_seen()
         check_nonfinite(iteration)
-        window_state = window.state() if window else None  # a collective: every rank
-        if dist.is_main():
-            save_training_state(run_dir / name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                iteration=iteration, meta=meta, config=to_dict(cfg),
-                                progress={"seen": seen, "window": window_state})
+        record.checkpoint(name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                          iteration=iteration, meta=meta, window=window, keep=cfg.solver.keep_checkpoints)
 
     # SIGTERM/SIGINT (a cluster's preemption, a Ctrl-C): finish the iteration, checkpoint, exit.
     stop = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
 
     # ---- the loop -------------------------------------------------------------------------------
     sampler = TrainSampler(train_set.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=cfg.train.seed,
@@ -316,54 +229,47 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     try:
         for iteration in range(start_iter, sched.max_iter):
             images, targets = next(loader)
-            pending[0] += len(images)
-            pending[1] += sum(len(t["labels"]) for t in targets)
-            pending[2] += sum(im.shape[-1] * im.shape[-2] for im in images)
-            seeds = [t["seed"] for t in targets]
+            record.count(images, targets)
+            seeds = [t["seed"] for t in targets]  # each image draws its anchor and RoI samples from its own seed
             images = [im.to(device, non_blocking=True).float() for im in images]
             targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels", "masks")} for t in targets]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), sampling_seeds(seeds):
                 loss_dict = train_model(images, targets)
-            if window is None:
-                window = LossWindow(list(loss_dict), device)
+            window = window or LossWindow(list(loss_dict), device)
             losses = torch.stack([loss_dict[k] for k in window.names])
             total = losses.sum()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             # One combined check on the device, agreed by all ranks: a non-finite loss or gradient
-            # skips the step (torchvision's reference engine stops on a non-finite loss; the
-            # GradScaler skips fp16 overflows by itself).  The host reads the count at log lines.
-            if dtype == torch.float16:
-                bad = ~torch.isfinite(total.detach())
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-                    [p.grad for p in params if p.grad is not None])))
-                bad = ~torch.isfinite(total.detach() + grad_norm)
-            bad = dist.all_reduce_(bad.to(torch.int32), "max").bool()
+            # skips the step (torchvision's reference engine stops on a non-finite loss; with fp16
+            # the GradScaler skips overflows by itself).  The host reads the count at log lines.
             if scaler.is_enabled():
+                bad = dist.all_reduce_((~torch.isfinite(total.detach())).int(), "max").bool()
                 scaler.step(optimizer)
                 scaler.update()
             else:
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params
+                                                                                      if p.grad is not None])))
+                bad = dist.all_reduce_((~torch.isfinite(total.detach() + grad_norm)).int(), "max").bool()
                 skip_nonfinite_step(optimizer, bad)
             scheduler.step()
             window.add(torch.cat([losses, total[None]]), bad, iteration)
             n_timed += 1
             done = iteration + 1
             if done % cfg.train.log_period == 0 or done == sched.max_iter:
-                means, steps = window.read()  # the one host sync of a log window
-                count_seen()
+                means, steps = window.read()  # the host waits for the device here, once per log line
                 check_nonfinite(iteration)
                 elapsed = time.perf_counter() - t_window - t_other
                 n, first, terms = window.nonfinite()
-                record = {"iteration": done, **(means if steps else {}), "lr": lr,
-                          "images_per_sec": round(n_timed * cfg.solver.ims_per_batch / elapsed, 3),
-                          "time_per_iter": round(elapsed / n_timed, 4), **seen, **pretrain_seen}
+                line = {"iteration": done, **means, "lr": lr,
+                        "images_per_sec": round(n_timed * cfg.solver.ims_per_batch / elapsed, 3),
+                        "time_per_iter": round(elapsed / n_timed, 4), **record.reduce_seen(), **pretrain_seen}
                 if n:
-                    record.update(skipped_steps=n, skipped_step=f"{', '.join(terms)} at iteration {first}")
-                metrics.write(record)
+                    line.update(skipped_steps=n, skipped_step=f"{', '.join(terms)} at iteration {first}")
+                record.write(line if steps else {k: v for k, v in line.items() if k not in means})
                 if steps:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{record['images_per_sec']:.1f}")
+                    bar.set_postfix(loss=f"{line['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{line['images_per_sec']:.1f}")
                 t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
             bar.update(1)
             t_pause = time.perf_counter()
@@ -372,13 +278,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                 last_eval = evaluate(done)
             if done % cfg.solver.checkpoint_period == 0 and done < sched.max_iter:
                 save(f"model_{done:07d}.pth", done)
-                if dist.is_main():
-                    ckpt.prune(run_dir, cfg.solver.keep_checkpoints)
             t_other += time.perf_counter() - t_pause
             # A signal on any rank stops all of them after the same iteration, with one checkpoint.
             if dist.any_rank(stop["signal"] is not None) and done < sched.max_iter:
                 save(f"model_{done:07d}.pth", done)
-                dist.barrier()
+                dist.barrier()  # the checkpoint is complete before any rank exits
                 raise Preempted(f"received signal {stop['signal'] or 'on another rank'}: checkpoint written at "
                                 f"iteration {done}; continue with: scratchdet train --resume {run_dir}")
         bar.close()
@@ -388,12 +292,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
             last_eval = evaluate(sched.max_iter)
     finally:
         bar.close()
-        metrics.close()
+        record.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    final = {**summary, **seen, **pretrain_seen, **last_eval}
-    if dist.is_main():
-        (run_dir / "final.json").write_text(json.dumps(final, indent=1))
+    final = {**summary, **record.seen, **pretrain_seen, **last_eval}
+    record.finish(final)
     return final
 
 

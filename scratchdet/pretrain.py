@@ -36,9 +36,9 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, Schedule, dump_yaml, resolve_schedule, to_dict
 from .data import DataError
 from .data import _worker_init as worker_init  # one thread per worker; workers leave SIGTERM/SIGINT to the main process
-from .engine import LossWindow
 from .model import ResNet, count_parameters, trunk_kwargs
 from .run import (
+    LossWindow,
     MetricsWriter,
     NonFiniteLossError,
     Preempted,

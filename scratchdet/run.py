@@ -211,6 +211,63 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- training state
 
 
+class LossWindow:
+    """Loss sums since the last log line, the count of skipped non-finite steps and the first of
+    them, all kept on the device: nothing in the step waits for the host.  Read (and reduced over
+    ranks) at log lines and checkpoints; checkpointed, so a resumed run logs the same numbers."""
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names, self.device = names, device
+        self.sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # each loss, then their total
+        self.steps = torch.zeros((), dtype=torch.int64, device=device)  # steps taken in this window
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps, whole run
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first skipped iteration
+        self.bad_terms = torch.zeros(len(names) + 1, dtype=torch.bool, device=device)  # ... and what was non-finite
+
+    def add(self, losses: torch.Tensor, bad: torch.Tensor, iteration: int) -> None:
+        """losses: [L + 1] (each loss and the total), bad: [] bool, both on the device."""
+        self.sums += torch.where(bad, 0.0, losses.detach().double())
+        self.steps += (~bad).long()
+        self.skipped += bad.long()
+        first = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(first, iteration, self.first_bad)
+        self.bad_terms = torch.where(first, ~torch.isfinite(losses.detach()), self.bad_terms)
+
+    def read(self) -> tuple[dict[str, float], int]:
+        """The window's mean losses over steps and ranks (a host sync), and the steps they cover."""
+        sums = dist.all_reduce_(self.sums.clone())
+        steps = int(dist.all_reduce_(self.steps.clone()).item())
+        means = {k: round(float(v) / max(steps, 1), 5) for k, v in zip(self.names + ["loss"], sums.tolist())}
+        self.sums.zero_()
+        self.steps.zero_()
+        return means, steps
+
+    def nonfinite(self) -> tuple[int, int, list[str]]:
+        """(skipped steps so far, first skipped iteration, the losses non-finite there)."""
+        terms = [n for n, b in zip(self.names, self.bad_terms.tolist()) if b]  # finite losses: the gradient was not
+        return int(self.skipped.item()), int(self.first_bad.item()), terms or ["gradient norm"]
+
+    def state(self) -> dict[str, Any]:
+        """For a checkpoint (called on every rank): the partial sums of all ranks, gathered on rank 0
+        (the others restart from 0), so the one file rank 0 writes holds the whole window."""
+        dist.all_reduce_(self.sums)
+        dist.all_reduce_(self.steps)
+        if not dist.is_main():
+            self.sums.zero_()
+            self.steps.zero_()
+        return {"names": self.names, **{k: getattr(self, k).cpu() for k in
+                                        ("sums", "steps", "skipped", "first_bad", "bad_terms")}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> LossWindow:
+        window = cls(list(state["names"]), device)
+        for k in ("skipped", "first_bad", "bad_terms") + (("sums", "steps") if dist.is_main() else ()):
+            setattr(window, k, state[k].to(device))
+        return window
+
+
+
+
 def save_training_state(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                         scaler: Any, iteration: int, progress: dict[str, Any], meta: dict[str, Any],
                         config: dict[str, Any]) -> None:
@@ -261,3 +318,86 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
     if cfg.train.channels_last:  # as the run evaluated itself: the same kernels, the same numbers
         model.to(memory_format=torch.channels_last)
     return model, cfg, meta
+
+
+def prepare_on_main(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Rank 0 prepares the run directory; a refusal stops every rank with the same error."""
+    error = None
+    if dist.is_main():
+        try:
+            prepare_run_dir(run_dir, resume=resume, force=force)
+        except FileExistsError as e:
+            error = str(e)
+    error = dist.broadcast(error)
+    if error:
+        raise FileExistsError(error)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest valid checkpoint, as rank 0 finds it; every rank loads that one file (resume
+    under torchrun needs the run directory on a filesystem all nodes share)."""
+    found = dist.broadcast(ckpt.latest_valid(run_dir) if dist.is_main() else None)
+    if found is None or dist.is_main():
+        return found
+    path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"rank {dist.rank()}: {path} not found; resuming under torchrun needs the run "
+                                "directory on a filesystem every node shares")
+    return path, ckpt.load_checkpoint(path)
+
+
+class RunRecord:
+    """What a training run writes into its directory (rank 0 only): config.yaml, env.json,
+    metrics.jsonl with TensorBoard, checkpoints, final.json; and the images/instances/pixels
+    seen, counted on each rank and summed over ranks when read (they describe the global batch)."""
+
+    def __init__(self, run_dir: Path, *, config: dict[str, Any], start_iter: int, resumed: bool,
+                 seen: dict[str, int] | None = None, files: dict[str, Any] | None = None) -> None:
+        self.run_dir, self.config = run_dir, config
+        self.seen = dict(seen or {"images_seen": 0, "instances_seen": 0, "pixels_seen": 0})
+        self._pending = [0, 0, 0]  # this rank's counts since the last reduction
+        self.main = dist.is_main()
+        if self.main:
+            import yaml
+
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (run_dir / "env.json").write_text(json.dumps(environment(), indent=1))
+            for name, content in (files or {}).items():
+                (run_dir / name).write_text(json.dumps(content))
+        self.metrics = MetricsWriter(run_dir, keep_until=start_iter if resumed else None) if self.main else NullWriter()
+
+    def count(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> None:
+        """Add a batch (host-side sizes: no device sync)."""
+        self._pending[0] += len(images)
+        self._pending[1] += sum(len(t["labels"]) for t in targets)
+        self._pending[2] += sum(im.shape[-1] * im.shape[-2] for im in images)
+
+    def reduce_seen(self) -> dict[str, int]:
+        """The run's totals, every rank's counts included (a collective: call on every rank)."""
+        for key, n in zip(self.seen, dist.sum_ints(self._pending)):
+            self.seen[key] += n
+        self._pending = [0, 0, 0]
+        return self.seen
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+
+    def checkpoint(self, name: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   scaler: Any, iteration: int, meta: dict[str, Any], window: LossWindow | None,
+                   keep: int = 0) -> None:
+        """Write ``name`` (every rank calls this: the counters and the loss window are reduced)."""
+        seen = self.reduce_seen()
+        window_state = window.state() if window is not None else None
+        if self.main:
+            save_training_state(self.run_dir / name, model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, iteration=iteration, meta=meta, config=self.config,
+                                progress={"seen": seen, "window": window_state})
+            if keep:
+                ckpt.prune(self.run_dir, keep)
+
+    def finish(self, final: dict[str, Any]) -> None:
+        if self.main:
+            (self.run_dir / "final.json").write_text(json.dumps(final, indent=1))
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -135,14 +135,16 @@ def test_images_per_sec_leaves_out_evaluation_and_checkpoints(tmp_path, monkeypa
 
     # Evaluation and checkpointing made slow (1 s each): had they counted, every window of 2
     # iterations would last over 2 s; the tiny model's iterations take a fraction of that.
-    for name in ("evaluate_model", "save_training_state"):
-        slow = getattr(engine, name)
+    import scratchdet.run as run
+
+    for module, name in ((engine, "evaluate_model"), (run, "save_training_state")):
+        slow = getattr(module, name)
 
         def slowed(*a, _f=slow, **k):
             time.sleep(1.0)
             return _f(*a, **k)
 
-        monkeypatch.setattr(engine, name, slowed)
+        monkeypatch.setattr(module, name, slowed)
     train(_cfg("solver.max_iter=6", "train.log_period=2", "test.eval_period=2", "solver.checkpoint_period=2"),
           tmp_path / "run", progress=False)
     lines = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
