@@ -109,19 +109,27 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation import STAT_NAMES, evaluate_coco, infer_iou_type
+    from .evaluation import STAT_NAMES, evaluate_coco_types, load_gt
 
     if args.results:
         if not args.annotations:
             raise ConfigError("eval --results needs --annotations GT.json")
+        # Ground truth and each results file are read once, however many files and types are scored.
+        gt = load_gt(args.annotations)
+        numbers: dict[str, dict[str, float]] = {}
         for res in args.results:
-            with open(res) as f:
-                results = json.load(f)
-            iou_type = args.iou_type or infer_iou_type(results)
-            stats, text = evaluate_coco(args.annotations, results, iou_type)
-            print(f"{res}: type={iou_type}")
-            print(text, end="")
-            print(json.dumps({f"{iou_type}/{k}": round(stats[k], 3) for k in STAT_NAMES}))
+            try:
+                scored = evaluate_coco_types(gt, res, args.iou_type)
+            except ValueError as e:
+                raise ConfigError(f"{res}: {e}") from e
+            numbers[res] = {}
+            for iou_type, (stats, text) in scored.items():
+                print(f"{res}: type={iou_type}")
+                print(text, end="")
+                print(json.dumps({f"{iou_type}/{k}": round(stats[k], 3) for k in STAT_NAMES}))
+                numbers[res].update({f"{iou_type}/{k}": stats[k] for k in STAT_NAMES})
+        if args.json:
+            Path(args.json).write_text(json.dumps(numbers, indent=1))
         return 0
     if not args.run:
         raise ConfigError("eval needs --run RUN_DIR, or --annotations GT.json --results RES.json")
@@ -193,6 +201,67 @@ def _data_stats(args: argparse.Namespace) -> int:
     ds = CocoDetection(images=args.images, annotations=args.annotations)
     mean, std = pixel_stats(ds, args.max_images)
     print(f"model.pixel_mean=[{','.join(map(str, mean))}] model.pixel_std=[{','.join(map(str, std))}]")
+    return 0
+
+
+def _data_synth_cls(args: argparse.Namespace) -> int:
+    from .synth import generate_cls
+
+    stats = generate_cls(args.out, seed=args.seed, per_class=args.per_class, size=args.size)
+    print(f"wrote {stats.images} crops ({stats.per_class} per class, {stats.size}x{stats.size} px) from "
+          f"{stats.source_images} synthetic scenes to {args.out}")
+    print(f"pre-train with: scratchdet pretrain pretrain.images={args.out} pretrain.crop_size={args.size} "
+          "--out runs/pretrain_synth")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from . import study as st
+
+    study = st.open_study(args.study, args.out)
+    if args.status:
+        print(st.format_status(study))
+        return 0
+    st.check_configs(study)  # every member's config loads before anything runs or is written out
+    if args.emit or args.dry_run:
+        if args.emit:
+            st.save_spec(study)  # so `--status` and `report` work on the directory the emitted jobs fill
+            world = args.nproc * (args.nodes if args.emit == "slurm" else 1)
+            for problem in st.indivisible_batches(study, world=world):
+                print(f"scratchdet: warning: {problem}; set solver.ims_per_batch or --nproc", file=sys.stderr)
+        if args.emit == "torchrun":
+            print(st.emit_torchrun(study, nproc=args.nproc), end="")
+        elif args.emit == "slurm":
+            for name, text in st.emit_slurm(study, nproc=args.nproc, nodes=args.nodes).items():
+                (study.root / name).write_text(text)
+                print(f"# ---- {study.root / name}\n{text}", end="")
+        else:
+            for m in study.members:
+                print(f"{m.name}: {' '.join(m.overrides) or '(base only)'}")
+            print(f"dry run: {len(study.members)} runs of {study.base} into {study.root}; nothing trained")
+        return 0
+    results = st.run_study(study, progress=not args.no_progress)
+    print(st.format_status(study))
+    failed = [n for n, s in results.items() if s == "failed"]
+    if failed:
+        print(f"scratchdet: {len(failed)} run(s) failed: {', '.join(failed)}; errors in {study.root / st.STATE_FILE}; "
+              f"`scratchdet study {study.root}` retries them and skips finished runs", file=sys.stderr)
+        return 1
+    print(f"report with: scratchdet report {study.root} --out {study.root / 'report'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report, table_text
+
+    if not args.runs and not args.compare:
+        raise ConfigError("report: give run or study directories, or --compare A B")
+    result = build_report(args.runs, args.out, compare=tuple(args.compare) if args.compare else None,
+                          pretrain_offset=args.pretrain_offset, title=args.title)
+    shown = result["tables"][:3] if args.compare else result["tables"][:1]
+    for t in shown:
+        print(table_text(t) + "\n")
+    print(f"report: {result['written'][0]} ({len(result['runs'])} runs); figures, SVGs and tables/*.csv in {args.out}")
     return 0
 
 
@@ -277,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="COCO box and mask AP of a run, or of a results file", description=(
         "Evaluate with COCO AP (faster-coco-eval). Either a run's model on its validation set:\n"
         "  scratchdet eval --run RUN_DIR [key=value ...]\n"
-        "or a COCO results file against ground truth (12 numbers per type):\n"
-        "  scratchdet eval --annotations GT.json --results RES.json [RES2.json]"),
+        "or COCO results files against ground truth (12 numbers per type; a file with boxes and masks is\n"
+        "scored for both, from one reading of each file):\n"
+        "  scratchdet eval --annotations GT.json --results RES.json [RES2.json] [--iou-type bbox segm]"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("overrides", nargs="*", help="overrides of the run's config, e.g. data.val.annotations=F.json")
     # --run-dir: under torchrun, whose own parser reads a bare --run as its --run-path option.
@@ -286,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)")
     e.add_argument("--annotations", help="COCO ground-truth JSON (with --results)")
     e.add_argument("--results", nargs="+", help="COCO results JSON file(s)")
-    e.add_argument("--iou-type", choices=("bbox", "segm"), help="default: segm if results have masks, else bbox")
+    e.add_argument("--iou-type", nargs="+", choices=("bbox", "segm"),
+                   help="iou type(s) to score; default: every type the results carry (bbox for boxes, segm for masks)")
+    e.add_argument("--json", metavar="FILE", help="with --results: also write every number, unrounded (percent), to "
+                                                  "FILE as {RES.json: {'bbox/AP': ...}}")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_eval)
 
@@ -320,6 +393,72 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--images", required=True, help="image folder")
     st.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
     st.set_defaults(func=_data_stats)
+
+    sc = dsub.add_parser("synth-cls", help="write a classification ImageFolder of synthetic shape crops (for pretrain)",
+                         description=(
+        "Write OUT/<class>/NNNNNN.png: square crops around the synthetic shapes (with their context: clutter, "
+        "occluders, background), one sub-folder per shape class, the same number per class; drawn from scenes "
+        "the detection dataset does not contain. Deterministic for a seed. The pretrained arm for the synthetic "
+        "data: scratchdet pretrain pretrain.images=OUT pretrain.crop_size=SIZE --out RUN."))
+    sc.add_argument("--out", required=True, help="output folder (an ImageFolder)")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--per-class", type=int, default=300, help="crops per class")
+    sc.add_argument("--size", type=int, default=64, help="side of the square crops, in pixels")
+    sc.set_defaults(func=_data_synth_cls)
+
+    sy = sub.add_parser("study", help="run a grid of runs (a study), write it out as torchrun/SLURM commands, "
+                                      "or show its progress", description=(
+        "A study is a base preset plus a grid over config keys, expanded into named runs under one directory "
+        "(the paper's Table 1 is model.init x solver.schedule). Runs go one after another in this process: a "
+        "finished run is skipped, a started one resumes, a failed one is recorded in STUDY_DIR/study.json and the "
+        "study goes on. Examples:\n"
+        "  scratchdet study studies/mini_rethink.yaml --out runs/mini_rethink\n"
+        "  scratchdet study runs/mini_rethink                 # resume\n"
+        "  scratchdet study runs/mini_rethink --status\n"
+        "  scratchdet study STUDY.yaml --out /shared/study --emit slurm --nproc 8\n"
+        "The study file (a comment per key):\n"
+        "  base: default               # preset name or YAML file (relative to the study file)\n"
+        "  overrides: [k=v, ...]       # applied to every run and to the pretrain stage\n"
+        "  grid: {model.init: [random, \"@pretrain\"], solver.schedule: [...], data.subset: [...]}\n"
+        "                              # the runs: the product, in order; @pretrain = the pretrain stage's backbone\n"
+        "  name: \"{model.init}_{solver.schedule}\"   # optional run-name template ({key}: its grid value)\n"
+        "  pretrain:                   # optional, run first: `scratchdet pretrain` for the pretrained arm\n"
+        "    synth_cls: {seed: 0, per_class: 300, size: 64}   # optional: generate its ImageFolder\n"
+        "    overrides: [k=v, ...]     # after the study's overrides\n"
+        "Each run writes RUN/tensorboard: `tensorboard --logdir STUDY_DIR` shows every run."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sy.add_argument("study", help="a study YAML file, or a study directory (to resume it or show its status)")
+    sy.add_argument("--out", help="study directory (default: runs/<study file name>)")
+    sy.add_argument("--status", action="store_true", help="print a table of the runs: status, progress, latest AP")
+    sy.add_argument("--emit", choices=("torchrun", "slurm"),
+                    help="print the commands instead of running: one torchrun command per run, or sbatch scripts "
+                         "(a job array with srun torchrun; also written into the study directory)")
+    sy.add_argument("--nproc", type=int, default=8, help="with --emit: processes (GPUs) per node (default 8)")
+    sy.add_argument("--nodes", type=int, default=1, help="with --emit slurm: nodes per run (default 1)")
+    sy.add_argument("--dry-run", action="store_true", help="list the runs and their overrides; check every config")
+    sy.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sy.set_defaults(func=_study)
+
+    rp = sub.add_parser("report", help="figures, tables and an HTML page from runs' metrics.jsonl and config.yaml",
+                        description=(
+        "Draw the paper's figures and tables from runs (or studies: folders of runs), reading only each run's "
+        "metrics.jsonl and config.yaml: AP vs iteration, box and mask (random init solid, pretrained dashed, LR "
+        "drops dotted; Fig. 1), images/instances/pixels seen with pre-training (Fig. 2), the 12 COCO numbers per "
+        "run, the schedule x init pivot (Table 1) and the data size x init pivot, scratch minus pretrained. Writes "
+        "OUT/index.html (self-contained, offline), PNG and SVG figures and tables/*.csv. Examples:\n"
+        "  scratchdet report runs/mini_rethink --out runs/mini_rethink/report\n"
+        "  scratchdet report --compare runs/a runs/b --out cmp/"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("runs", nargs="*", help="run directories, or study directories (folders of runs)")
+    rp.add_argument("--out", required=True, help="output folder")
+    rp.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="a two-run side-by-side (run directories, or names of runs given): config differences, "
+                         "the 24 numbers with B-A, what each saw, their curves")
+    rp.add_argument("--pretrain-offset", action="store_true",
+                    help="shift pretrained runs right by their pre-training (its images in the run's iterations), "
+                         "drawn as a grey band")
+    rp.add_argument("--title", default="scratchdet report", help="the page's title")
+    rp.set_defaults(func=_report)
 
     ps = sub.add_parser("presets", help="list the shipped presets")
     ps.set_defaults(func=_presets)

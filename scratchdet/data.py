@@ -8,6 +8,8 @@ hold the sampler's position.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import faster_coco_eval.core.mask as mask_utils
+import faster_coco_eval.mask_api_new_cpp as _mask_api
 import numpy as np
 import torch
 from PIL import Image
@@ -255,8 +258,9 @@ def _rle_runs(counts: Any) -> list[int] | None:
     return runs
 
 
-def decode_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
-    """An annotation's segmentation (polygons, RLE or compressed RLE) as a [H, W] uint8 mask."""
+def _mask_runs(ann: dict, height: int, width: int, where: str) -> np.ndarray:
+    """An annotation's segmentation (polygons, RLE or compressed RLE) as uncompressed RLE: run lengths
+    over the column-major [H, W] mask, alternating background and foreground, starting with background."""
     seg = ann.get("segmentation")
     try:
         if isinstance(seg, list):
@@ -269,15 +273,122 @@ def decode_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
             if seg["size"] != [height, width]:
                 raise DataError(f"{where}: annotation id {ann['id']}: RLE size {seg['size']} disagrees with the "
                                 f"image's {height}x{width}")
-            rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+            rle = seg
         else:
             raise DataError(f"{where}: annotation id {ann['id']}: 'segmentation' is neither polygons nor RLE")
-        return mask_utils.decode(rle)
+        counts = rle["counts"]
+        if not isinstance(counts, list):  # the C library reads the compressed string
+            counts = _mask_api.toUncompressedRLE([rle])[0]["counts"]
+        runs = np.asarray(counts, dtype=np.int64)
     except DataError:
         raise
     except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         # load_coco_json's checks keep such annotations out; this names one that reached here anyway.
         raise DataError(f"{where}: annotation id {ann['id']}: cannot decode its segmentation ({e})") from None
+    if runs.ndim != 1 or (runs < 0).any() or int(runs.sum()) != height * width:
+        raise DataError(f"{where}: annotation id {ann['id']}: cannot decode its segmentation (RLE counts do not "
+                        f"cover {height}x{width})")
+    return runs
+
+
+def _span(index_map: np.ndarray | None, lo: int, hi: int) -> tuple[slice, slice | np.ndarray] | None:
+    """Where a source range ``[lo, hi]`` lands under an output->source index map (None: identity):
+    ``(output slice, source positions relative to lo)``, or None if no output position reads from it.
+
+    The maps are monotone (nearest-neighbour resizing, possibly reversed by a flip), so the output
+    positions reading from an interval form an interval too."""
+    if index_map is None:
+        return slice(lo, hi + 1), slice(None)
+    hit = np.flatnonzero((index_map >= lo) & (index_map <= hi))
+    if not len(hit):
+        return None
+    dst, src = slice(int(hit[0]), int(hit[-1]) + 1), index_map[hit[0]:hit[-1] + 1] - lo
+    first, n = int(src[0]), len(src)
+    # A plain range, forward or reversed (a flip), is read as a view instead of a gather.
+    if np.array_equal(src, np.arange(first, first + n)):
+        return dst, slice(first, first + n)
+    if np.array_equal(src, np.arange(first, first - n, -1)):
+        return dst, slice(first, first - n if first >= n else None, -1)
+    return dst, src
+
+
+class InstanceMasks:
+    """An image's instance masks, kept as run lengths until rendered.
+
+    ``render`` decodes each mask only over its extent (the columns it touches, the rows it touches)
+    and writes it straight into its place in the output, at the output size and orientation: a
+    resize, a flip or a dropped instance costs no full-size intermediate mask.
+    """
+
+    def __init__(self, runs: list[np.ndarray], height: int, width: int) -> None:
+        self.runs, self.height, self.width = runs, height, width
+
+    @classmethod
+    def from_annotations(cls, anns: Sequence[dict], height: int, width: int, where: str) -> InstanceMasks:
+        return cls([_mask_runs(a, height, width, where) for a in anns], height, width)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def render(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+               keep: Sequence[int] | None = None) -> np.ndarray:
+        """``[len(keep), len(rows), len(cols)]`` uint8 masks: ``out[k, i, j] = mask[keep[k]][rows[i], cols[j]]``
+        (``rows``/``cols`` None: all, in order; ``keep`` None: every instance). The maps must be monotone."""
+        h = self.height
+        out_h = h if rows is None else len(rows)
+        out_w = self.width if cols is None else len(cols)
+        keep = range(len(self.runs)) if keep is None else keep
+        out = np.zeros((len(keep), out_h, out_w), dtype=np.uint8)
+        for k, n in enumerate(keep):
+            runs = self.runs[n]
+            ends = np.cumsum(runs)
+            starts = ends - runs
+            # Foreground runs are the odd ones; column-major, so a position p is (row p % h, column p // h).
+            fg_start, fg_end = starts[1::2], ends[1::2]
+            nonempty = fg_end > fg_start
+            fg_start, fg_end = fg_start[nonempty], fg_end[nonempty]
+            if not len(fg_start):
+                continue
+            x0, x1 = int(fg_start[0]) // h, (int(fg_end[-1]) - 1) // h
+            first_col, last_col = fg_start // h, (fg_end - 1) // h
+            if (first_col != last_col).any():  # a run crosses a column boundary: it may cover any row
+                y0, y1 = 0, h - 1
+            else:
+                y0, y1 = int((fg_start % h).min()), int(((fg_end - 1) % h).max())
+            row_span, col_span = _span(rows, y0, y1), _span(cols, x0, x1)
+            if row_span is None or col_span is None:
+                continue
+            # Decode the columns x0..x1 only: every run clipped to them, then repeated.
+            lo, hi = x0 * h, (x1 + 1) * h
+            lengths = np.clip(np.minimum(ends, hi) - np.maximum(starts, lo), 0, None)
+            band = np.repeat((np.arange(len(runs)) & 1).astype(np.uint8), lengths)
+            crop = band.reshape(x1 - x0 + 1, h)[:, y0:y1 + 1].T  # [rows y0..y1, columns x0..x1]
+            out[k, row_span[0], col_span[0]] = crop[row_span[1]][:, col_span[1]]
+        return out
+
+
+def decode_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
+    """An annotation's segmentation (polygons, RLE or compressed RLE) as a [H, W] uint8 mask."""
+    return InstanceMasks.from_annotations([ann], height, width, where).render()[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _nearest_index(size: int, new_size: int) -> np.ndarray | None:
+    """The source position of each output position when torchvision resizes a uint8 mask from ``size`` to
+    ``new_size`` (torch's nearest-neighbour interpolation, one axis); None when nothing moves.
+
+    Read from torch itself, by resizing the positions written as base-256 digits in uint8 channels: the
+    kernel of the masks' own dtype, whose scale is a float32 (a float64 probe rounds differently), so
+    exact by construction."""
+    if size == new_size:
+        return None
+    positions = torch.arange(size)
+    places = max(1, ((size - 1).bit_length() + 7) // 8)
+    digits = torch.stack([(positions >> 8 * k) & 255 for k in range(places)]).to(torch.uint8)
+    index = torch.nn.functional.interpolate(digits.reshape(1, places, size, 1), size=(new_size, 1), mode="nearest")
+    index = sum(index.reshape(places, new_size)[k].long() << 8 * k for k in range(places)).numpy()
+    index.flags.writeable = False  # shared by every caller through the cache
+    return index
 
 
 class ResizeShortestEdge(v2.Transform):
@@ -303,13 +414,88 @@ class ResizeShortestEdge(v2.Transform):
         return self._call_kernel(v2.functional.resize, inpt, params["size"], antialias=True)
 
 
-def build_transforms(*, train: bool, min_sizes: Sequence[int], max_size: int, flip_prob: float) -> v2.Compose:
+class DetectionTransforms(v2.Compose):
+    """``build_transforms``' pipeline: ResizeShortestEdge, RandomHorizontalFlip (training), SanitizeBoundingBoxes.
+
+    Called as a ``v2.Compose`` it transforms tv_tensors as torchvision does.  CocoDetection calls
+    ``apply`` instead: the same random draws in the same order and the same output, bit for bit
+    (tests/test_data.py compares the two), without the full-size intermediates. An image that keeps its
+    size is flipped before it becomes a tensor; each mask is decoded once, within its extent, straight
+    at its final size and orientation, and only if its box survives.
+    """
+
+    def __init__(self, resize: ResizeShortestEdge, flip: v2.RandomHorizontalFlip | None,
+                 sanitize: v2.SanitizeBoundingBoxes) -> None:
+        super().__init__([t for t in (resize, flip, sanitize) if t is not None])
+
+    # Read from the Compose's list (attributes would register each transform a second time as a submodule).
+    @property
+    def resize(self) -> ResizeShortestEdge:
+        return self.transforms[0]
+
+    @property
+    def flip(self) -> v2.RandomHorizontalFlip | None:
+        return self.transforms[1] if len(self.transforms) == 3 else None
+
+    @property
+    def sanitize(self) -> v2.SanitizeBoundingBoxes:
+        return self.transforms[-1]
+
+    def apply(self, image: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
+              masks: InstanceMasks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image [3, H, W] uint8, boxes [N, 4], labels [N], masks [N, H, W] uint8)`` as ``self(image, target)``
+        returns them (plain tensors) for the image as a tensor and ``masks.render()`` as its masks."""
+        # Compose.forward's draws, in its order: the resize's size, then the flip's coin (flip when rand < p).
+        params = self.resize.make_params([image])
+        flip = self.flip is not None and not bool(torch.rand(1) >= self.flip.p)
+        height, width = boxes.canvas_size
+        if params["unchanged"]:
+            pixels = _chw(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
+            rows = cols = None
+        else:
+            pixels = self.resize.transform(tv_tensors.Image(_chw(image)), params).as_subclass(torch.Tensor)
+            if flip:
+                # After the resize, as torchvision (antialiased resizing and flipping do not commute exactly); a
+                # numpy copy, as torch.flip in the main process waits for its threads like _chw's permute.
+                pixels = torch.from_numpy(np.ascontiguousarray(pixels.numpy()[..., ::-1]))
+            boxes = self.resize.transform(boxes, params)
+            rows, cols = _nearest_index(height, boxes.canvas_size[0]), _nearest_index(width, boxes.canvas_size[1])
+        if flip:
+            boxes = self.flip.transform(boxes, {})
+            cols = (np.arange(width) if cols is None else cols)[::-1]
+        # As plain tensors: the same function, without a tv_tensor's per-operation dispatch.
+        boxes, valid = v2.functional.sanitize_bounding_boxes(boxes.as_subclass(torch.Tensor), format=boxes.format,
+                                                             canvas_size=boxes.canvas_size, min_size=self.sanitize.min_size,
+                                                             min_area=self.sanitize.min_area)
+        keep = np.flatnonzero(valid.numpy())
+        return pixels, boxes, labels[valid], torch.from_numpy(masks.render(rows, cols, keep))
+
+
+def build_transforms(*, train: bool, min_sizes: Sequence[int], max_size: int, flip_prob: float) -> DetectionTransforms:
     """Resize the shorter side (one of ``min_sizes``, drawn per image) capping the longer; flip."""
-    ops: list[Any] = [ResizeShortestEdge(min_sizes, max_size)]
-    if train and flip_prob > 0:
-        ops.append(v2.RandomHorizontalFlip(flip_prob))
-    ops.append(v2.SanitizeBoundingBoxes(min_size=1))  # boxes that shrank below a pixel, with their masks
-    return v2.Compose(ops)
+    return DetectionTransforms(ResizeShortestEdge(min_sizes, max_size),
+                               v2.RandomHorizontalFlip(flip_prob) if train and flip_prob > 0 else None,
+                               v2.SanitizeBoundingBoxes(min_size=1))  # boxes that shrank below a pixel, with their masks
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a [3, H, W] uint8 tensor, plane by plane (torch's permute-and-copy of an [H, W, 3]
+    array takes milliseconds where its threads must first wake up, as in the main process)."""
+    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
+
+
+@contextlib.contextmanager
+def _sample_rng(seed: int | None) -> Iterator[None]:
+    """The global CPU generator seeded with ``seed`` inside the block, restored after it (None: left as it is):
+    the sample's own RNG, so the same (index, seed) gives the same augmentation in any worker."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        # Not torch.manual_seed: it seeds the accelerators too (about a millisecond per sample while CUDA is
+        # not initialised, spent recording a traceback), which the transforms never draw from.
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class CocoDetection(Dataset):
@@ -321,7 +507,7 @@ class CocoDetection(Dataset):
     JSON itself.
     """
 
-    def __init__(self, *, images: str | Path, annotations: str | Path, transforms: v2.Compose | None = None,
+    def __init__(self, *, images: str | Path, annotations: str | Path, transforms: v2.Transform | None = None,
                  filter_empty: bool = False) -> None:
         self.images = Path(images)
         self.annotations = Path(annotations)
@@ -374,35 +560,36 @@ class CocoDetection(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         rec = self.records[index]
-        image = tv_tensors.Image(torch.from_numpy(np.array(self.load_image(rec))).permute(2, 0, 1).contiguous())
+        pil = self.load_image(rec)
         anns = [a for a in rec.anns if not a.get("iscrowd", 0)]
         h, w = rec.height, rec.width
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
-        where = str(self.annotations)
-        masks = np.stack([decode_mask(a, h, w, where) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
-        target = {
-            "boxes": _clamp(boxes, h, w),
-            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
-            "masks": tv_tensors.Mask(torch.from_numpy(masks)),
-        }
-        if self.transforms is not None:
-            if seed is None:
-                image, target = self.transforms(image, target)
-            else:
-                # The sample's own RNG: the same (index, seed) gives the same augmentation in any worker.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+        boxes = _clamp(boxes, h, w)
+        labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        masks = InstanceMasks.from_annotations(anns, h, w, str(self.annotations))
+        if isinstance(self.transforms, DetectionTransforms):
+            with _sample_rng(seed):
+                image, boxes, labels, mask_array = self.transforms.apply(pil, boxes, labels, masks)
+        else:
+            # Any other transform gets what torchvision's transforms expect: tv_tensors, every mask decoded.
+            image = tv_tensors.Image(_chw(pil))
+            target = {"boxes": boxes, "labels": labels, "masks": tv_tensors.Mask(torch.from_numpy(masks.render()))}
+            if self.transforms is not None:
+                with _sample_rng(seed):
                     image, target = self.transforms(image, target)
+            image = image.as_subclass(torch.Tensor)
+            boxes, labels, mask_array = target["boxes"].as_subclass(torch.Tensor), target["labels"], \
+                target["masks"].as_subclass(torch.Tensor)
         target = {
-            "boxes": target["boxes"].as_subclass(torch.Tensor),
-            "labels": target["labels"],
-            "masks": target["masks"].as_subclass(torch.Tensor),
+            "boxes": boxes,
+            "labels": labels,
+            "masks": mask_array,
             "image_id": rec.id,
             "orig_size": (h, w),
             "seed": seed,  # the sample's own seed: the model draws its anchor/RoI samples from it too
         }
-        return image.as_subclass(torch.Tensor), target
+        return image, target
 
 
 def read_image(path: str | Path, *, expected_size: tuple[int, int] | None = None, where: str = "") -> Image.Image:
@@ -438,7 +625,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
         return Image.fromarray(arr.clip(0, 255).round().astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
+    # convert() of an RGB image is a copy of it: one less full-size copy per training sample.
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:

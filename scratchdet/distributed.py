@@ -20,6 +20,7 @@ import torch.distributed as td
 log = logging.getLogger("scratchdet")
 
 _CPU_GROUP: Any = None  # a gloo group for host-side flags and objects (the default group on CPU runs)
+_MONITOR_GROUP: Any = None  # a gloo group used only to name stalled ranks (a timed-out group is closed)
 
 
 def is_initialized() -> bool:
@@ -69,6 +70,7 @@ def init(device: torch.device, *, timeout_s: float) -> None:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         kwargs.update(store=td.PrefixStore(f"scratchdet/attempt_{attempt}", store), rank=int(os.environ["RANK"]),
                       world_size=int(os.environ["WORLD_SIZE"]))
+    global _MONITOR_GROUP
     if device.type == "cuda":
         torch.cuda.set_device(device)
         td.init_process_group("nccl", device_id=device, **kwargs)
@@ -76,15 +78,16 @@ def init(device: torch.device, *, timeout_s: float) -> None:
     else:
         td.init_process_group("gloo", **kwargs)
         _CPU_GROUP = td.group.WORLD
+    _MONITOR_GROUP = td.new_group(backend="gloo", timeout=timeout)
     log.info("process group: rank %d of %d, backend %s, collective timeout %gs", rank(), world_size(),
              td.get_backend(), timeout_s)
 
 
 def shutdown() -> None:
-    global _CPU_GROUP
+    global _CPU_GROUP, _MONITOR_GROUP
     if is_initialized():
         td.destroy_process_group()
-    _CPU_GROUP = None
+    _CPU_GROUP = _MONITOR_GROUP = None
 
 
 def _collective_failed(what: str, error: Exception) -> RuntimeError:
@@ -94,7 +97,8 @@ def _collective_failed(what: str, error: Exception) -> RuntimeError:
     stalled = ""
     if "timed out" in str(error).lower() or "timeout" in str(error).lower():
         try:
-            td.monitored_barrier(group=_CPU_GROUP, timeout=datetime.timedelta(seconds=10), wait_all_ranks=True)
+            td.monitored_barrier(group=_MONITOR_GROUP or _CPU_GROUP, timeout=datetime.timedelta(seconds=10),
+                                 wait_all_ranks=True)
         except Exception as e:  # noqa: BLE001 - its message is the report
             stalled = f"; {e}"
     return RuntimeError(f"rank {rank()}: {what} failed ({error.__class__.__name__}: {error}){stalled}")
@@ -144,6 +148,14 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     td.broadcast_object_list(box, src=0, group=_CPU_GROUP)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BN running statistics) on every rank: DDP syncs them only at the start of
+    each training forward, so before evaluating, each rank's copy may differ from the one saved."""
+    if world_size() > 1:
+        for b in module.buffers():
+            td.broadcast(b, src=0)
 
 
 def barrier() -> None:

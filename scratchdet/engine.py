@@ -118,6 +118,41 @@ def build_eval(cfg: Config, val: tuple[str, str] | None, *, rank: int = 0,
     return loader, load_gt(val[1])
 
 
+def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, Any]], *,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
+               dtype: torch.dtype | None, device: torch.device,
+               names: list[str] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch from the loader, without waiting for the device.
+
+    Returns the loss names, the losses [L + 1] (each loss in ``names`` order, then their sum) and
+    ``bad``, a device bool: the step was skipped for a non-finite loss or gradient on some rank.
+    """
+    seeds = [t["seed"] for t in targets]  # each image draws its anchor and RoI samples from its own seed
+    images = [im.to(device, non_blocking=True).float() for im in images]
+    targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels", "masks")} for t in targets]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), sampling_seeds(seeds):
+        loss_dict = model(images, targets)
+    names = names or list(loss_dict)
+    losses = torch.stack([loss_dict[k] for k in names])
+    total = losses.sum()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    # One combined check on the device, agreed by all ranks: a non-finite loss or gradient skips the
+    # step (torchvision's reference engine stops on a non-finite loss, reading it on the host every
+    # iteration; with fp16 the GradScaler skips overflows by itself).  The host reads the count at
+    # log lines and checkpoints.
+    if scaler.is_enabled():
+        bad = dist.all_reduce_((~torch.isfinite(total.detach())).int(), "max").bool()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        bad = dist.all_reduce_((~torch.isfinite(total.detach() + grad_norm)).int(), "max").bool()
+        skip_nonfinite_step(optimizer, bad)
+    return names, torch.cat([losses.detach(), total.detach()[None]]), bad
+
+
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
           dry_run: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or, with ``dry_run``, describe) a run; returns the final metrics.
@@ -129,9 +164,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     device = pick_device(cfg.train.device)
     if not dry_run:
         dist.init(device, timeout_s=cfg.train.dist_timeout)
-        if dist.restarted() and not resume:  # torchrun --max-restarts runs the same command line again
+        if dist.restarted():  # torchrun --max-restarts runs the same command line again: continue, never wipe
             log.warning("restart %s by torchrun: resuming %s", os.environ["TORCHELASTIC_RESTART_COUNT"], run_dir)
-            resume = True
+            resume, force = True, False
         prepare_on_main(run_dir, resume=resume, force=force)
     setup_logging(None if dry_run else run_dir)
     if cfg.train.num_threads:
@@ -185,6 +220,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
 
     def evaluate(iteration: int) -> dict[str, Any]:
         """Box and mask AP on the validation set (each rank its shard), logged by rank 0."""
+        dist.broadcast_buffers(model)  # every shard scored with the statistics the checkpoint holds
         with tqdm(total=len(eval_loader.dataset), desc="eval", leave=False, file=sys.stderr,
                   disable=not progress or not dist.is_main()) as bar:
             result = {"iteration": iteration, **evaluate_model(
@@ -230,31 +266,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         for iteration in range(start_iter, sched.max_iter):
             images, targets = next(loader)
             record.count(images, targets)
-            seeds = [t["seed"] for t in targets]  # each image draws its anchor and RoI samples from its own seed
-            images = [im.to(device, non_blocking=True).float() for im in images]
-            targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels", "masks")} for t in targets]
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), sampling_seeds(seeds):
-                loss_dict = train_model(images, targets)
-            window = window or LossWindow(list(loss_dict), device)
-            losses = torch.stack([loss_dict[k] for k in window.names])
-            total = losses.sum()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            # One combined check on the device, agreed by all ranks: a non-finite loss or gradient
-            # skips the step (torchvision's reference engine stops on a non-finite loss; with fp16
-            # the GradScaler skips overflows by itself).  The host reads the count at log lines.
-            if scaler.is_enabled():
-                bad = dist.all_reduce_((~torch.isfinite(total.detach())).int(), "max").bool()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params
-                                                                                      if p.grad is not None])))
-                bad = dist.all_reduce_((~torch.isfinite(total.detach() + grad_norm)).int(), "max").bool()
-                skip_nonfinite_step(optimizer, bad)
+            names, losses, bad = train_step(train_model, images, targets, optimizer=optimizer, scaler=scaler,
+                                            params=params, dtype=dtype, device=device,
+                                            names=window.names if window else None)
             scheduler.step()
-            window.add(torch.cat([losses, total[None]]), bad, iteration)
+            window = window or LossWindow(names, device)
+            window.add(losses, bad, iteration)
             n_timed += 1
             done = iteration + 1
             if done % cfg.train.log_period == 0 or done == sched.max_iter:

@@ -1,27 +1,33 @@
 """COCO evaluation with faster-coco-eval (pycocotools' numbers, computed faster).
 
-Every AP that scratchdet reports goes through ``evaluate_coco``; a test checks it against the
-24 numbers cocoapi itself prints for its fake results (``shared/data/cocoapi_val2014_100``).
+Every AP that scratchdet reports is scored by ``_score`` (behind ``evaluate_coco_types`` and
+``evaluate_model``); a test checks it against the 24 numbers cocoapi itself prints for its fake
+results (``shared/data/cocoapi_val2014_100``), and ``benchmarks/eval_speed.py`` against pycocotools
+on a COCO-sized result set.
+
+Scoring a results file needs neither torch nor the model: they are imported where inference needs
+them, so ``scratchdet eval --results`` does not spend seconds importing them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import io
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faster_coco_eval.core.mask as mask_utils
 import numpy as np
-import torch
 from faster_coco_eval import COCO, COCOeval_faster
-from torch import nn
 
-from . import distributed as dist
-from .model import paste_detections
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,33 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 IOU_TYPES = ("bbox", "segm")
 
 
+@contextlib.contextmanager
+def _cycle_collector_paused() -> Iterator[None]:
+    """Python's cycle collector runs every few hundred new containers and, as they pile up, walks all
+    of them again: reading and indexing half a million detections took about twice as long with it on.
+    What is built here (dicts, lists, strings) forms no cycles for it to find."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_gt(annotations: str | Path) -> COCO:
     """COCO ground truth, loaded quietly."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), _cycle_collector_paused():
         return COCO(str(annotations))
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """A COCO results file: a JSON list of detections."""
+    with open(path) as f, _cycle_collector_paused():
+        results = json.load(f)
+    if not isinstance(results, list):
+        raise ValueError(f"{path} is not a COCO results file (a JSON list of detections)")
+    return results
 
 
 def evaluate_coco(gt: COCO | str | Path, results: list[dict] | str | Path, iou_type: str,
@@ -42,25 +71,105 @@ def evaluate_coco(gt: COCO | str | Path, results: list[dict] | str | Path, iou_t
 
     With no results every number is 0 (COCO's loader refuses an empty list).
     """
-    if iou_type not in IOU_TYPES:
-        raise ValueError(f"iou type {iou_type!r} is not one of {IOU_TYPES}")
-    gt = gt if isinstance(gt, COCO) else load_gt(gt)
+    return evaluate_coco_types(gt, results, (iou_type,), img_ids=img_ids)[iou_type]
+
+
+def evaluate_coco_types(gt: COCO | str | Path, results: list[dict] | str | Path, iou_types: Sequence[str] | None = None,
+                        img_ids: Iterable[int] | None = None) -> dict[str, tuple[dict[str, float], str]]:
+    """Score results for several iou types from one loading of ground truth and results:
+    ``{"bbox": (stats, text), "segm": (stats, text)}``, each as ``evaluate_coco`` returns it.
+
+    ``iou_types=None`` scores every type the results carry (``results_iou_types``).  The caller's
+    detection dicts are left as they were (the scoring works on copies).
+    """
+    _check_iou_types(iou_types or ())
     if isinstance(results, (str, Path)):
-        with open(results) as f:
-            results = json.load(f)
+        results = read_results(results)  # ours alone: no copy needed
+    else:
+        with _cycle_collector_paused():
+            results = [dict(r) for r in results]
+    gt = gt if isinstance(gt, COCO) else load_gt(gt)
+    return _score(gt, results, results_iou_types(results) if iou_types is None else tuple(iou_types), img_ids)
+
+
+def _check_iou_types(iou_types: Iterable[str]) -> None:
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"iou type {iou_type!r} is not one of {IOU_TYPES}")
+
+
+def results_iou_types(results: list[dict]) -> tuple[str, ...]:
+    """The iou types results can be scored for: ``bbox`` for boxes, ``segm`` for masks, both for both."""
     if not results:
-        return {k: 0.0 for k in STAT_NAMES}, "no detections: every number is 0\n"
-    if iou_type == "segm":
-        # COCO's loadRes takes a result's area from its bbox when it has one, and the small/medium/
-        # large buckets of segm APs..ARl would then use box areas; without the bbox it takes the
-        # mask's area (detectron2 drops the bbox from segm results for this reason).
-        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        return ("bbox",)
+    return tuple(t for t, key in (("bbox", "bbox"), ("segm", "segmentation")) if key in results[0]) or ("bbox",)
+
+
+def _score(gt: COCO, dts: list[dict], iou_types: tuple[str, ...],
+           img_ids: Iterable[int] | None) -> dict[str, tuple[dict[str, float], str]]:
+    """Score detections the caller lets us write into (ids, areas, RLEs), for each iou type in turn."""
+    _check_iou_types(iou_types)
+    if not dts:
+        return {t: ({k: 0.0 for k in STAT_NAMES}, "no detections: every number is 0\n") for t in iou_types}
+    if "segm" in iou_types and "segmentation" not in dts[0]:
+        raise ValueError("segm needs results with masks ('segmentation'); these have none")
+    img_ids = None if img_ids is None else sorted(img_ids)
+    scored = {}
+    with _cycle_collector_paused():
+        dt = _results_coco(gt, dts)
+        for iou_type in iou_types:
+            _set_areas(dts, iou_type)
+            scored[iou_type] = _summarize(gt, dt, iou_type, img_ids)
+    return scored
+
+
+def _results_coco(gt: COCO, dts: list[dict]) -> COCO:
+    """What COCO's ``gt.loadRes(dts)`` builds from boxes and RLE masks (ids 1..N in order, no crowd, the
+    ground truth's images and categories), built once for every iou type and without loadRes's work per
+    detection: for masks it parses each RLE string twice (area, box), and scoring a second iou type
+    would repeat it all.  Areas are set per iou type by ``_set_areas``."""
+    unknown = {d["image_id"] for d in dts}.difference(gt.imgs)
+    if unknown:
+        raise ValueError(f"results name {len(unknown)} image id(s) that the ground truth does not have, "
+                         f"e.g. {sorted(unknown)[:5]}")
+    for i, d in enumerate(dts, start=1):
+        d["id"] = i
+        d["iscrowd"] = 0
+    res = COCO()
+    res.dataset = {"info": copy.deepcopy(gt.dataset.get("info", {})), "images": list(gt.dataset["images"]),
+                   "categories": copy.deepcopy(gt.dataset["categories"]), "annotations": dts}
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def _set_areas(dts: list[dict], iou_type: str) -> None:
+    """Each detection's area, which picks its small/medium/large bucket, as pycocotools' loadRes gives it.
+
+    loadRes takes a detection's area from its box when it has one, else from its mask.  For segm that
+    would put masks in buckets by box areas, so segm always uses mask areas (detectron2 drops the boxes
+    of its segm results for this reason); a box-less result set scored as bbox gets the masks' boxes.
+    """
+    if iou_type == "bbox" and "bbox" in dts[0]:
+        for d in dts:
+            box = d["bbox"]
+            d["area"] = box[2] * box[3]
+        return
+    # One call for all masks: mask_utils parses an RLE string per call, and the call costs more than the area.
+    segms = [d["segmentation"] for d in dts]
+    for d, area in zip(dts, mask_utils.area(segms).tolist()):
+        d["area"] = area
+    if iou_type == "bbox":
+        for d, box in zip(dts, mask_utils.toBbox(segms)):
+            d["bbox"] = box
+
+
+def _summarize(gt: COCO, dt: COCO, iou_type: str, img_ids: list[int] | None) -> tuple[dict[str, float], str]:
     lines: list[str] = []
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
         ev = COCOeval_faster(gt, dt, iou_type, print_function=lines.append)
         if img_ids is not None:
-            ev.params.imgIds = sorted(img_ids)
+            ev.params.imgIds = img_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -69,52 +178,53 @@ def evaluate_coco(gt: COCO | str | Path, results: list[dict] | str | Path, iou_t
     return stats, text
 
 
-def infer_iou_type(results: list[dict]) -> str:
-    """``segm`` for results with a ``segmentation``, else ``bbox``."""
-    return "segm" if results and "segmentation" in results[0] else "bbox"
-
-
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, label_to_cat_id: dict[int, int]) -> list[dict]:
     """One image's pasted detections -> COCO result dicts (xywh boxes, RLE masks, COCO category ids)."""
-    boxes = output["boxes"].float().cpu().numpy()
-    scores = output["scores"].float().cpu().numpy()
-    labels = output["labels"].cpu().numpy()
-    rles = []
+    boxes = output["boxes"].float().cpu().numpy().tolist()
+    scores = output["scores"].float().cpu().numpy().tolist()
+    labels = output["labels"].cpu().numpy().tolist()
+    rles: list[dict] = []
     if "masks" in output and len(boxes):
-        masks = output["masks"].cpu().numpy().astype(np.uint8)  # [N, H, W]
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        # One encode call for the image's masks, read in the Fortran (H, W, N) order the encoder walks.
+        # paste_detections lays its masks out so: no copy here, where a C-ordered [N, H, W] mask needs two.
+        masks = np.asfortranarray(output["masks"].cpu().numpy().transpose(1, 2, 0))
+        rles = mask_utils.encode(masks.view(np.uint8) if masks.dtype == np.bool_ else masks.astype(np.uint8, order="F"))
+    image_id = int(image_id)
     out = []
-    for k in range(len(boxes)):
-        x0, y0, x1, y1 = (float(v) for v in boxes[k])
-        res = {"image_id": int(image_id), "category_id": int(label_to_cat_id[int(labels[k])]),
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        res = {"image_id": image_id, "category_id": int(label_to_cat_id[labels[k]]),
                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-               "score": round(float(scores[k]), 5)}
+               "score": round(scores[k], 5)}
         if rles:
             res["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
         out.append(res)
     return out
 
 
-@torch.no_grad()
 def run_inference(model: nn.Module, loader: Iterable, *, device: torch.device, label_to_cat_id: dict[int, int],
                   amp_dtype: torch.dtype | None = None, progress: Any = None) -> tuple[list[dict], list[int]]:
     """Predict every image of ``loader``; returns COCO results and the image ids seen."""
+    import torch
+
+    from .model import paste_detections
+
     was_training = model.training
     model.eval()
     results: list[dict] = []
     image_ids: list[int] = []
     try:
-        for images, targets in loader:
-            batch = [im.to(device, non_blocking=True).float() for im in images]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = model(batch)
-            for im, out, tgt in zip(images, outputs, targets):
-                out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
-                pasted = paste_detections(out, tuple(im.shape[-2:]), tuple(tgt["orig_size"]))
-                results.extend(to_coco_results(pasted, tgt["image_id"], label_to_cat_id))
-                image_ids.append(int(tgt["image_id"]))
-            if progress is not None:
-                progress.update(len(images))
+        with torch.no_grad():
+            for images, targets in loader:
+                batch = [im.to(device, non_blocking=True).float() for im in images]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(batch)
+                for im, out, tgt in zip(images, outputs, targets):
+                    out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+                    pasted = paste_detections(out, tuple(im.shape[-2:]), tuple(tgt["orig_size"]))
+                    results.extend(to_coco_results(pasted, tgt["image_id"], label_to_cat_id))
+                    image_ids.append(int(tgt["image_id"]))
+                if progress is not None:
+                    progress.update(len(images))
     finally:
         model.train(was_training)
     return results, image_ids
@@ -129,6 +239,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torc
     results, puts them in the single-process order, scores them once, and every rank returns
     the same numbers.
     """
+    from . import distributed as dist
+
     results, image_ids = run_inference(model, loader, device=device, label_to_cat_id=label_to_cat_id,
                                        amp_dtype=amp_dtype, progress=progress)
     parts = dist.gather_to_main((results, image_ids))
@@ -139,8 +251,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torc
             with open(results_path, "w") as f:
                 json.dump(results, f)
         metrics = {}
-        for iou_type in IOU_TYPES:
-            stats, _ = evaluate_coco(gt, results, iou_type, img_ids=image_ids)
+        # The results are ours, and written out already: both types are scored on them in place.
+        for iou_type, (stats, _) in _score(gt, results, IOU_TYPES, image_ids).items():
             metrics.update({f"{iou_type}/{k}": round(v, 4) for k, v in stats.items()})
     return dist.broadcast(metrics)
 

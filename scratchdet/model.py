@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -24,10 +25,12 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _setup_scales
 
 from . import distributed as dist
 
@@ -51,15 +54,17 @@ class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm with statistics over every process's batch, on any device.
 
     On CUDA this runs ``torch.nn.SyncBatchNorm``'s forward.  On the CPU (gloo), where torch's
-    refuses to run (and DDP refuses modules holding it), the per-channel count, sum and sum of
-    squares are all-reduced through a differentiable all-reduce, so gradients flow to every
-    rank's input as in BN over the concatenated batch.  A rank with an empty batch (no RoIs for
-    the mask head, say) still takes part with zeros: every rank joins every collective, so none
-    waits forever.  In one process, and in eval mode, it is plain BN.  Parameters and buffers
-    are BatchNorm2d's, so BN state dicts load.
+    refuses to run (and DDP refuses modules holding it), the statistics come from differentiable
+    all-reduces, so gradients flow to every rank's input as in BN over the concatenated batch:
+    first the per-channel count and sum (the mean), then the sum of squared deviations from that
+    mean (the variance; two passes, so a large mean does not cancel the variance away in fp32).
+    A rank with an empty batch (no RoIs for the mask head, say) still takes part with zeros:
+    every rank joins every collective, so none waits forever.  In one process, and in eval mode,
+    it is plain BN.  Parameters and buffers are BatchNorm2d's, so BN state dicts load.
     """
 
     process_group = None  # all ranks (read by torch.nn.SyncBatchNorm.forward)
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels  # (ditto)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or dist.world_size() == 1:
@@ -70,24 +75,29 @@ class SyncBatchNorm(nn.BatchNorm2d):
         xf = x.float()
         dims = [d for d in range(x.dim()) if d != 1]
         count = torch.full((1,), x.numel() // max(c, 1), dtype=torch.float32, device=x.device)
-        stats = dist.differentiable_all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
-        n = stats[-1].detach()
-        if n.item() == 0:  # an empty batch on every rank: nothing to normalize or to learn from
-            return x
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
+        first = dist.differentiable_all_reduce(torch.cat([xf.sum(dims), count]))
+        n = first[-1].detach()
+        if n.item() == 0:
+            # An empty batch on every rank: nothing to normalize.  The affine parameters stay in the
+            # graph (with zero gradient) so DDP finds every parameter used, as on any other step.
+            return x + 0 * (self.weight.sum() + self.bias.sum()) if self.affine else x
+        mean = first[:c] / n
+        shape = [1, c] + [1] * (x.dim() - 2)
+        centered = xf - mean.view(shape)
+        var = dist.differentiable_all_reduce((centered * centered).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=m)
                 self.num_batches_tracked.add_(1)
-        shape = [1, c] + [1] * (x.dim() - 2)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             scale = scale * self.weight.float()
-        shift = -mean * scale + (self.bias.float() if self.affine else 0)
-        return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
+        out = centered * scale.view(shape)
+        if self.affine:
+            out = out + self.bias.float().view(shape)
+        return out.to(x.dtype)
 
 
 def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:
@@ -416,6 +426,122 @@ class SeededSampler(BalancedPositiveNegativeSampler):
         return pos_masks, neg_masks
 
 
+# --------------------------------------------------------------------------- both cores on a CPU
+#
+# Two of the training step's costliest parts on a CPU are single-threaded kernels: torchvision's
+# RoIAlign (forward and backward, about 30% of the default job's step) and the RPN's per-image
+# NMS (about 10%).  While they run, the other cores idle.  On the CPU scratchdet splits that work
+# over a small thread pool (each kernel releases the GIL): RoIAlign by chunks of RoIs, NMS by
+# image.  Results are the same (the forward and NMS bit for bit; RoIAlign's input gradient sums
+# the chunks' partial gradients, a fixed order, so runs stay deterministic).  CUDA takes the
+# stock path.
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _cpu_pool() -> ThreadPoolExecutor | None:
+    """A pool of intra-step workers on multi-core CPUs (None with one thread)."""
+    global _POOL
+    n = min(torch.get_num_threads(), 4)
+    if n < 2:
+        return None
+    if _POOL is None or _POOL._max_workers != n:
+        _POOL = ThreadPoolExecutor(n, thread_name_prefix="scratchdet-op")
+    return _POOL
+
+
+class _ChunkedRoIAlign(torch.autograd.Function):
+    """torchvision's RoIAlign (aligned=False) over chunks of RoIs in parallel threads, in fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, features: Tensor, rois: Tensor, scale: float, size: tuple[int, int], ratio: int,
+                chunks: int) -> Tensor:
+        pool = _cpu_pool()
+        parts = list(torch.tensor_split(rois, chunks))
+        ctx.save_for_backward(rois)
+        ctx.meta = (scale, size, ratio, chunks, tuple(features.shape), features.dtype)
+        run = partial(torch.ops.torchvision.roi_align, features, spatial_scale=scale, pooled_height=size[0],
+                      pooled_width=size[1], sampling_ratio=ratio, aligned=False)
+        outs = list(pool.map(lambda r: run(rois=r), parts)) if pool and chunks > 1 else [run(rois=rois)]
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (rois,) = ctx.saved_tensors
+        scale, size, ratio, chunks, (b, c, h, w), dtype = ctx.meta
+        grad = grad.float().contiguous()
+        run = partial(torch.ops.torchvision._roi_align_backward, spatial_scale=scale, pooled_height=size[0],
+                      pooled_width=size[1], batch_size=b, channels=c, height=h, width=w, sampling_ratio=ratio,
+                      aligned=False)
+        pool = _cpu_pool()
+        pairs = list(zip(torch.tensor_split(grad, chunks), torch.tensor_split(rois, chunks)))
+        if pool and chunks > 1:
+            parts = list(pool.map(lambda gr: run(gr[0], gr[1]), pairs))
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+        else:
+            total = run(grad, rois)
+        return total.to(dtype), None, None, None, None, None
+
+
+class ParallelRoIPool(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (levels by Detectron's FPN rule, RoIAlign with
+    aligned=False), whose CPU RoIAlign runs over chunks of RoIs in parallel threads."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        pool = _cpu_pool()
+        feats = [x[name] for name in self.featmap_names]
+        if pool is None or feats[0].device.type != "cpu":
+            return super().forward(x, boxes, image_shapes)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        levels = self.map_levels(boxes) if len(feats) > 1 else torch.zeros(len(rois), dtype=torch.int64)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        workers = pool._max_workers
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            if len(idx) == 0:
+                continue
+            with torch.autocast("cpu", enabled=False):  # RoIAlign in fp32, as torchvision's autocast wrapper does
+                pooled = _ChunkedRoIAlign.apply(feat.float(), rois[idx].float(), scale, tuple(self.output_size),
+                                                self.sampling_ratio, min(workers, len(idx)))
+            out[idx] = pooled.to(out.dtype)
+        return out
+
+
+class ParallelRPN(RegionProposalNetwork):
+    """torchvision's RPN whose per-image proposal filtering (clip, small-box removal, NMS per
+    level, top-k) runs for the images of a batch in parallel threads on the CPU."""
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        pool = _cpu_pool()
+        if pool is None or proposals.device.type != "cpu" or proposals.shape[0] < 2:
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        n = proposals.shape[0]
+        objectness = objectness.detach().reshape(n, -1)
+        levels = torch.cat([torch.full((k,), i, dtype=torch.int64) for i, k in enumerate(num_anchors_per_level)])
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)  # per level, before NMS
+        rows = torch.arange(n)[:, None]
+        scores = torch.sigmoid(objectness[rows, top])
+        levels = levels[None].expand(n, -1)[rows, top]
+        proposals = proposals[rows, top]
+        post_n = self.post_nms_top_n()
+
+        def one_image(i: int) -> tuple[Tensor, Tensor]:
+            boxes = box_ops.clip_boxes_to_image(proposals[i], image_shapes[i])
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            keep = keep[scores[i][keep] >= self.score_thresh]
+            keep = keep[box_ops.batched_nms(boxes[keep], scores[i][keep], levels[i][keep], self.nms_thresh)][:post_n]
+            return boxes[keep], scores[i][keep]
+
+        results = list(pool.map(one_image, range(n)))
+        return [b for b, _ in results], [s for _, s in results]
+
+
 # --------------------------------------------------------------------------- detector
 
 
@@ -526,7 +652,13 @@ def build_model(
         box_positive_fraction=roi_positive_fraction,
         mask_head=mask_head,
         mask_predictor=mask_predictor,
+        box_roi_pool=ParallelRoIPool(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        mask_roi_pool=ParallelRoIPool(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2),
     )
+    # torchvision's defaults for everything but the CPU threading (MaskRCNN builds its RPN itself).
+    model.rpn = ParallelRPN(anchors, rpn_head, 0.7, 0.3, rpn_batch_size_per_image, 0.5,
+                            {"training": rpn_pre_nms_topk_train, "testing": rpn_pre_nms_topk_test},
+                            {"training": rpn_post_nms_topk_train, "testing": rpn_post_nms_topk_test}, 0.7)
     model.transform = BatchOnlyTransform(1, 1, list(pixel_mean), list(pixel_std), size_divisible=32)
     model.rpn.fg_bg_sampler = SeededSampler(rpn_batch_size_per_image, 0.5, salt=1)
     model.roi_heads.fg_bg_sampler = SeededSampler(roi_batch_size_per_image, roi_positive_fraction, salt=2)
@@ -563,18 +695,53 @@ def paste_detections(
 ) -> dict[str, Tensor]:
     """Map one image's detections from network-input to original pixels.
 
-    Returns ``boxes`` [N, 4] xyxy and ``masks`` [N, H0, W0] bool at the original resolution.
+    Returns ``boxes`` [N, 4] xyxy and ``masks`` [N, H0, W0] bool at the original resolution: bit for bit
+    ``paste_masks_in_image(masks, boxes, (H0, W0), padding=1)[:, 0] >= mask_threshold``, at a fraction of
+    its cost.  torchvision builds a float image per detection, stacks them and thresholds the stack: N
+    full images written, copied and read for N boxes that each cover a small part of the image.  Here
+    each mask is resized exactly as torchvision resizes it (the same padded input, integer box and
+    ``interpolate`` call, so the same values on any device), then thresholded and written only inside
+    its box, into one preallocated tensor.
+
+    ``masks`` is laid out column-major per mask (a transposed view of [N, W0, H0] storage), the Fortran
+    (H, W, N) order COCO's RLE encoder reads, so ``to_coco_results`` encodes it without a copy.  A box
+    wholly outside the image pastes nothing (torchvision's slicing fails on one).
     """
     (h, w), (h0, w0) = input_hw, orig_hw
     scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=output["boxes"].dtype, device=output["boxes"].device)
     boxes = output["boxes"] * scale
     result = {"boxes": boxes, "labels": output["labels"], "scores": output["scores"]}
-    if "masks" in output:
-        if len(boxes):
-            masks = paste_masks_in_image(output["masks"], boxes, (h0, w0), padding=1)[:, 0] >= mask_threshold
-        else:
-            masks = torch.zeros((0, h0, w0), dtype=torch.bool, device=boxes.device)
-        result["masks"] = masks
+    if "masks" not in output:
+        return result
+    if torch.jit.is_tracing():
+        # A traced graph cannot hold the Python-int slicing below; torchvision's paste has a tracing path.
+        result["masks"] = paste_masks_in_image(output["masks"], boxes, (h0, w0), padding=1)[:, 0] >= mask_threshold
+        return result
+    import numpy as np
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    n, device = len(boxes), output["masks"].device
+    # Outside its box a pasted mask is 0.0, which passes a threshold <= 0, as in torchvision's result.
+    outside = bool(0.0 >= mask_threshold)
+    if device.type == "cpu":
+        # numpy's zeros come from calloc, pages the OS hands out already zeroed and that are written only
+        # where a box lands; torch.zeros would first write all N * H0 * W0 bytes.
+        pasted = torch.from_numpy((np.ones if outside else np.zeros)((n, w0, h0), dtype=bool))
+    else:
+        pasted = torch.full((n, w0, h0), outside, dtype=torch.bool, device=device)
+    if n:
+        padded, box_scale = expand_masks(output["masks"], padding=1)
+        int_boxes = expand_boxes(boxes, box_scale).to(dtype=torch.int64).tolist()  # one host sync for all boxes
+        for i, (bx0, by0, bx1, by1) in enumerate(int_boxes):
+            x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, w0), max(by0, 0), min(by1 + 1, h0)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            size = (max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1))
+            # expand() as torchvision calls it: the same input geometry picks the same interpolation kernel.
+            resized = nn.functional.interpolate(padded[i, 0].expand((1, 1, -1, -1)), size=size, mode="bilinear",
+                                                align_corners=False)[0, 0]
+            pasted[i, x0:x1, y0:y1] = (resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] >= mask_threshold).T
+    result["masks"] = pasted.transpose(1, 2)
     return result
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .data import ResizeShortestEdge, read_image
-from .engine import load_run_model, pick_device
+from .run import load_run_model, pick_device
 from .evaluation import to_coco_results
 from .model import paste_detections
 

@@ -336,10 +336,10 @@ def prepare_on_main(run_dir: Path, *, resume: bool, force: bool) -> None:
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest valid checkpoint, as rank 0 finds it; every rank loads that one file (resume
     under torchrun needs the run directory on a filesystem all nodes share)."""
-    found = dist.broadcast(ckpt.latest_valid(run_dir) if dist.is_main() else None)
-    if found is None or dist.is_main():
+    found = ckpt.latest_valid(run_dir) if dist.is_main() else None
+    path = dist.broadcast(found[0] if found else None)  # the path only: each rank reads the file itself
+    if path is None or dist.is_main():
         return found
-    path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"rank {dist.rank()}: {path} not found; resuming under torchrun needs the run "
                                 "directory on a filesystem every node shares")

@@ -432,6 +432,11 @@ def _load_detector(model: nn.Module, weights: Weights, *, source: Path, norm: st
             raise WeightsError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
                                "(another depth, width, head or groups?)")
     load = {k: v for k, v in state.items() if k in own and k not in skipped}
+    if not any(k.startswith(TRUNK_PREFIX) for k in load):
+        # A few matching head tensors are not a pretrained start: training would go on from a random trunk.
+        raise WeightsError(f"{source}: a detector file, but none of its weights fits this model's trunk "
+                           f"({TRUNK_PREFIX}*; the file's names look like {', '.join(sorted(state)[:3])}): "
+                           "another layout (detectron2's backbone.bottom_up.* needs converting), depth or norm?")
     model.load_state_dict(load, strict=False)
     missing = sorted(k for k in own if k not in load and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in own)
@@ -439,8 +444,9 @@ def _load_detector(model: nn.Module, weights: Weights, *, source: Path, norm: st
         # Fine-tuning a COCO model on one's own classes: the classifier, box regressor and mask logits
         # are per class, so they start from their init while everything else is the checkpoint's.
         cls = "roi_heads.box_predictor.cls_score.weight"
-        log.info("model.init %s: the class-dependent predictor layers are for another number of classes (the file's "
-                 "classifier has %s outputs, the model's %d, background included); left at their init: %s", source,
+        log.info("model.init %s: class-dependent predictor layers of another shape (another number of classes - the "
+                 "file's classifier has %s outputs, the model's %d, background included - or class-agnostic box "
+                 "regression); left at their init: %s", source,
                  state[cls].shape[0] if cls in state else "?", own[cls].shape[0], ", ".join(skipped))
     _log_keys(source, [k for k in missing if k not in skipped], unexpected, what="detector")
     parts = _parts(set(load), own)

@@ -231,3 +231,164 @@ def test_subset_fraction_and_errors():
     assert len(draw_subset(list(range(50)), 0.1, 0)) == 5
     with pytest.raises(DataError, match="data.subset"):
         draw_subset(list(range(5)), 6, 0)
+
+
+# ---------------------------------------------------------------- the fast pipeline against the one it replaced
+# CocoDetection decodes masks from their run lengths within their extent, straight at their final size and
+# orientation (DetectionTransforms.apply).  These tests hold it to the pipeline it replaced, kept here verbatim
+# in substance: every mask decoded at full size by the COCO mask API, the image permuted by torch, and
+# torchvision's own Compose of the same transforms under torch.manual_seed(seed).
+
+import faster_coco_eval.core.mask as mask_utils  # noqa: E402
+from faster_coco_eval.mask_api_new_cpp import toUncompressedRLE  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import tv_tensors  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from scratchdet.data import InstanceMasks  # noqa: E402
+
+
+def _reference_mask(ann, h, w):
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in polys], h, w))
+    else:
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+    return mask_utils.decode(rle)
+
+
+def _reference_item(ds, key, transform_args):
+    """The sample as the previous CocoDetection.__getitem__ made it (transform_args: build_transforms' arguments)."""
+    index, seed = key if isinstance(key, tuple) else (key, None)
+    rec = ds.records[index]
+    image = tv_tensors.Image(torch.from_numpy(np.array(ds.load_image(rec))).permute(2, 0, 1).contiguous())
+    anns = [a for a in rec.anns if not a.get("iscrowd", 0)]
+    h, w = rec.height, rec.width
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    masks = np.stack([_reference_mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+              "labels": torch.tensor([ds.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+              "masks": tv_tensors.Mask(torch.from_numpy(masks))}
+    if transform_args is not None:
+        ops = [ResizeShortestEdge(transform_args["min_sizes"], transform_args["max_size"])]
+        if transform_args["train"] and transform_args["flip_prob"] > 0:
+            ops.append(v2.RandomHorizontalFlip(transform_args["flip_prob"]))
+        ops.append(v2.SanitizeBoundingBoxes(min_size=1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed if seed is not None else 0)
+            image, target = v2.Compose(ops)(image, target)
+    return image.as_subclass(torch.Tensor), {k: target[k].as_subclass(torch.Tensor) for k in ("boxes", "labels", "masks")}
+
+
+def _assert_same_as_reference(ds, keys, transform_args):
+    """Every key's sample is the reference's bit for bit; returns (instances in, instances out) over the keys."""
+    before = after = 0
+    for key in keys:
+        image, target = ds[key]
+        ref_image, ref = _reference_item(ds, key, transform_args)
+        where = f"sample {key} of {ds.annotations.name} with {transform_args}"
+        assert image.dtype == ref_image.dtype == torch.uint8 and image.is_contiguous(), where
+        assert torch.equal(image, ref_image), where
+        for k in ("boxes", "labels", "masks"):
+            assert target[k].dtype == ref[k].dtype and target[k].shape == ref[k].shape, (where, k)
+            assert torch.equal(target[k], ref[k]), (where, k)
+        index = key[0] if isinstance(key, tuple) else key
+        before += sum(not a.get("iscrowd", 0) for a in ds.records[index].anns)
+        after += len(target["labels"])
+    return before, after
+
+
+def _seeded_keys(n, salt=0):
+    return [(i, int(s)) for i, s in enumerate(np.random.SeedSequence(salt).generate_state(n))]
+
+
+@pytest.mark.parametrize("transform_args", [
+    dict(train=True, min_sizes=[128], max_size=128, flip_prob=0.5),  # the size kept: flipped before the tensor
+    dict(train=True, min_sizes=[96, 112, 160, 200], max_size=333, flip_prob=0.5),  # resized down and up, then flipped
+])
+def test_pipeline_matches_previous_on_synthetic_data(tmp_path, transform_args):
+    generate(tmp_path, seed=1, num_train=16, num_val=1, image_size=128)  # compressed-RLE masks
+    ds = CocoDetection(images=tmp_path / "train", annotations=tmp_path / "annotations/instances_train.json",
+                       filter_empty=True, transforms=build_transforms(**transform_args))
+    _assert_same_as_reference(ds, _seeded_keys(len(ds)) + _seeded_keys(len(ds), salt=1), transform_args)
+
+
+@pytest.mark.parametrize("transform_args", [
+    dict(train=True, min_sizes=[640, 672, 704, 736, 768, 800], max_size=1333, flip_prob=0.5),  # the paper's scale jitter
+    dict(train=True, min_sizes=[64, 96], max_size=120, flip_prob=0.5),  # small: sanitizing drops boxes and their masks
+    dict(train=False, min_sizes=[800], max_size=1333, flip_prob=0.0),  # the evaluation transform
+    None,
+])
+def test_pipeline_matches_previous_on_tiny_coco(tiny_coco, transform_args):
+    ds = _tiny_train(tiny_coco, transforms=build_transforms(**transform_args) if transform_args else None)
+    keys = _seeded_keys(len(ds)) if transform_args and transform_args["train"] else list(range(len(ds)))
+    before, after = _assert_same_as_reference(ds, keys, transform_args)
+    if transform_args and transform_args["max_size"] < 200:
+        assert after < before  # the comparison covered instances left out by SanitizeBoundingBoxes
+
+
+def test_pipeline_matches_previous_on_every_segmentation_form(tmp_path):
+    # An odd-sized image; uncompressed and compressed RLE, multi-part polygons, a polygon reaching out of the
+    # image, masks on the image's borders, a run crossing columns (a full-height bar) and a one-pixel-wide box.
+    h, w = 37, 53
+    bar = np.zeros((h, w), np.uint8)
+    bar[:, 10:14] = 1
+    edge = np.zeros((h, w), np.uint8)
+    edge[30:, 45:] = 1
+    edge[0, 0] = 1
+    rle_str = mask_utils.encode(np.asfortranarray(edge))
+    rle_str["counts"] = rle_str["counts"].decode("ascii")
+    rle_list = toUncompressedRLE(mask_utils.frPyObjects([[2, 2, 20, 3, 15, 25, 3, 20]], h, w))[0]
+    bar_rle = toUncompressedRLE([mask_utils.encode(np.asfortranarray(bar))])[0]
+    segs = [
+        ([[5, 5, 25, 5, 25, 20, 5, 20], [30, 2, 50, 2, 40, 30]], [5, 2, 45, 28]),
+        ([[-10, -10, 60, -5, 20, 50]], [0, 0, 53, 37]),
+        ({"size": [h, w], "counts": rle_list["counts"]}, [2, 2, 18, 23]),
+        ({"size": [h, w], "counts": bar_rle["counts"]}, [10, 0, 4, 37]),
+        (rle_str, [0, 0, 53, 37]),
+        ([[20.2, 3, 21.1, 3, 21.1, 30, 20.2, 30]], [20.2, 3, 0.9, 27]),
+    ]
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 3 + 4 * (k % 2), "segmentation": s, "bbox": b, "iscrowd": 0,
+             "area": 1.0} for k, (s, b) in enumerate(segs)]
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / "a.png")
+    f = tmp_path / "ann.json"
+    f.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": h, "width": w}], "annotations": anns,
+                             "categories": [{"id": 3}, {"id": 7}]}))
+    for sizes, max_size in (([37], 53), ([16, 20, 29, 37, 50, 74, 75, 111], 200), ([8], 9)):
+        args = dict(train=True, min_sizes=sizes, max_size=max_size, flip_prob=0.5)
+        ds = CocoDetection(images=tmp_path / "img", annotations=f, transforms=build_transforms(**args))
+        assert len(ds.records[0].anns) == len(segs)
+        _assert_same_as_reference(ds, [(0, s) for s in range(40)], args)
+
+
+def test_instance_masks_render_is_a_gather_of_the_decoded_masks():
+    # render(rows, cols, keep)[k] == mask[keep[k]][rows][:, cols] for monotone maps, forward or reversed.
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        full = (rng.random((int(rng.integers(0, 5)), h, w)) < rng.random()).astype(np.uint8)
+        full[:, : int(rng.integers(0, h + 1))] *= rng.random() < 0.5  # some masks empty in part, some entirely
+        runs = [np.asarray(toUncompressedRLE([mask_utils.encode(np.asfortranarray(m))])[0]["counts"]) for m in full]
+        masks = InstanceMasks(runs, h, w)
+        rows = np.sort(rng.integers(0, h, int(rng.integers(1, 60)))) if rng.random() < 0.7 else None
+        cols = np.sort(rng.integers(0, w, int(rng.integers(1, 60)))) if rng.random() < 0.7 else None
+        if cols is not None and rng.random() < 0.5:
+            cols = cols[::-1]
+        keep = sorted(rng.choice(len(full), int(rng.integers(0, len(full) + 1)), replace=False).tolist())
+        expected = full[keep][:, slice(None) if rows is None else rows][:, :, slice(None) if cols is None else cols]
+        np.testing.assert_array_equal(masks.render(rows, cols, keep), expected)
+
+
+def test_sample_rng_is_restored_and_accelerators_untouched(tiny_coco, monkeypatch):
+    ds = _tiny_train(tiny_coco, transforms=build_transforms(train=True, min_sizes=[96, 128], max_size=200,
+                                                            flip_prob=0.5))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("the sample seeded CUDA's RNG"))
+    state = torch.get_rng_state()
+    ds[(0, 5)]
+    assert torch.equal(torch.get_rng_state(), state)

@@ -1,3 +1,4 @@
+import logging
 import os
 import pickle
 
@@ -102,6 +103,7 @@ def test_shape_mismatch_is_an_error(tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="scratchdet")
     state = ResNet(depth=18, norm="GN").state_dict()
     state.pop("layer4.1.conv2.weight")
     state["extra.weight"] = torch.zeros(1)
@@ -174,6 +176,7 @@ def test_gn_caffe2_pickle_under_bn_family_is_refused(tmp_path, norm):
 
 
 def test_msra_bn_pickle_into_frozen_bn_gets_affine_channel_statistics(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="scratchdet")
     donor = _randomize(_detector("FrozenBN")).backbone.body
     path = tmp_path / "R-18.pkl"
     save_caffe2_pickle(_to_caffe2(donor.state_dict(), norm="bn"), path)
@@ -243,6 +246,7 @@ def test_scratchdet_checkpoint_loads_the_whole_detector(tmp_path):
 
 
 def test_checkpoint_for_other_classes_loads_all_but_the_class_layers(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="scratchdet")
     donor = _randomize(_detector("GN", num_classes=5))
     path = _save_run_checkpoint(tmp_path / "model_final.pth", donor, num_classes=5)
     model = _detector("GN", num_classes=3)

@@ -1,0 +1,570 @@
+"""``scratchdet report``: the paper's figures and tables, drawn from runs' ``metrics.jsonl`` and ``config.yaml``.
+
+Nothing else of a run is read (as pycls compares runs from their JSON logs): a run copied off a
+cluster as those two files is reportable.  What it draws:
+
+- AP vs iteration, box and mask, one line per run (Fig. 1 of "Rethinking ImageNet Pre-training"):
+  random init solid, pretrained dashed, a scratch run and its pretrained twin in one color, LR
+  drops dotted (``resolve_schedule`` on the run's config), and optionally the pre-training stage
+  as a grey band, its images converted to the run's iterations;
+- images / instances / pixels seen per run, pre-training stacked on fine-tuning (Fig. 2);
+- the 12 COCO numbers per type per run; Table 1's pivot (schedule x init) and the data-size pivot
+  (``data.subset`` x init, Sec. 5.3), each with scratch minus pretrained;
+- one self-contained HTML page (figures inlined as base64 PNG, no script, no network), CSV tables,
+  PNG and SVG figures; ``--compare A B`` adds a two-run side-by-side.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window: reports are made on headless machines
+
+from matplotlib.figure import Figure  # noqa: E402 - after choosing the backend
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from .config import ConfigError, Schedule, SolverConfig, merge_dict, resolve_schedule  # noqa: E402
+from .evaluation import STAT_NAMES  # noqa: E402
+from .run import read_metrics  # noqa: E402
+
+IOU_TYPES = ("bbox", "segm")
+TYPE_TITLES = {"bbox": "box AP", "segm": "mask AP"}
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+PRETRAIN_GREY = "#d9d9d9"
+HEADER_BG = "#ffe4a0"  # table headers; the HTML test finds this color in a screenshot
+# The keys that make up a run's schedule (one "schedule" dimension in the pivots), and the data size.
+SCHEDULE_KEYS = ("solver.schedule", "solver.max_iter", "solver.steps", "solver.epochs", "solver.warmup_iters")
+SUBSET_KEYS = ("data.subset",)
+SEEN_KEYS = ("images_seen", "instances_seen", "pixels_seen")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    """A run as its two files describe it."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    flat: dict[str, Any] = field(init=False)
+    schedule: Schedule | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.flat = _flatten(self.config)
+        self.schedule = _schedule(self.config, self.flat)
+
+    @property
+    def pretrained(self) -> bool:
+        return str(self.flat.get("model.init", "random")) != "random"
+
+    @property
+    def init_label(self) -> str:
+        return "pretrained" if self.pretrained else "random"
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "bbox/AP" in r]
+
+    @property
+    def last_eval(self) -> dict[str, Any] | None:
+        evals = self.evals
+        return evals[-1] if evals else None
+
+    @property
+    def iteration(self) -> int:
+        return max((int(r.get("iteration", 0)) for r in self.records), default=0)
+
+    @property
+    def max_iter(self) -> int | None:
+        return self.schedule.max_iter if self.schedule else None
+
+    @property
+    def finished(self) -> bool | None:
+        """Evaluated at the schedule's last iteration (the engine's final evaluation); None when the
+        length is unknown (``solver.epochs`` over a data set whose size these two files do not give)."""
+        if self.max_iter is None:
+            return None
+        last = self.last_eval
+        return last is not None and last["iteration"] >= self.max_iter
+
+    @property
+    def ims_per_batch(self) -> int:
+        return int(self.flat.get("solver.ims_per_batch", 1)) or 1
+
+    @property
+    def seen(self) -> dict[str, int]:
+        """The latest counts (own and ``pretrain_*``); pre-training has one instance per image, as Fig. 2 counts."""
+        line = next((r for r in reversed(self.records) if "images_seen" in r), {})
+        out = {k: int(line.get(k, 0)) for k in SEEN_KEYS}
+        out["pretrain_images_seen"] = int(line.get("pretrain_images_seen", 0))
+        out["pretrain_instances_seen"] = out["pretrain_images_seen"]
+        out["pretrain_pixels_seen"] = int(line.get("pretrain_pixels_seen", 0))
+        return out
+
+    @property
+    def pretrain_offset(self) -> float:
+        """The pre-training stage's images in this run's iterations (the grey band of Fig. 1)."""
+        return self.seen["pretrain_images_seen"] / self.ims_per_batch
+
+    def metric(self, iou_type: str, stat: str = "AP") -> float | None:
+        last = self.last_eval
+        return None if last is None or f"{iou_type}/{stat}" not in last else float(last[f"{iou_type}/{stat}"])
+
+
+def _schedule(config: dict[str, Any], flat: dict[str, Any]) -> Schedule | None:
+    """The run's schedule as training resolved it (None when its length depends on the data set's size)."""
+    solver = SolverConfig()
+    try:
+        merge_dict(solver, config.get("solver", {}), "solver.")
+        subset = float(flat.get("data.subset", 0) or 0)
+        return resolve_schedule(solver, int(subset) if subset >= 1 else None)
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def is_detection_run(path: Path) -> bool:
+    """A run directory with both files whose metrics are a detector's (a pretrain stage logs no mask loss or AP)."""
+    if not ((path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()):
+        return False
+    records = read_metrics(path)
+    return any("loss_mask" in r or "bbox/AP" in r for r in records)
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each a run, or a folder (a study) whose sub-folders are runs."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p}: not a directory")
+        if (p / "metrics.jsonl").is_file():
+            if is_detection_run(p):
+                found.append(p)
+            continue
+        subs = [d for d in sorted(p.iterdir()) if d.is_dir() and is_detection_run(d)]
+        if not subs:
+            raise FileNotFoundError(f"{p}: neither a run (metrics.jsonl, config.yaml) nor a folder of runs")
+        found.extend(subs)
+    return found
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Read each run's ``config.yaml`` and ``metrics.jsonl``; names are folder names (with the parent's where two clash)."""
+    import yaml
+
+    dirs = list(dict.fromkeys(p.resolve() for p in find_runs(paths)))
+    names = [d.name for d in dirs]
+    runs = []
+    for d in dirs:
+        name = d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}"
+        runs.append(Run(name, d, yaml.safe_load((d / "config.yaml").read_text()) or {}, read_metrics(d)))
+    # Random init first, then pretrained; each by schedule length and data size (the grid's usual order).
+    return sorted(runs, key=lambda r: (r.pretrained, SCHEDULE_DIM.order(r), SUBSET_DIM.order(r), r.name))
+
+
+# --------------------------------------------------------------------------- dimensions and pivots
+
+
+def schedule_label(run: Run) -> str:
+    s = run.flat.get("solver.schedule") or ""
+    n = run.max_iter
+    return f"{s} ({n} it)" if s and n else (f"{n} it" if n else "?")
+
+
+def subset_label(run: Run) -> str:
+    x = float(run.flat.get("data.subset", 0) or 0)
+    return "all" if x == 0 else (f"{100 * x:g}%" if x < 1 else f"{int(x)} images")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One axis along which runs differ: a title, a label per run, and a sort key."""
+
+    title: str
+    label: Callable[[Run], str]
+    order: Callable[[Run], Any]
+
+
+SCHEDULE_DIM = Dim("schedule", schedule_label, lambda r: (r.max_iter or 0) * r.ims_per_batch)
+SUBSET_DIM = Dim("data size", subset_label, lambda r: (float(r.flat.get("data.subset", 0) or 0) == 0,
+                                                       float(r.flat.get("data.subset", 0) or 0)))
+
+
+def _varying(runs: list[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.flat})
+    return [k for k in keys if len({_key(r.flat.get(k)) for r in runs}) > 1]
+
+
+def _init_coupled(runs: list[Run], key: str) -> bool:
+    """A key set together with the init (the pretrained presets' pixel means, say): not a pairing key."""
+    by_init = {g: {_key(r.flat.get(key)) for r in runs if r.pretrained == g} for g in (False, True)}
+    return all(len(v) == 1 for v in by_init.values()) and by_init[False] != by_init[True]
+
+
+def dims(runs: list[Run]) -> list[Dim]:
+    """Schedule, data size, then every other key that varies (the init and what goes with it aside)."""
+    varying = [k for k in _varying(runs) if k != "model.init" and not _init_coupled(runs, k)]
+    out = [SCHEDULE_DIM, SUBSET_DIM]
+    for k in varying:
+        if k not in SCHEDULE_KEYS + SUBSET_KEYS:
+            out.append(Dim(k, lambda r, k=k: str(r.flat.get(k)), lambda r, k=k: _key(r.flat.get(k))))
+    return out
+
+
+def pair_key(run: Run, all_dims: list[Dim]) -> tuple[str, ...]:
+    """Runs equal in every dimension but the init: a scratch run and its pretrained twin."""
+    return tuple(d.label(run) for d in all_dims)
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+    csv_name: str = ""
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        # COCO's -1 (-100 in percent): no ground truth in that size range, so no number.
+        return "n/a" if v <= -100 else f"{v:.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def pivot(runs: list[Run], *, primary: Dim, title: str, csv_name: str, note: str) -> Table:
+    """Rows: ``primary`` (then the other dimensions that vary); columns: box and mask AP for random
+    init, pretrained, and scratch minus pretrained (the paper's Table 1 layout)."""
+    all_dims = dims(runs)
+    others = [d for d in all_dims if d.title != primary.title and len({d.label(r) for r in runs}) > 1]
+    row_dims = [primary, *others]
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for r in sorted(runs, key=lambda r: tuple(_sortable(d.order(r)) for d in row_dims)):
+        groups.setdefault(tuple(d.label(r) for d in row_dims), []).append(r)
+    columns = [d.title for d in row_dims]
+    for t in IOU_TYPES:
+        columns += [f"{TYPE_TITLES[t]} random", f"{TYPE_TITLES[t]} pretrained", f"{TYPE_TITLES[t]} scratch-pretrained"]
+    rows = []
+    unfinished = False
+    for labels, members in groups.items():
+        row: list[Any] = list(labels)
+        for t in IOU_TYPES:
+            cells = []
+            for pretrained in (False, True):
+                vals = [(r.metric(t), r.finished) for r in members if r.pretrained == pretrained and r.metric(t) is not None]
+                unfinished |= any(f is False for _, f in vals)
+                cells.append(vals)
+            shown = [v[0][0] if len(v) == 1 else (" / ".join(_fmt(x) for x, _ in v) or None) for v in cells]
+            diff = round(shown[0] - shown[1], 4) if all(isinstance(x, float) for x in shown) else None
+            row += [*shown, diff]
+        rows.append(row)
+    if unfinished:
+        note += " Some runs are unfinished: their latest evaluation is shown."
+    return Table(title, columns, rows, note.strip(), csv_name)
+
+
+def _sortable(v: Any) -> Any:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def coco_table(runs: list[Run], iou_type: str) -> Table:
+    """The 12 COCO numbers of each run's latest evaluation."""
+    columns = ["run", "init", "iteration", *STAT_NAMES]
+    rows = []
+    for r in runs:
+        last = r.last_eval or {}
+        rows.append([r.name, r.init_label, last.get("iteration"),
+                     *[None if f"{iou_type}/{k}" not in last else float(last[f"{iou_type}/{k}"]) for k in STAT_NAMES]])
+    return Table(f"{TYPE_TITLES[iou_type][:-3].capitalize()} AP: the 12 COCO numbers ({iou_type})", columns, rows,
+                 "At each run's latest evaluation, in percent.", f"coco_{iou_type}.csv")
+
+
+def seen_table(runs: list[Run]) -> Table:
+    columns = ["run", "init", "images", "instances", "pixels", "pretrain images", "pretrain pixels",
+               "images incl. pretrain", "pixels incl. pretrain"]
+    rows = []
+    for r in runs:
+        s = r.seen
+        rows.append([r.name, r.init_label, s["images_seen"], s["instances_seen"], s["pixels_seen"],
+                     s["pretrain_images_seen"], s["pretrain_pixels_seen"], s["images_seen"] + s["pretrain_images_seen"],
+                     s["pixels_seen"] + s["pretrain_pixels_seen"]])
+    return Table("Seen, in numbers", columns, rows,
+                 "Pre-training counts come from the fine-tuning run's pretrain_* fields (one instance per "
+                 "classification image).", "seen.csv")
+
+
+def runs_table(runs: list[Run]) -> Table:
+    all_dims = dims(runs)
+    extra = [d for d in all_dims[2:]]
+    columns = ["run", "init", "schedule", "data size", *[d.title for d in extra], "status", "iteration", "directory"]
+    rows = [[r.name, str(r.flat.get("model.init")), schedule_label(r), subset_label(r), *[d.label(r) for d in extra],
+             {True: "finished", False: "unfinished", None: "?"}[r.finished], r.iteration, str(r.path)] for r in runs]
+    return Table("Runs", columns, rows, "", "runs.csv")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _colors(runs: list[Run]) -> dict[str, str]:
+    """A scratch run and its pretrained twin share a color (told apart by the dash)."""
+    all_dims = dims(runs)
+    keys = list(dict.fromkeys(pair_key(r, all_dims) for r in runs))
+    return {r.name: COLORS[keys.index(pair_key(r, all_dims)) % len(COLORS)] for r in runs}
+
+
+def _curve(run: Run, iou_type: str) -> tuple[list[float], list[float]]:
+    pts = [(r["iteration"], r[f"{iou_type}/AP"]) for r in run.evals if f"{iou_type}/AP" in r]
+    return [float(x) for x, _ in pts], [float(y) for _, y in pts]
+
+
+def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str = "") -> Figure:
+    """Box and mask AP vs iteration (Fig. 1): solid random init, dashed pretrained, LR drops dotted,
+    and with ``pretrain_offset`` the pretrained runs shifted right by their pre-training (grey band)."""
+    colors = _colors(runs)
+    ncol = 3
+    legend_rows = -(-len(runs) // ncol) + 1
+    fig = Figure(figsize=(11, 3.8 + 0.24 * legend_rows), dpi=100)
+    axes = fig.subplots(1, 2)
+    offsets = {r.name: (r.pretrain_offset if pretrain_offset and r.pretrained else 0.0) for r in runs}
+    for ax, t in zip(axes, IOU_TYPES):
+        for band in sorted({o for o in offsets.values() if o > 0}, reverse=True):
+            ax.axvspan(0, band, color=PRETRAIN_GREY, alpha=0.6, lw=0)
+        drops = set()
+        for r in runs:
+            xs, ys = _curve(r, t)
+            dx = offsets[r.name]
+            ax.plot([x + dx for x in xs], ys, color=colors[r.name], ls="--" if r.pretrained else "-", lw=2,
+                    marker="o", ms=3.5, label=r.name)
+            for s in (r.schedule.steps if r.schedule else ()):
+                drops.add((s + dx, colors[r.name]))
+        for x, c in sorted(drops):
+            ax.axvline(x, color=c, ls=":", lw=1.2, alpha=0.7)
+        ax.set_title(TYPE_TITLES[t] + (" (pretrained shifted by pre-training)" if any(offsets.values()) else ""))
+        ax.set_xlabel("iterations" + (" (pre-training included)" if any(offsets.values()) else ""))
+        ax.set_ylabel(f"{TYPE_TITLES[t]} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+    handles, labels = axes[0].get_legend_handles_labels()
+    style = [Line2D([], [], color="k", lw=2, ls="-", label="random init"),
+             Line2D([], [], color="k", lw=2, ls="--", label="pretrained"),
+             Line2D([], [], color="k", lw=1.2, ls=":", label="LR drop")]
+    if any(offsets.values()):
+        style.append(Patch(color=PRETRAIN_GREY, label="pre-training (its images in the run's iterations)"))
+    fig.legend(handles + style, labels + [h.get_label() for h in style], loc="lower center", ncol=ncol,
+               fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))
+    return fig
+
+
+def seen_figure(runs: list[Run]) -> Figure:
+    """Images, instances and pixels seen per run, fine-tuning in the run's color, pre-training stacked in grey (Fig. 2)."""
+    colors = _colors(runs)
+    fig = Figure(figsize=(11, 1.2 + 0.35 * len(runs)), dpi=100)
+    axes = fig.subplots(1, 3, sharey=True)
+    ys = list(range(len(runs)))[::-1]
+    for ax, key, title in zip(axes, SEEN_KEYS, ("images seen", "instances seen", "pixels seen")):
+        own = [r.seen[key] for r in runs]
+        pre = [r.seen[f"pretrain_{key}"] for r in runs]
+        ax.barh(ys, pre, color=PRETRAIN_GREY, hatch="//", edgecolor="#999999", lw=0.5)
+        ax.barh(ys, own, left=pre, color=[colors[r.name] for r in runs])
+        ax.set_title(title)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000 (pixels run to billions)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, [r.name for r in runs], fontsize=8)
+    fig.legend([Patch(color=PRETRAIN_GREY, label="pre-training"), Patch(color="#555555", label="detection training")],
+               ["pre-training", "detection training"], loc="upper right", fontsize=8, frameon=False, ncol=2)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def save_figure(fig: Figure, out: Path, stem: str) -> bytes:
+    """Write ``stem.png`` and ``stem.svg`` (no timestamp in the SVG: reruns give the same file); return the PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    png = buf.getvalue()
+    (out / f"{stem}.png").write_bytes(png)
+    fig.savefig(out / f"{stem}.svg", format="svg", metadata={"Date": None})
+    return png
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_tables(a: Run, b: Run) -> list[Table]:
+    """The two-run side-by-side: what differs in their configs, their 24 numbers, what they saw."""
+    keys = sorted(set(a.flat) | set(b.flat))
+    diff = [[k, _short(a.flat.get(k)), _short(b.flat.get(k))] for k in keys if _key(a.flat.get(k)) != _key(b.flat.get(k))]
+    rows = []
+    for t in IOU_TYPES:
+        for s in STAT_NAMES:
+            va, vb = a.metric(t, s), b.metric(t, s)
+            rows.append([f"{t}/{s}", va, vb, round(vb - va, 4) if va is not None and vb is not None else None])
+    sa, sb = a.seen, b.seen
+    seen_rows = [[k, sa[k], sb[k], sb[k] - sa[k]] for k in (*SEEN_KEYS, "pretrain_images_seen", "pretrain_pixels_seen")]
+    status = [["iteration", a.iteration, b.iteration, None], ["finished", str(a.finished), str(b.finished), None]]
+    return [Table(f"Config: where {a.name} and {b.name} differ", ["key", a.name, b.name], diff or [["(none)", "", ""]],
+                  "", "compare_config.csv"),
+            Table("COCO numbers, side by side", ["metric", a.name, b.name, f"{b.name} - {a.name}"], rows,
+                  "At each run's latest evaluation.", "compare_metrics.csv"),
+            Table("Seen", ["", a.name, b.name, f"{b.name} - {a.name}"], status + seen_rows, "", "compare_seen.csv")]
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_csv(table: Table, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(table.columns)
+        w.writerows([["" if v is None else v for v in row] for row in table.rows])
+
+
+def table_text(table: Table) -> str:
+    cells = [[_fmt(v) for v in row] for row in table.rows]
+    widths = [max(len(x) for x in col) for col in zip(table.columns, *cells)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [table.columns, *cells]]
+    return f"{table.title}\n" + "\n".join(lines) + (f"\n{table.note}" if table.note else "")
+
+
+def table_html(table: Table) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in table.columns)
+    body = []
+    for row in table.rows:
+        cells = []
+        for v in row:
+            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{e(_fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    note = f'<p class="note">{e(table.note)}</p>' if table.note else ""
+    return f"<h2>{e(table.title)}</h2>\n<table><thead><tr>{head}</tr></thead>\n<tbody>{''.join(body)}</tbody></table>{note}"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return (f'<img alt="{html.escape(alt)}" width="1100" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
+
+
+STYLE = f"""
+body {{ font-family: sans-serif; margin: 16px 24px; color: #222; max-width: 1140px; }}
+h1 {{ font-size: 22px; margin: 0 0 4px; }} h2 {{ font-size: 16px; margin: 22px 0 6px; }}
+table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 4px; }}
+th {{ background: {HEADER_BG}; text-align: left; }}
+th, td {{ border: 1px solid #bbb; padding: 3px 7px; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+p.note, p.meta {{ font-size: 12px; color: #555; margin: 2px 0; }}
+img {{ display: block; max-width: 100%; height: auto; }}
+"""
+
+
+def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str, str] | None = None,
+                 pretrain_offset: bool = False, title: str = "scratchdet report") -> dict[str, Any]:
+    """Write the report into ``out``; returns what was written and the tables (for the CLI to print)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables").mkdir(exist_ok=True)
+    runs = load_runs(list(paths) or list(compare or ()))
+    if not runs:
+        raise FileNotFoundError("no runs to report")
+    pair = None
+    if compare is not None:
+        pair = tuple(_pick(runs, c) for c in compare)
+    sections: list[str] = []
+    tables: list[Table] = []
+    written: list[Path] = []
+    if pair is not None:
+        a, b = pair
+        fig = curves_figure([a, b], pretrain_offset=pretrain_offset, title=f"{a.name} vs {b.name}")
+        png = save_figure(fig, out, "compare")
+        written += [out / "compare.png", out / "compare.svg"]
+        ctables = compare_tables(a, b)
+        tables += ctables
+        sections.append(f"<h2>{html.escape(a.name)} vs {html.escape(b.name)}</h2>" + _img(png, "compare curves") +
+                        "\n".join(table_html(t) for t in ctables))
+    png = save_figure(curves_figure(runs, pretrain_offset=pretrain_offset), out, "ap_curves")
+    written += [out / "ap_curves.png", out / "ap_curves.svg"]
+    sections.append("<h2>AP vs iteration (Fig. 1)</h2>" + _img(png, "AP vs iteration") +
+                    '<p class="note">Solid: random init; dashed: pretrained; one color for runs that differ only in '
+                    "their init; dotted: LR drops (from each run's config.yaml)" +
+                    ("; grey: pre-training, its images in the run's iterations." if pretrain_offset else ".") + "</p>")
+    t1 = pivot(runs, primary=SCHEDULE_DIM, title="Table 1: schedule x init", csv_name="table1_schedule.csv",
+               note="Final AP (%); scratch-pretrained is random init minus pretrained, as the paper's Table 1 compares.")
+    ts = pivot(runs, primary=SUBSET_DIM, title="Data size x init (Sec. 5.3)", csv_name="table_data_size.csv",
+               note="Final AP (%) by data.subset; scratch-pretrained is random init minus pretrained.")
+    cb, cs = coco_table(runs, "bbox"), coco_table(runs, "segm")
+    seen = seen_table(runs)
+    png_seen = save_figure(seen_figure(runs), out, "seen")
+    written += [out / "seen.png", out / "seen.svg"]
+    sections += [table_html(t1), table_html(ts), table_html(cb), table_html(cs),
+                 "<h2>Images, instances and pixels seen (Fig. 2)</h2>" + _img(png_seen, "seen") + table_html(seen),
+                 table_html(runs_table(runs))]
+    tables += [t1, ts, cb, cs, seen, runs_table(runs)]
+    for t in tables:
+        write_csv(t, out / "tables" / t.csv_name)
+        written.append(out / "tables" / t.csv_name)
+    sources = ", ".join(html.escape(str(p)) for p in (paths or compare or ()))
+    page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+            f"<h1>{html.escape(title)}</h1><p class=\"meta\">{len(runs)} runs from {sources}; read from each run's "
+            "metrics.jsonl and config.yaml.</p>\n" + "\n".join(sections) + "\n</body></html>\n")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    written.insert(0, out / "index.html")
+    return {"runs": runs, "tables": tables, "written": written, "compare": pair}
+
+
+def _pick(runs: list[Run], ref: str) -> Run:
+    """A ``--compare`` argument: a run directory, or the name of a run being reported."""
+    p = Path(ref)
+    if p.is_dir():
+        for r in runs:
+            if r.path == p.resolve():
+                return r
+        extra = load_runs([p])
+        if len(extra) == 1:
+            runs.append(extra[0])
+            return extra[0]
+    matches = [r for r in runs if r.name == ref or r.path.name == ref]
+    if len(matches) != 1:
+        raise FileNotFoundError(f"--compare {ref}: no single run of that directory or name among "
+                                f"{', '.join(r.name for r in runs)}")
+    return matches[0]

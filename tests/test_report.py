@@ -1,0 +1,132 @@
+import csv
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scratchdet.cli import main
+from scratchdet.config import load_config
+from scratchdet.evaluation import STAT_NAMES
+from scratchdet.report import COLORS, HEADER_BG, build_report
+from scratchdet.run import read_metrics
+
+from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+
+# Two evaluations per run (iterations 3 and 6), every detection kept: curves with two points and non-zero AP.
+TINY = TINY_MODEL + TINY_SYNTH + TINY_SOLVER + ["test.eval_period=3", "model.score_thresh_test=0.0"]
+BLUE = tuple(int(COLORS[0][i:i + 2], 16) for i in (1, 3, 5))  # the first pair's color: both runs differ only in init
+HEADER = tuple(int(HEADER_BG[i:i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny random-init run and its twin fine-tuned from a tiny `scratchdet pretrain` on synthetic crops."""
+    from scratchdet.engine import train
+    from scratchdet.pretrain import pretrain
+    from scratchdet.synth import generate_cls
+
+    root = tmp_path_factory.mktemp("report_runs")
+    generate_cls(root / "cls", per_class=3, size=32)
+    backbone = pretrain(load_config(None, TINY_MODEL + [f"pretrain.images={root / 'cls'}", "pretrain.crop_size=32",
+                                                       "solver.max_iter=2", "solver.ims_per_batch=6", "solver.steps=[]",
+                                                       "dataloader.num_workers=0", "train.device=cpu", "train.amp=off"]),
+                        root / "study" / "pretrain", progress=False)
+    train(load_config(None, TINY), root / "study" / "scratch", progress=False)
+    train(load_config(None, TINY + [f"model.init={backbone}"]), root / "study" / "pretrained", progress=False)
+    return root
+
+
+def _near(image: np.ndarray, color: tuple[int, int, int], tol: int = 12) -> int:
+    return int((np.abs(image.astype(int) - np.array(color)).max(-1) <= tol).sum())
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        return {r[next(iter(r))]: r for r in csv.DictReader(f)}
+
+
+def test_report_from_two_runs_draws_figures_and_holds_their_numbers(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    # The study folder (as `scratchdet study` leaves it: the pretrain stage beside the runs) is reported as its runs.
+    assert main(["report", str(runs / "study"), "--out", str(out), "--pretrain-offset"]) == 0
+    assert "Table 1: schedule x init" in capsys.readouterr().out
+    for stem in ("ap_curves", "seen"):
+        png = np.asarray(Image.open(out / f"{stem}.png").convert("RGB"))
+        non_white = (png < 240).any(-1).mean()
+        assert png.std() > 20 and non_white > 0.05, stem  # not blank
+        assert _near(png, BLUE) > 100, stem  # the runs' lines / bars are drawn in their color
+        assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    records = {name: read_metrics(runs / "study" / name) for name in ("scratch", "pretrained")}
+    last = {name: [r for r in recs if "bbox/AP" in r][-1] for name, recs in records.items()}
+    for t in ("bbox", "segm"):
+        table = _rows(out / "tables" / f"coco_{t}.csv")
+        assert set(table) == {"scratch", "pretrained"}
+        for name, row in table.items():
+            assert [float(row[k]) for k in STAT_NAMES] == [last[name][f"{t}/{k}"] for k in STAT_NAMES]
+            assert row["init"] == ("random" if name == "scratch" else "pretrained")
+    pivot = list(_rows(out / "tables" / "table1_schedule.csv").values())
+    assert len(pivot) == 1 and pivot[0]["schedule"] == "6 it"
+    assert float(pivot[0]["box AP random"]) == last["scratch"]["bbox/AP"]
+    assert float(pivot[0]["mask AP pretrained"]) == last["pretrained"]["segm/AP"]
+    assert float(pivot[0]["box AP scratch-pretrained"]) == pytest.approx(
+        last["scratch"]["bbox/AP"] - last["pretrained"]["bbox/AP"], abs=1e-4)
+    assert list(_rows(out / "tables" / "table_data_size.csv")) == ["all"]
+    seen = _rows(out / "tables" / "seen.csv")
+    pre_images = read_metrics(runs / "study" / "pretrain")[-1]["images_seen"]
+    assert int(seen["pretrained"]["pretrain images"]) == pre_images == 12
+    assert int(seen["scratch"]["pretrain images"]) == 0
+    assert int(seen["scratch"]["images"]) == [r for r in records["scratch"] if "images_seen" in r][-1]["images_seen"]
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
+    assert f"{last['scratch']['bbox/AP']:.2f}" in page
+
+
+def test_report_reads_only_metrics_and_config_and_escapes_names(runs, tmp_path):
+    # A run copied as its two files, into a folder whose name is HTML.
+    odd = tmp_path / "copies" / '<b>x&"y"'
+    odd.mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.yaml"):
+        shutil.copy(runs / "study" / "scratch" / name, odd / name)
+    result = build_report([odd, runs / "study" / "pretrained"], tmp_path / "r")
+    assert {r.name for r in result["runs"]} == {'<b>x&"y"', "pretrained"}
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "&lt;b&gt;x&amp;&quot;y&quot;" in page and "<b>x" not in page
+
+
+def test_compare_two_runs_side_by_side(runs, tmp_path, capsys):
+    a, b = runs / "study" / "scratch", runs / "study" / "pretrained"
+    assert main(["report", "--compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "Config: where scratch and pretrained differ" in out and "model.init" in out
+    metrics = _rows(tmp_path / "cmp" / "tables" / "compare_metrics.csv")
+    la = [r for r in read_metrics(a) if "segm/AP" in r][-1]["segm/AP"]
+    lb = [r for r in read_metrics(b) if "segm/AP" in r][-1]["segm/AP"]
+    assert float(metrics["segm/AP"]["scratch"]) == la and float(metrics["segm/AP"]["pretrained"]) == lb
+    assert float(metrics["segm/AP"]["pretrained - scratch"]) == pytest.approx(lb - la, abs=1e-4)
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert "scratch vs pretrained" in (tmp_path / "cmp" / "index.html").read_text()
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def test_report_page_renders_in_headless_chromium(runs, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("headless Chromium not found (Debian: apt-get install -y chromium; .ci/run installs it)")
+    build_report([runs / "study"], tmp_path / "report")
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    "--window-size=1200,2000", (tmp_path / "report" / "index.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (2000, 1200) and image.std() > 20  # not blank
+    top = image[:1000]
+    assert _near(top, BLUE) > 100  # the curves (the inlined PNG decoded and drawn)
+    assert _near(image, HEADER) > 2000  # the tables' header rows

@@ -1,0 +1,193 @@
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scratchdet.cli import build_parser, main, parse_args
+from scratchdet.config import ConfigError, load_config, to_dict
+from scratchdet.run import read_metrics
+from scratchdet.study import (
+    PRETRAIN_NAME,
+    emit_slurm,
+    emit_torchrun,
+    expand,
+    load_spec,
+    open_study,
+    read_state,
+)
+from scratchdet.synth import CLASSES, generate_cls
+
+from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = TINY_MODEL + TINY_SYNTH + TINY_SOLVER
+PRETRAIN = {"synth_cls": {"seed": 0, "per_class": 3, "size": 32},
+            "overrides": ["pretrain.crop_size=32", "solver.max_iter=2", "solver.ims_per_batch=6", "solver.steps=[]",
+                          "train.log_period=1"]}
+
+
+def _spec(tmp_path, filename="study.yaml", **spec):
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump({"base": "default", "overrides": TINY, **spec}, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("argv", [["study", "--help"], ["report", "--help"], ["data", "synth-cls", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 0
+    assert "usage: scratchdet" in capsys.readouterr().out
+
+
+def test_synth_cls_is_a_balanced_deterministic_image_folder(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    def digest(root):
+        return hashlib.sha1(b"".join(p.read_bytes() for p in sorted(root.rglob("*.png")))).hexdigest()
+
+    assert main(["data", "synth-cls", "--out", str(tmp_path / "a"), "--per-class", "4", "--size", "24"]) == 0
+    generate_cls(tmp_path / "b", per_class=4, size=24)
+    generate_cls(tmp_path / "c", per_class=4, size=24, seed=1)
+    folder = ImageFolder(str(tmp_path / "a"))
+    assert folder.classes == sorted(CLASSES)  # one sub-folder per shape class, nothing else counted as a class
+    assert [folder.targets.count(i) for i in range(len(CLASSES))] == [4] * len(CLASSES)
+    assert folder[0][0].size == (24, 24)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+
+
+def test_grid_expands_into_named_runs_and_emitted_commands_give_the_same_configs(tmp_path):
+    path = _spec(tmp_path, grid={"model.init": ["random", "@pretrain"], "solver.schedule": ["0.5x", "1x"],
+                                 "data.subset": [0.5, 0]},
+                 pretrain=PRETRAIN)
+    study = open_study(path, tmp_path / "out")
+    names = [m.name for m in study.members]
+    assert names[0] == PRETRAIN_NAME and len(names) == 1 + 8
+    assert names[1:3] == ["init-random_schedule-0.5x_subset-0.5", "init-random_schedule-0.5x_subset-0"]
+    assert "init-pretrained_schedule-1x_subset-0" in names
+    # Names are stable: the same spec gives the same names, in the same order.
+    assert [m.name for m in open_study(path, tmp_path / "out").members] == names
+    backbone = str((tmp_path / "out" / PRETRAIN_NAME / "backbone_final.pth").resolve())
+    pre_member = study.members[-1]
+    assert study.config(pre_member).model.init == backbone and pre_member.needs_pretrain
+    assert study.config(study.members[1]).data.subset == 0.5
+    # Each torchrun line, parsed as the CLI parses it, resolves to the config the in-process run uses.
+    lines = [ln for ln in emit_torchrun(study, nproc=2).splitlines() if not ln.startswith(("#", "set "))]
+    assert lines[0].startswith("scratchdet data synth-cls --out ")
+    assert lines[1].startswith("scratchdet pretrain default ")
+    train_lines = lines[2:]
+    assert len(train_lines) == 8
+    for line, member in zip(train_lines, study.members[1:]):
+        words = shlex.split(line)
+        assert words[:6] == ["torchrun", "--nproc_per_node=2", "-m", "scratchdet", "train", "default"]
+        args = parse_args(words[4:])
+        assert Path(args.out) == (study.root / member.name).resolve()
+        assert to_dict(load_config(args.preset, args.overrides)) == to_dict(study.config(member))
+    scripts = emit_slurm(study, nproc=8, nodes=2)
+    assert "#SBATCH --array=0-7" in scripts["study.sbatch"]
+    assert "srun torchrun --nnodes=\"$SLURM_NNODES\" --nproc_per_node=8" in scripts["study.sbatch"]
+    assert "--dependency=afterok" in scripts["study.sbatch"] and "scratchdet pretrain" in scripts["pretrain.sbatch"]
+    subprocess.run(["bash", "-n"], input=scripts["study.sbatch"], text=True, check=True)  # valid shell
+
+
+def test_name_template_and_spec_errors(tmp_path):
+    spec = load_spec(_spec(tmp_path, grid={"model.norm": ["GN", "SyncBN"], "model.init": ["/w/r50 gn.pth"]},
+                           name="{model.norm}-{model.init}"))
+    assert [m.name for m in expand(spec, tmp_path, name="s").members] == ["GN-r50-gn", "SyncBN-r50-gn"]
+    with pytest.raises(ConfigError, match="two runs are both named"):
+        expand(load_spec(_spec(tmp_path, grid={"solver.base_lr": [0.1, 0.2]}, name="x")), tmp_path, name="s")
+    with pytest.raises(ConfigError, match="no pretrain: stage"):
+        expand(load_spec(_spec(tmp_path, grid={"model.init": ["@pretrain"]})), tmp_path, name="s")
+    # An override naming the pretrain stage's output applies to the detection runs, not to the stage itself.
+    spec = load_spec(_spec(tmp_path, overrides=TINY + ["model.init=@pretrain"], grid={"solver.max_iter": [6]},
+                           pretrain=PRETRAIN))
+    pre, run = expand(spec, tmp_path / "s", name="s").members
+    assert not any("@pretrain" in o or "model.init" in o for o in pre.overrides) and run.needs_pretrain
+    assert f"model.init={(tmp_path / 's' / PRETRAIN_NAME / 'backbone_final.pth').resolve()}" in run.overrides
+    with pytest.raises(ConfigError, match="unknown study key"):
+        load_spec(_spec(tmp_path, grids={}))
+    assert main(["study", str(_spec(tmp_path, grid={"solver.nope": [1]})), "--out", str(tmp_path / "o"),
+                 "--dry-run"]) == 2  # every member's config is checked before anything runs
+
+
+def test_study_with_a_failing_member_finishes_the_others_and_reports_it(tmp_path, capsys):
+    path = _spec(tmp_path, grid={"model.init": ["random", "@pretrain", str(tmp_path / "missing.pth")]},
+                 overrides=TINY + ["test.eval_period=3", "model.score_thresh_test=0.0"], pretrain=PRETRAIN)
+    out = tmp_path / "study"
+    assert main(["study", str(path), "--out", str(out), "--no-progress"]) == 1  # a failure: non-zero, after all ran
+    err = capsys.readouterr().err
+    assert "init-missing" in err and "failed" in err
+    state = read_state(out)["members"]
+    assert state["init-missing"]["status"] == "failed" and "missing.pth" in state["init-missing"]["error"]
+    for name in (PRETRAIN_NAME, "init-random", "init-pretrained"):
+        assert state[name]["status"] == "done" and (out / name / "model_final.pth").is_file(), name
+    # The pretrain stage's images are carried into the pretrained run's record (the comparison's Fig. 2).
+    pre_seen = read_metrics(out / PRETRAIN_NAME)[-1]["images_seen"]
+    assert pre_seen == 2 * 6
+    line = [r for r in read_metrics(out / "init-pretrained") if "loss" in r][-1]
+    assert line["pretrain_images_seen"] == pre_seen and "pretrain_images_seen" not in read_metrics(out / "init-random")[0]
+    assert len(list((out / "synth_cls").rglob("*.png"))) == 3 * len(CLASSES)
+    # --status: one row per member, the failure with its error, the AP of the finished runs.
+    assert main(["study", str(out), "--status"]) == 0
+    status = capsys.readouterr().out
+    rows = {ln.split()[0]: ln for ln in status.splitlines()[2:]}
+    assert set(rows) == {PRETRAIN_NAME, "init-random", "init-pretrained", "init-missing"}
+    assert "failed" in rows["init-missing"] and "missing.pth" in rows["init-missing"]
+    ap = [r for r in read_metrics(out / "init-random") if "bbox/AP" in r][-1]["bbox/AP"]
+    assert rows["init-random"].split()[1:4] == ["done", "6/6", "100%"] and f"{ap:.2f}" in rows["init-random"]
+    # TensorBoard on the study directory: every member is a run, with the scalars of its metrics.jsonl.
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(out))
+    mux.Reload()
+    runs = {Path(r).parts[0] for r in mux.Runs()}
+    assert {PRETRAIN_NAME, "init-random", "init-pretrained"} <= runs
+    events = mux.Scalars("init-pretrained/tensorboard", "bbox/AP")
+    evals = [r for r in read_metrics(out / "init-pretrained") if "bbox/AP" in r]
+    assert [(e.step, round(e.value, 3)) for e in events] == [(r["iteration"], round(r["bbox/AP"], 3)) for r in evals]
+
+
+def test_killed_study_resumed_skips_finished_runs_and_resumes_the_started_one(tmp_path, capsys):
+    # Run "b" is long enough (40 iterations, a checkpoint every 3) to be killed in the middle.
+    path = _spec(tmp_path, grid={"solver.max_iter": [6, 40]}, name="run-{solver.max_iter}")
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "scratchdet", "study", str(path), "--out", str(out), "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list((out / "run-40").glob("model_00000*.pth.sha256")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (out / "run-6/model_final.pth").is_file() and not (out / "run-40/model_final.pth").is_file()
+    assert main(["study", str(out), "--status"]) == 0
+    assert "interrupted" in capsys.readouterr().out  # study.json says running, but its process is gone
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "run-6").iterdir() if p.is_file()}
+    assert main(["study", str(out), "--no-progress"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "run-6").iterdir() if p.is_file()} == finished  # not redone
+    assert (out / "run-40/model_final.pth").is_file()
+    assert "resumed from model_00000" in (out / "run-40/log.txt").read_text()
+    lines = [r["iteration"] for r in read_metrics(out / "run-40") if "loss" in r]
+    assert lines == list(range(2, 41, 2))  # one log line per log period, none lost or doubled by the kill
+    assert json.loads((out / "study.json").read_text())["members"]["run-40"]["status"] == "done"
+
+
+def test_shipped_mini_study_expands(tmp_path):
+    study = open_study(ROOT / "studies" / "mini_rethink.yaml", tmp_path / "mini")
+    runs = [m for m in study.members if m.kind == "train"]
+    assert study.members[0].name == PRETRAIN_NAME and len(runs) == 12
+    assert {m.values["model.init"] for m in runs} == {"random", "@pretrain"}
+    assert len({m.values["solver.schedule"] for m in runs}) == 3 and len({m.values["data.subset"] for m in runs}) == 2
+    for m in study.members:
+        study.config(m)  # every config loads
+    assert "estimate" in (ROOT / "studies" / "mini_rethink.yaml").read_text()
