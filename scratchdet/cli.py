@@ -508,7 +508,14 @@ def _main(argv: list[str] | None = None) -> int:
         rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--num-gpus=")]
         return launch(args.num_gpus, rest)
     try:
-        return args.func(args)
+        code = args.func(args)
+        # Every rank got here: leave together, then close the group.  A group left to the
+        # interpreter's exit can abort in gloo's threads ("terminate called without an active
+        # exception") after the work is done, and torchrun would report the run as failed.
+        dist = sys.modules.get("scratchdet.distributed")  # imported by the commands that use it
+        if dist is not None:
+            dist.shutdown()
+        return code
     except (ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"scratchdet: error: {e}", file=sys.stderr)
         return 2

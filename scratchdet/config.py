@@ -83,12 +83,23 @@ class ModelConfig:
         "RGB mean in 0-255 pixel units (ImageNet's, as detectron2); `scratchdet data stats` computes your data's",
     )
     pixel_std: list[float] = opt([58.395, 57.12, 57.375], "RGB std in 0-255 pixel units (ImageNet's)")
+    task: str = opt("masks", "what the detector predicts: masks (Mask R-CNN), boxes (Faster R-CNN) or keypoints "
+                             "(Keypoint R-CNN)")
+    num_keypoints: int = opt(0, "keypoints per instance for task keypoints; 0: from the training set's categories")
+    keypoint_head_num_conv: int = opt(8, "convs of the keypoint head (8 in Mask R-CNN's keypoint head)")
+    keypoint_head_conv_dim: int = opt(512, "channels of the keypoint head convs")
+    roi_head: str = opt("standard", "standard (one box head) or cascade (Cascade R-CNN: a box head per IoU stage)")
+    cascade_ious: list[float] = opt([0.5, 0.6, 0.7], "foreground IoU of each cascade stage (Cai and Vasconcelos)")
+    cascade_weights: list[float] = opt([1.0, 0.5, 0.25], "loss weight of each cascade stage")
 
 
 @dataclass
 class DatasetConfig:
-    images: str = opt("", "folder of images; file_name in the JSON is relative to it")
-    annotations: str = opt("", "COCO instances JSON; empty for the embedded synthetic dataset")
+    images: str = opt("", "folder of images (file_name in the JSON is relative to it); for format voc, the VOC root "
+                          "(Annotations/, ImageSets/Main/, JPEGImages/)")
+    annotations: str = opt("", "COCO JSON (instances, or person keypoints for model.task keypoints); for format voc, "
+                               "the image set name (trainval, test); empty for the embedded synthetic dataset")
+    format: str = opt("coco", "coco (JSON) or voc (Pascal VOC XML; boxes only: model.task boxes)")
 
 
 @dataclass
@@ -115,6 +126,10 @@ class DataConfig:
         0.0, "train on a random subset: a count (10000) or a fraction (0.1) of the images; 0: all. Nested across sizes"
     )
     subset_seed: int = opt(0, "seed of the subset draw; the same seed nests smaller subsets in larger ones")
+    lsj: bool = opt(False, "large-scale jitter (detectron2's new baselines): resize by a random factor of "
+                           "data.lsj_scale around data.lsj_size, then crop or pad to a square of that size")
+    lsj_size: int = opt(1024, "side of LSJ's square crop (and of the test images' longer side when data.lsj is set)")
+    lsj_scale: list[float] = opt([0.1, 2.0], "LSJ's range of scale factors")
 
 
 @dataclass
@@ -145,6 +160,9 @@ class SolverConfig:
     skip_nonfinite: int = opt(
         0, "non-finite losses or gradients to skip (step not taken, logged) before stopping; 0: stop at the first"
     )
+    fp32_cpu_scale: float = opt(
+        1.0, "where train.amp=auto finds no native bf16 on the CPU (so trains in fp32, ~1.5x slower), multiply "
+             "max_iter, steps and warmup_iters by this: a fixed shorter schedule for a time budget, said in the log")
     checkpoint_period: int = opt(5000, "iterations between checkpoints")
     keep_checkpoints: int = opt(3, "periodic checkpoints kept (older ones deleted); model_final is always kept")
 
@@ -154,6 +172,12 @@ class TestConfig:
     eval_period: int = opt(0, "iterations between evaluations during training (0: only at the end)")
     max_images: int = opt(0, "evaluate only the first N validation images (0: all)")
     ims_per_batch: int = opt(1, "images per inference batch")
+    aug: bool = opt(False, "test-time augmentation: every size of test.aug_min_sizes, each also flipped; boxes merged, "
+                           "masks and keypoints averaged")
+    aug_min_sizes: list[int] = opt([400, 500, 600, 700, 800, 900, 1000, 1100, 1200],
+                                   "shorter sides of test-time augmentation (Detectron's, as the paper's TTA)")
+    aug_max_size: int = opt(4000, "longer side cap of test-time augmentation")
+    aug_flip: bool = opt(True, "test-time augmentation adds the horizontal flip of each size")
 
 
 @dataclass
@@ -335,6 +359,10 @@ def validate(cfg: Config) -> None:
         "model.depth": (cfg.model.depth, (18, 34, 50, 101, 152)),
         "train.amp": (cfg.train.amp, ("off", "bf16", "fp16", "auto")),
         "train.deterministic": (cfg.train.deterministic, ("auto", "on", "off")),
+        "model.task": (cfg.model.task, ("masks", "boxes", "keypoints")),
+        "model.roi_head": (cfg.model.roi_head, ("standard", "cascade")),
+        "data.train.format": (cfg.data.train.format, ("coco", "voc")),
+        "data.val.format": (cfg.data.val.format, ("coco", "voc")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -358,6 +386,18 @@ def validate(cfg: Config) -> None:
             f"model.freeze_at={cfg.model.freeze_at} with model.init=random would freeze randomly initialized layers "
             "(they would never learn); freeze only pretrained stages (set model.init), or use freeze_at=0"
         )
+    for split in ("train", "val"):
+        if getattr(cfg.data, split).format == "voc" and cfg.model.task != "boxes":
+            raise ConfigError(f"data.{split}.format: voc has boxes only; set model.task=boxes (Faster R-CNN)")
+    if len(cfg.model.cascade_ious) != len(cfg.model.cascade_weights) or not cfg.model.cascade_ious:
+        raise ConfigError("model.cascade_ious / model.cascade_weights: give one weight per stage (3 in Cascade R-CNN)")
+    if cfg.model.roi_head == "cascade" and cfg.model.task == "keypoints":
+        raise ConfigError("model.roi_head: cascade is built for boxes and masks; keypoints use the standard head")
+    if cfg.data.lsj and not 0 < cfg.data.lsj_scale[0] <= cfg.data.lsj_scale[-1]:
+        raise ConfigError(f"data.lsj_scale: {cfg.data.lsj_scale} is not a range of positive factors [low, high]")
+    if cfg.solver.fp32_cpu_scale != 1.0 and (cfg.solver.schedule or cfg.solver.epochs or cfg.solver.fp32_cpu_scale <= 0):
+        raise ConfigError("solver.fp32_cpu_scale: scales solver.max_iter/steps/warmup_iters (a positive factor); "
+                          "it cannot apply to solver.schedule or solver.epochs")
     if len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: give one size per FPN level P2..P6 (5 values)")
     if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3:
@@ -483,3 +523,22 @@ def short_schedule_warning(init: str, images_seen: int) -> str | None:
             f"{SCRATCH_MIN_IMAGES:,} (3x COCO schedule) the paper found necessary for scratch to catch up with "
             f"ImageNet pre-training on COCO ({SCRATCH_MIN_IMAGES / max(images_seen, 1):.1f}x short); smaller datasets "
             "may need fewer, but expect a gap if the schedule is short")
+
+
+def scale_for_fp32_cpu(cfg: Config) -> tuple[Config, str | None]:
+    """``cfg`` with ``solver.fp32_cpu_scale`` applied (a copy, the factor then 1), and what was done."""
+    k = cfg.solver.fp32_cpu_scale
+    if k == 1.0:
+        return cfg, None
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    s = cfg.solver
+    old = (s.max_iter, list(s.steps), s.warmup_iters)
+    s.max_iter = max(1, round(s.max_iter * k))
+    s.steps = [round(v * k) for v in s.steps]
+    s.warmup_iters = round(s.warmup_iters * k)
+    s.fp32_cpu_scale = 1.0
+    return cfg, (f"no native bf16 on this CPU: training in fp32 (about 1.5x slower), with solver.fp32_cpu_scale={k:g} "
+                 f"of the schedule: {s.max_iter} iterations (not {old[0]}), LR drops at {s.steps} (not {old[1]}), "
+                 f"warmup {s.warmup_iters} (not {old[2]})")

@@ -86,6 +86,7 @@ def init(device: torch.device, *, timeout_s: float) -> None:
 def shutdown() -> None:
     global _CPU_GROUP, _MONITOR_GROUP
     if is_initialized():
+        barrier()
         td.destroy_process_group()
     _CPU_GROUP = _MONITOR_GROUP = None
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, resolve_schedule, short_schedule_warning, to_dict
+from .config import Config, ConfigError, resolve_schedule, scale_for_fp32_cpu, short_schedule_warning, to_dict
 from .data import (
     CocoDetection,
     TrainSampler,
@@ -173,6 +173,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device))
     dtype = amp_dtype(cfg.train.amp, device)
+    if cfg.train.amp == "auto" and dtype is None and device.type == "cpu":
+        cfg, note = scale_for_fp32_cpu(cfg)  # a fixed shorter schedule where bf16 would be emulated
+        if note:
+            log.warning("%s", note)
     rank, world = dist.rank(), dist.world_size()
     if cfg.solver.ims_per_batch % world:
         raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must divide "

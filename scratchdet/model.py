@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -30,6 +31,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.ops.poolers import _setup_scales
 
 from . import distributed as dist
@@ -366,6 +368,14 @@ class FP32BoxPredictor(FastRCNNPredictor):
             return super().forward(x.float())
 
 
+class FP32KeypointPredictor(KeypointRCNNPredictor):
+    """Keypoint heatmap logits (transposed conv, then 2x bilinear upsampling) in fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _fp32(x):
+            return super().forward(x.float())
+
+
 class FP32MaskPredictor(MaskRCNNPredictor):
     """Transposed conv under autocast, mask logits in fp32 (so mask probabilities are fp32)."""
 
@@ -594,13 +604,27 @@ def build_model(
     detections_per_image: int = 100,
     pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53),
     pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
-) -> MaskRCNN:
-    """Mask R-CNN, FPN P2-P6, 4conv1fc box head, 4-conv mask head; ``num_classes`` excludes background.
+    task: str = "masks",
+    num_keypoints: int = 0,
+    keypoint_head_num_conv: int = 8,
+    keypoint_head_conv_dim: int = 512,
+    roi_head: str = "standard",
+    cascade_ious: tuple[float, ...] = (0.5, 0.6, 0.7),
+    cascade_weights: tuple[float, ...] = (1.0, 0.5, 0.25),
+) -> FasterRCNN:
+    """Mask R-CNN (``task`` masks), Faster R-CNN (boxes) or Keypoint R-CNN (keypoints): FPN P2-P6,
+    4conv1fc box head (or a cascade of them), 4-conv mask head, 8-conv keypoint head, every one
+    normalized by ``norm``; ``num_classes`` excludes background.
 
     Input: list of float images [3, H, W] in 0-255 RGB.  Training returns the loss dict; inference
-    returns per image ``boxes`` [N, 4] (xyxy, input pixels), ``labels`` [N], ``scores`` [N] and
-    ``masks`` [N, 1, 28, 28] probabilities (paste them with ``paste_detections``).
+    returns per image ``boxes`` [N, 4] (xyxy, input pixels), ``labels`` [N], ``scores`` [N], and
+    ``masks`` [N, 1, 28, 28] probabilities (paste them with ``paste_detections``) or ``keypoints``
+    [N, K, 3] (x, y, visibility) with ``keypoints_scores`` [N, K].
     """
+    if task not in ("masks", "boxes", "keypoints"):
+        raise ValueError(f"task {task!r} is not masks, boxes or keypoints")
+    if task == "keypoints" and num_keypoints < 1:
+        raise ValueError("task keypoints: num_keypoints unknown (the training set's categories give it)")
     trunk = ResNet(depth=depth, groups=groups, width_per_group=width_per_group, stem_channels=stem_channels,
                    base_width=base_width, norm=norm, gn_groups=gn_groups, zero_init_residual=zero_init_residual,
                    stride_in_1x1=stride_in_1x1, freeze_at=freeze_at)
@@ -626,53 +650,68 @@ def build_model(
     box_predictor = FP32BoxPredictor(box_head_fc_dim, num_classes + 1)
     normal_fill_(box_predictor.cls_score, std=0.01)
     normal_fill_(box_predictor.bbox_pred, std=0.001)
-    mask_head = MaskRCNNHeads(fpn_channels, [mask_head_conv_dim] * mask_head_num_conv, 1, norm_layer=head_norm)
-    msra_fill_(mask_head)
-    mask_predictor = FP32MaskPredictor(mask_head_conv_dim, mask_head_conv_dim, num_classes + 1)
-    msra_fill_(mask_predictor.conv5_mask)  # a transposed conv: MSRA fill, bias 0, as detectron2
-    normal_fill_(mask_predictor.mask_fcn_logits, std=0.001)
-    model = MaskRCNN(
-        backbone,
-        num_classes=None,
-        image_mean=list(pixel_mean),
-        image_std=list(pixel_std),
-        rpn_anchor_generator=anchors,
-        rpn_head=rpn_head,
-        rpn_pre_nms_top_n_train=rpn_pre_nms_topk_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_topk_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_topk_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_topk_test,
-        rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_head=box_head,
-        box_predictor=box_predictor,
-        box_score_thresh=score_thresh_test,
-        box_nms_thresh=nms_thresh_test,
-        box_detections_per_img=detections_per_image,
-        box_batch_size_per_image=roi_batch_size_per_image,
-        box_positive_fraction=roi_positive_fraction,
-        mask_head=mask_head,
-        mask_predictor=mask_predictor,
-        box_roi_pool=ParallelRoIPool(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
-        mask_roi_pool=ParallelRoIPool(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2),
-    )
-    # torchvision's defaults for everything but the CPU threading (MaskRCNN builds its RPN itself).
+    pools = ["0", "1", "2", "3"]
+    common = dict(
+        num_classes=None, image_mean=list(pixel_mean), image_std=list(pixel_std), rpn_anchor_generator=anchors,
+        rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn_pre_nms_topk_train, rpn_pre_nms_top_n_test=rpn_pre_nms_topk_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_topk_train, rpn_post_nms_top_n_test=rpn_post_nms_topk_test,
+        rpn_batch_size_per_image=rpn_batch_size_per_image, box_head=box_head, box_predictor=box_predictor,
+        box_score_thresh=score_thresh_test, box_nms_thresh=nms_thresh_test, box_detections_per_img=detections_per_image,
+        box_batch_size_per_image=roi_batch_size_per_image, box_positive_fraction=roi_positive_fraction,
+        box_roi_pool=ParallelRoIPool(featmap_names=pools, output_size=7, sampling_ratio=2))
+    if task == "masks":
+        mask_head = MaskRCNNHeads(fpn_channels, [mask_head_conv_dim] * mask_head_num_conv, 1, norm_layer=head_norm)
+        msra_fill_(mask_head)
+        mask_predictor = FP32MaskPredictor(mask_head_conv_dim, mask_head_conv_dim, num_classes + 1)
+        msra_fill_(mask_predictor.conv5_mask)  # a transposed conv: MSRA fill, bias 0, as detectron2
+        normal_fill_(mask_predictor.mask_fcn_logits, std=0.001)
+        model: FasterRCNN = MaskRCNN(backbone, mask_head=mask_head, mask_predictor=mask_predictor,
+                                     mask_roi_pool=ParallelRoIPool(featmap_names=pools, output_size=14, sampling_ratio=2),
+                                     **common)
+    elif task == "keypoints":
+        # Mask R-CNN's keypoint head: 8 3x3 convs of 512 channels, normalized like every other layer
+        # (the paper trains Keypoint R-CNN from scratch with GN in its head too).
+        keypoint_head = nn.Sequential(*[
+            Conv2dNormActivation(fpn_channels if i == 0 else keypoint_head_conv_dim, keypoint_head_conv_dim, 3,
+                                 norm_layer=head_norm) for i in range(keypoint_head_num_conv)])
+        msra_fill_(keypoint_head)
+        keypoint_predictor = FP32KeypointPredictor(keypoint_head_conv_dim, num_keypoints)
+        msra_fill_(keypoint_predictor.kps_score_lowres)
+        model = KeypointRCNN(backbone, keypoint_head=keypoint_head, keypoint_predictor=keypoint_predictor,
+                             keypoint_roi_pool=ParallelRoIPool(featmap_names=pools, output_size=14, sampling_ratio=2),
+                             **common)
+    else:
+        model = FasterRCNN(backbone, **common)
+    # torchvision's defaults for everything but the CPU threading (the detector builds its RPN itself).
     model.rpn = ParallelRPN(anchors, rpn_head, 0.7, 0.3, rpn_batch_size_per_image, 0.5,
                             {"training": rpn_pre_nms_topk_train, "testing": rpn_pre_nms_topk_test},
                             {"training": rpn_post_nms_topk_train, "testing": rpn_post_nms_topk_test}, 0.7)
     model.transform = BatchOnlyTransform(1, 1, list(pixel_mean), list(pixel_std), size_divisible=32)
     model.rpn.fg_bg_sampler = SeededSampler(rpn_batch_size_per_image, 0.5, salt=1)
     model.roi_heads.fg_bg_sampler = SeededSampler(roi_batch_size_per_image, roi_positive_fraction, salt=2)
+    if roi_head == "cascade":
+        from .cascade import make_cascade
+
+        make_cascade(model, ious=tuple(cascade_ious), weights=tuple(cascade_weights), fpn_channels=fpn_channels,
+                     conv_dims=[box_head_conv_dim] * box_head_num_conv, fc_dim=box_head_fc_dim, norm_layer=head_norm,
+                     num_classes=num_classes)
     return model
 
 
-def model_kwargs(model_cfg: Any, num_classes: int | None = None) -> dict[str, Any]:
+def model_kwargs(model_cfg: Any, num_classes: int | None = None, num_keypoints: int | None = None) -> dict[str, Any]:
     """The one translation from ``ModelConfig`` to ``build_model`` arguments.
 
-    ``num_classes`` is the training set's; ``model.num_classes`` (when not 0) must agree with it.
+    ``num_classes`` (and ``num_keypoints``) are the training set's; ``model.num_classes`` (and
+    ``model.num_keypoints``) when not 0 must agree with them.
     """
     kwargs = {k: v for k, v in vars(model_cfg).items() if k not in ("init", "num_classes")}
-    for k in ("anchor_sizes", "anchor_aspect_ratios", "pixel_mean", "pixel_std"):
+    for k in ("anchor_sizes", "anchor_aspect_ratios", "pixel_mean", "pixel_std", "cascade_ious", "cascade_weights"):
         kwargs[k] = tuple(kwargs[k])
+    if model_cfg.task == "keypoints":
+        if model_cfg.num_keypoints and num_keypoints and model_cfg.num_keypoints != num_keypoints:
+            raise ValueError(f"model.num_keypoints={model_cfg.num_keypoints} but the training set's categories have "
+                             f"{num_keypoints} keypoints")
+        kwargs["num_keypoints"] = num_keypoints or model_cfg.num_keypoints
     if model_cfg.num_classes and num_classes and model_cfg.num_classes != num_classes:
         raise ValueError(f"model.num_classes={model_cfg.num_classes} but the training set has {num_classes} categories")
     n = num_classes or model_cfg.num_classes

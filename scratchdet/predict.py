@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .data import ResizeShortestEdge, read_image
-from .run import load_run_model, pick_device
 from .evaluation import to_coco_results
 from .model import paste_detections
+from .run import load_run_model, pick_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

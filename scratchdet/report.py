@@ -354,8 +354,9 @@ def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str 
     and with ``pretrain_offset`` the pretrained runs shifted right by their pre-training (grey band)."""
     colors = _colors(runs)
     ncol = 3
-    legend_rows = -(-len(runs) // ncol) + 1
-    fig = Figure(figsize=(11, 3.8 + 0.24 * legend_rows), dpi=100)
+    legend_rows = -(-(len(runs) + 4) // ncol)  # the runs, then the style entries
+    legend_h = 0.17 * legend_rows + 0.15  # inches under the axes for the legend
+    fig = Figure(figsize=(11, 3.6 + legend_h), dpi=100)
     axes = fig.subplots(1, 2)
     offsets = {r.name: (r.pretrain_offset if pretrain_offset and r.pretrained else 0.0) for r in runs}
     for ax, t in zip(axes, IOU_TYPES):
@@ -387,7 +388,7 @@ def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str 
                fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))
+    fig.tight_layout(rect=(0, legend_h / (3.6 + legend_h), 1, 1))
     return fig
 
 
