@@ -75,6 +75,9 @@ class ModelConfig:
     mask_head_conv_dim: int = opt(256, "channels of the mask head convs")
     roi_batch_size_per_image: int = opt(512, "RoIs sampled per image for the box head loss")
     roi_positive_fraction: float = opt(0.25, "fraction of foreground RoIs in that sample")
+    roi_sampling_ratio: int = opt(
+        2, "RoIAlign's sampling points per bin side, box/mask/keypoint poolers (Detectron and torchvision: 2; "
+           "0: adaptive, as detectron2); 1 costs a quarter of 2 in RoIAlign, the CPU step's second-largest part")
     score_thresh_test: float = opt(0.05, "minimum score of a detection at inference")
     nms_thresh_test: float = opt(0.5, "per-class NMS IoU threshold at inference")
     detections_per_image: int = opt(100, "detections kept per image (COCO evaluates 100)")
@@ -95,10 +98,11 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    images: str = opt("", "folder of images (file_name in the JSON is relative to it); for format voc, the VOC root "
-                          "(Annotations/, ImageSets/Main/, JPEGImages/)")
+    images: str = opt("", "folder of images (file_name in the JSON is relative to it); for format voc, the VOC root, "
+                          "or several separated by commas (each with Annotations/, ImageSets/Main/, JPEGImages/)")
     annotations: str = opt("", "COCO JSON (instances, or person keypoints for model.task keypoints); for format voc, "
-                               "the image set name (trainval, test); empty for the embedded synthetic dataset")
+                               "the image set name (trainval, test), one for all roots or one per root (commas); "
+                               "empty for the embedded synthetic dataset")
     format: str = opt("coco", "coco (JSON) or voc (Pascal VOC XML; boxes only: model.task boxes)")
 
 
@@ -109,6 +113,8 @@ class SynthConfig:
     num_val: int = opt(100, "validation images of the synthetic dataset")
     image_size: int = opt(256, "side of the square synthetic images, in pixels")
     root: str = opt("", "where it is generated and cached; empty for ~/.cache/scratchdet/synth-<signature>")
+    keypoints: bool = opt(False, "use its keypoint annotations (each shape's 4 extreme points: top, right, bottom, "
+                                 "left), for model.task keypoints")
 
 
 @dataclass
@@ -128,7 +134,8 @@ class DataConfig:
     subset_seed: int = opt(0, "seed of the subset draw; the same seed nests smaller subsets in larger ones")
     lsj: bool = opt(False, "large-scale jitter (detectron2's new baselines): resize by a random factor of "
                            "data.lsj_scale around data.lsj_size, then crop or pad to a square of that size")
-    lsj_size: int = opt(1024, "side of LSJ's square crop (and of the test images' longer side when data.lsj is set)")
+    lsj_size: int = opt(1024, "side of LSJ's square crop (test images keep data.min/max_size_test, as detectron2's "
+                              "LSJ baselines test at 800/1333)")
     lsj_scale: list[float] = opt([0.1, 2.0], "LSJ's range of scale factors")
 
 
@@ -161,8 +168,9 @@ class SolverConfig:
         0, "non-finite losses or gradients to skip (step not taken, logged) before stopping; 0: stop at the first"
     )
     fp32_cpu_scale: float = opt(
-        1.0, "where train.amp=auto finds no native bf16 on the CPU (so trains in fp32, ~1.5x slower), multiply "
-             "max_iter, steps and warmup_iters by this: a fixed shorter schedule for a time budget, said in the log")
+        1.0, "scratchdet train only: where train.amp=auto finds no native bf16 on the CPU (so trains in fp32, 1.3x "
+             "slower per step where measured), multiply max_iter, steps, warmup_iters and the eval/checkpoint periods by "
+             "this: a fixed shorter schedule for a time budget, said in the log (and a note where it does not apply)")
     checkpoint_period: int = opt(5000, "iterations between checkpoints")
     keep_checkpoints: int = opt(3, "periodic checkpoints kept (older ones deleted); model_final is always kept")
 
@@ -389,15 +397,24 @@ def validate(cfg: Config) -> None:
     for split in ("train", "val"):
         if getattr(cfg.data, split).format == "voc" and cfg.model.task != "boxes":
             raise ConfigError(f"data.{split}.format: voc has boxes only; set model.task=boxes (Faster R-CNN)")
+        if getattr(cfg.data, split).format == "voc" and not getattr(cfg.data, split).annotations:
+            # Without them the synthetic COCO data would be used, not a VOC set.
+            raise ConfigError(f"data.{split}.format: voc needs data.{split}.images (VOC root(s), comma-separated) "
+                              f"and data.{split}.annotations (the image set name, e.g. trainval)")
     if len(cfg.model.cascade_ious) != len(cfg.model.cascade_weights) or not cfg.model.cascade_ious:
         raise ConfigError("model.cascade_ious / model.cascade_weights: give one weight per stage (3 in Cascade R-CNN)")
     if cfg.model.roi_head == "cascade" and cfg.model.task == "keypoints":
         raise ConfigError("model.roi_head: cascade is built for boxes and masks; keypoints use the standard head")
+    if cfg.model.task == "keypoints" and not cfg.data.train.annotations and not cfg.data.synth.keypoints:
+        raise ConfigError("model.task keypoints on the synthetic dataset: set data.synth.keypoints=true (its keypoint "
+                          "annotations), or give data.train.annotations a COCO person-keypoints file")
     if cfg.data.lsj and not 0 < cfg.data.lsj_scale[0] <= cfg.data.lsj_scale[-1]:
         raise ConfigError(f"data.lsj_scale: {cfg.data.lsj_scale} is not a range of positive factors [low, high]")
-    if cfg.solver.fp32_cpu_scale != 1.0 and (cfg.solver.schedule or cfg.solver.epochs or cfg.solver.fp32_cpu_scale <= 0):
-        raise ConfigError("solver.fp32_cpu_scale: scales solver.max_iter/steps/warmup_iters (a positive factor); "
-                          "it cannot apply to solver.schedule or solver.epochs")
+    if cfg.model.roi_sampling_ratio < 0:
+        raise ConfigError(f"model.roi_sampling_ratio: {cfg.model.roi_sampling_ratio} (give 1, 2, ... points per bin "
+                          "side, or 0 for adaptive)")
+    if cfg.solver.fp32_cpu_scale <= 0:
+        raise ConfigError(f"solver.fp32_cpu_scale: {cfg.solver.fp32_cpu_scale} is not a positive factor")
     if len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: give one size per FPN level P2..P6 (5 values)")
     if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3:
@@ -530,6 +547,10 @@ def scale_for_fp32_cpu(cfg: Config) -> tuple[Config, str | None]:
     k = cfg.solver.fp32_cpu_scale
     if k == 1.0:
         return cfg, None
+    if cfg.solver.schedule or cfg.solver.epochs:
+        # A schedule in the paper's units (or in epochs) is what the user asked for: kept, and said.
+        return cfg, (f"no native bf16 on this CPU: training in fp32 (slower than bf16); solver.fp32_cpu_scale={k:g} "
+                     "not applied, as solver.schedule / solver.epochs set the length")
     import copy
 
     cfg = copy.deepcopy(cfg)
@@ -538,7 +559,11 @@ def scale_for_fp32_cpu(cfg: Config) -> tuple[Config, str | None]:
     s.max_iter = max(1, round(s.max_iter * k))
     s.steps = [round(v * k) for v in s.steps]
     s.warmup_iters = round(s.warmup_iters * k)
+    # The periods too, so evaluations and checkpoints fall where they fall in the full schedule.
+    s.checkpoint_period = max(1, round(s.checkpoint_period * k))
+    if cfg.test.eval_period:
+        cfg.test.eval_period = max(1, round(cfg.test.eval_period * k))
     s.fp32_cpu_scale = 1.0
-    return cfg, (f"no native bf16 on this CPU: training in fp32 (about 1.5x slower), with solver.fp32_cpu_scale={k:g} "
+    return cfg, (f"no native bf16 on this CPU: training in fp32 (slower than bf16), with solver.fp32_cpu_scale={k:g} "
                  f"of the schedule: {s.max_iter} iterations (not {old[0]}), LR drops at {s.steps} (not {old[1]}), "
-                 f"warmup {s.warmup_iters} (not {old[2]})")
+                 f"warmup {s.warmup_iters} (not {old[2]}); evaluation and checkpoint periods scaled alike")

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import re
 import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -117,8 +118,12 @@ def _as_float(v: Any) -> float | None:
         return None
 
 
-def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], LoadReport]:
-    """Read a COCO instances JSON into image records (annotations attached) and its categories."""
+def load_coco_json(path: str | Path, *, task: str = "masks") -> tuple[list[ImageRecord], list[dict], LoadReport]:
+    """Read a COCO instances JSON into image records (annotations attached) and its categories.
+
+    ``task`` says what the targets need: ``masks`` checks segmentations; ``boxes`` and ``keypoints``
+    leave them unread; ``keypoints`` checks each annotation's ``keypoints`` against the categories'
+    keypoint names (every category's ``keypoints`` entry, then, is the same list of names)."""
     path = Path(path)
     data = _read_json_object(path)
     for key in ("images", "categories"):
@@ -126,6 +131,12 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
             raise DataError(f"{path}: missing or non-list '{key}'")
     report = LoadReport()
     categories = _parse_categories(path, data["categories"])
+    num_keypoints = 0
+    if task == "keypoints":
+        names = keypoint_layout(path, data["categories"])
+        num_keypoints = len(names)
+        for c in categories:  # returned with them: the JSON is read once (COCO's person keypoints: 240 MB)
+            c["keypoints"] = list(names)
     cat_ids = {c["id"] for c in categories}
     records: dict[int, ImageRecord] = {}
     for im in data["images"]:
@@ -187,7 +198,9 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
         if max(x0 - x, y0 - y, (x + w) - x1, (y + h) - y1) > _ROUNDING_PX:
             report.add("bboxes clipped to the image (repaired)", what)
             ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}
-        if not crowd:
+        if num_keypoints:
+            ann = _check_keypoints(path, ann, rec, num_keypoints, report, what)
+        if not crowd and task == "masks":
             seg, problems = _check_segmentation(ann.get("segmentation"), rec.height, rec.width)
             for problem in problems:
                 report.add(problem, what)
@@ -196,6 +209,92 @@ def load_coco_json(path: str | Path) -> tuple[list[ImageRecord], list[dict], Loa
             ann = {**ann, "segmentation": seg}
         rec.anns.append(ann)
     return list(records.values()), categories, report
+
+
+def keypoint_layout(path: Path, entries: list) -> list[str]:
+    """The keypoint names every category shares (COCO person keypoints: a category's ``keypoints`` list)."""
+    layouts = {}
+    for c in entries:
+        names = c.get("keypoints")
+        if names is None:
+            continue
+        if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
+                or len(set(names)) != len(names)):
+            raise DataError(f"{path}: category id {c['id']}: 'keypoints' must be a non-empty list of distinct names")
+        layouts[c["id"]] = names
+    if not layouts:
+        raise DataError(f"{path}: no category has a 'keypoints' list of names: model.task keypoints needs a COCO "
+                        "person-keypoints file (see the README, 'Keypoints')")
+    first_id, names = next(iter(layouts.items()))
+    for c in entries:
+        # Keypoint R-CNN's head predicts one set of K heatmaps for every class (torchvision, detectron2).
+        if layouts.get(c["id"]) != names:
+            raise DataError(f"{path}: categories {first_id} and {c['id']} have different 'keypoints' lists; one keypoint "
+                            "layout is shared by every category")
+    keypoint_flip_index(names, where=str(path))  # an unpaired left/right name is found now
+    return names
+
+
+def keypoint_flip_index(names: Sequence[str], *, where: str = "") -> list[int]:
+    """``index[k]``: the keypoint that keypoint ``k`` becomes under a horizontal flip ("left" and "right" swapped
+    wherever they occur in its name, any case: left_eye <-> right_eye as detectron2's KEYPOINT_FLIP_MAP pairs
+    COCO's, and left-eye, leftEye, LEFT_EYE alike).  Test-time augmentation flips with the same map."""
+    def swap(m: re.Match) -> str:
+        w = m.group(0)
+        other = "right" if w.lower() == "left" else "left"
+        return other.upper() if w.isupper() else other.capitalize() if w[0].isupper() else other
+
+    position = {n: k for k, n in enumerate(names)}
+    index = []
+    for n in names:
+        partner = re.sub(r"left|right", swap, n, flags=re.IGNORECASE)
+        if partner not in position:
+            raise DataError(f"{where}: keypoint {n!r} has no {partner!r}: a horizontal flip would make it the wrong "
+                            "keypoint (name both sides, or set data.flip_prob=0)")
+        index.append(position[partner])
+    return index
+
+
+# COCO's keypoint visibility flags: 0 not labelled (x = y = 0), 1 labelled but hidden, 2 labelled and visible.
+_VISIBILITY = (0, 1, 2)
+
+
+def _check_keypoints(path: Path, ann: dict, rec: ImageRecord, k: int, report: LoadReport, what: str) -> dict:
+    """The annotation with its keypoints checked: structure (an error), labelled points outside the image or
+    non-finite (marked unlabelled, counted)."""
+    aid = ann["id"]
+    kps = ann.get("keypoints")
+    if not isinstance(kps, list) or len(kps) != 3 * k or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in kps):
+        raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'keypoints' must be a list of 3 x {k} numbers "
+                        "(x, y, visibility per keypoint)")
+    vis = kps[2::3]
+    if not all(v in _VISIBILITY for v in vis):
+        raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): keypoint visibility must be 0, 1 or 2, "
+                        f"got {sorted({v for v in vis if v not in _VISIBILITY}, key=str)}")
+    labelled = sum(v > 0 for v in vis)
+    # COCOeval ignores a ground truth whose num_keypoints is 0 (faster-coco-eval reads a missing one as 0),
+    # and scales OKS by its area: without them evaluation would be silently wrong.
+    if ann.get("num_keypoints") != labelled or isinstance(ann.get("num_keypoints"), bool):
+        raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'num_keypoints' must be the number of "
+                        f"labelled keypoints ({labelled}), got {ann.get('num_keypoints')!r}")
+    area = _as_float(ann.get("area"))
+    if area is None or not math.isfinite(area) or area < 0:
+        raise DataError(f"{path}: annotation id {aid} (image id {rec.id}): 'area' must be a finite number >= 0 "
+                        "(keypoint AP's OKS scales by it)")
+    out = list(kps)
+    for j in range(k):
+        if not out[3 * j + 2]:
+            continue
+        x, y = _as_float(out[3 * j]), _as_float(out[3 * j + 1])
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            report.add("keypoints with non-finite coordinates marked unlabelled (repaired)", what)
+        elif not (0 <= x <= rec.width and 0 <= y <= rec.height):
+            report.add("keypoints outside the image marked unlabelled (repaired)", what)
+        else:
+            continue
+        out[3 * j:3 * j + 3] = [0, 0, 0]
+    return ann if out == kps else {**ann, "keypoints": out}
 
 
 def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, list[str]]:
@@ -442,13 +541,20 @@ class DetectionTransforms(v2.Compose):
         return self.transforms[-1]
 
     def apply(self, image: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
-              masks: InstanceMasks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              masks: InstanceMasks | None, keypoints: torch.Tensor | None = None,
+              flip_index: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
         """``(image [3, H, W] uint8, boxes [N, 4], labels [N], masks [N, H, W] uint8)`` as ``self(image, target)``
-        returns them (plain tensors) for the image as a tensor and ``masks.render()`` as its masks."""
+        returns them (plain tensors) for the image as a tensor and ``masks.render()`` as its masks; masks None
+        when ``masks`` is None. With ``keypoints`` [N, K, 3] (x, y, visibility; continuous pixel coordinates) a
+        fifth item, the keypoints moved along (swapped by ``flip_index`` on a flip, see ``_finish_keypoints``)."""
         # Compose.forward's draws, in its order: the resize's size, then the flip's coin (flip when rand < p).
         params = self.resize.make_params([image])
         flip = self.flip is not None and not bool(torch.rand(1) >= self.flip.p)
         height, width = boxes.canvas_size
+        if keypoints is not None:
+            # Boxes and keypoints scale alike (torchvision's resize_keypoints: by new/old size per axis).
+            size = (height, width) if params["unchanged"] else params["size"]
+            keypoints = _move_keypoints(keypoints, scale=(size[1] / width, size[0] / height))
         if params["unchanged"]:
             pixels = _chw(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
             rows = cols = None
@@ -468,7 +574,38 @@ class DetectionTransforms(v2.Compose):
                                                              canvas_size=boxes.canvas_size, min_size=self.sanitize.min_size,
                                                              min_area=self.sanitize.min_area)
         keep = np.flatnonzero(valid.numpy())
-        return pixels, boxes, labels[valid], torch.from_numpy(masks.render(rows, cols, keep))
+        out = (pixels, boxes, labels[valid], None if masks is None else torch.from_numpy(masks.render(rows, cols, keep)))
+        if keypoints is None:
+            return out
+        return (*out, _finish_keypoints(keypoints[valid], tuple(pixels.shape[-2:]), flip, flip_index))
+
+
+def _move_keypoints(keypoints: torch.Tensor, *, scale: tuple[float, float] = (1.0, 1.0),
+                    shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """``keypoints`` [N, K, 3] with x, y scaled, then shifted; visibility kept."""
+    out = keypoints.clone()
+    out[..., 0] = out[..., 0] * scale[0] + shift[0]
+    out[..., 1] = out[..., 1] * scale[1] + shift[1]
+    return out
+
+
+def _finish_keypoints(keypoints: torch.Tensor, hw: tuple[int, int], flip: bool,
+                      flip_index: Sequence[int] | None) -> torch.Tensor:
+    """Keypoints [N, K, 3] on the final [H, W] canvas: mirrored (x -> W - x, as boxes, in continuous coordinates)
+    and left/right swapped on a flip; points outside the canvas, e.g. cut off by a crop, unlabelled (detectron2's
+    transform_keypoint_annotations); unlabelled points at (0, 0, 0), COCO's convention."""
+    h, w = hw
+    keypoints = keypoints.clone()
+    if flip:
+        if flip_index is None:
+            raise ValueError("flipping keypoints needs their flip_index (left/right pairs)")
+        keypoints[..., 0] = w - keypoints[..., 0]
+        keypoints = keypoints[:, list(flip_index)]
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    outside = (x < 0) | (x > w) | (y < 0) | (y > h)
+    keypoints[outside] = 0.0
+    keypoints[keypoints[..., 2] == 0] = 0.0
+    return keypoints
 
 
 def build_transforms(*, train: bool, min_sizes: Sequence[int], max_size: int, flip_prob: float) -> DetectionTransforms:
@@ -476,6 +613,89 @@ def build_transforms(*, train: bool, min_sizes: Sequence[int], max_size: int, fl
     return DetectionTransforms(ResizeShortestEdge(min_sizes, max_size),
                                v2.RandomHorizontalFlip(flip_prob) if train and flip_prob > 0 else None,
                                v2.SanitizeBoundingBoxes(min_size=1))  # boxes that shrank below a pixel, with their masks
+
+
+class LargeScaleJitter(v2.Transform):
+    """Large-scale jitter (detectron2's ResizeScale + FixedSizeCrop, its new baselines): resize to fit a square of
+    ``size * s`` with ``s`` uniform in ``scale``, then crop a random ``size`` x ``size`` window where the image is
+    larger, and pad right and bottom to ``size`` x ``size`` where it is smaller (image with ``fill``, masks with 0)."""
+
+    # detectron2's FixedSizeCrop pads the image with 128, about the pixel mean: near 0 once normalized.
+    FILL = 128
+
+    def __init__(self, *, size: int, scale: Sequence[float] = (0.1, 2.0)) -> None:
+        super().__init__()
+        self.size, self.scale = int(size), (float(scale[0]), float(scale[-1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        s = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
+        factor = min(self.size * s / h, self.size * s / w)
+        nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+        # The crop's offset: a uniform fraction of the slack, rounded (FixedSizeCrop); 0 where nothing sticks out.
+        u = torch.rand(2)
+        top, left = int(round(float(u[0]) * max(nh - self.size, 0))), int(round(float(u[1]) * max(nw - self.size, 0)))
+        return {"size": (nh, nw), "unchanged": (nh, nw) == (h, w),
+                "crop": (top, left, min(nh, self.size), min(nw, self.size))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not params["unchanged"]:
+            inpt = self._call_kernel(v2.functional.resize, inpt, params["size"], antialias=True)
+        top, left, ch, cw = params["crop"]
+        inpt = self._call_kernel(v2.functional.crop, inpt, top, left, ch, cw)
+        fill = self.FILL if isinstance(inpt, tv_tensors.Image) else 0
+        return self._call_kernel(v2.functional.pad, inpt, [0, 0, self.size - cw, self.size - ch], fill=fill)
+
+
+class LSJTransforms(DetectionTransforms):
+    """``build_lsj_transforms``' pipeline: LargeScaleJitter, RandomHorizontalFlip, SanitizeBoundingBoxes
+    (detectron2's order: the flip comes last, so the padding may end up on the left).
+
+    ``apply`` gives what ``self(image, target)`` gives (tests/test_keypoints.py compares them), masks decoded once
+    at their final size as in ``DetectionTransforms.apply``."""
+
+    def apply(self, image: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
+              masks: InstanceMasks | None, keypoints: torch.Tensor | None = None,
+              flip_index: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """As ``DetectionTransforms.apply``: image [3, S, S], boxes [N, 4], labels [N], masks [N, S, S] or None,
+        and keypoints [N, K, 3] when given."""
+        jitter: LargeScaleJitter = self.resize
+        params = jitter.make_params([image])
+        flip = self.flip is not None and not bool(torch.rand(1) >= self.flip.p)
+        height, width = boxes.canvas_size
+        (nh, nw), (top, left, ch, cw), side = params["size"], params["crop"], jitter.size
+        pixels = jitter.transform(tv_tensors.Image(_chw(image)), params).as_subclass(torch.Tensor)
+        boxes = jitter.transform(boxes, params)
+        if flip:
+            # A numpy copy, as in DetectionTransforms.apply (torch.flip waits for its threads in the main process).
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels.numpy()[..., ::-1]))
+            boxes = self.flip.transform(boxes, {})
+        boxes, valid = v2.functional.sanitize_bounding_boxes(boxes.as_subclass(torch.Tensor), format=boxes.format,
+                                                             canvas_size=boxes.canvas_size, min_size=self.sanitize.min_size,
+                                                             min_area=self.sanitize.min_area)
+        keep = np.flatnonzero(valid.numpy())
+        mask_array = None
+        if masks is not None:
+            # Nearest-neighbour maps of the resize, cut to the crop: each mask rendered at the crop's size, then padded.
+            rows = _nearest_index(height, nh)
+            cols = _nearest_index(width, nw)
+            rows = (np.arange(height) if rows is None else rows)[top:top + ch]
+            cols = (np.arange(width) if cols is None else cols)[left:left + cw]
+            rendered = np.zeros((len(keep), side, side), dtype=np.uint8)
+            rendered[:, :ch, :cw] = masks.render(rows, cols, keep)
+            mask_array = torch.from_numpy(np.ascontiguousarray(rendered[..., ::-1]) if flip else rendered)
+        out = (pixels, boxes, labels[valid], mask_array)
+        if keypoints is None:
+            return out
+        keypoints = _move_keypoints(keypoints, scale=(nw / width, nh / height), shift=(-left, -top))
+        return (*out, _finish_keypoints(keypoints[valid], (side, side), flip, flip_index))
+
+
+def build_lsj_transforms(*, size: int, scale: Sequence[float], flip_prob: float) -> LSJTransforms:
+    """Training transforms of ``data.lsj``: large-scale jitter around a ``size`` square, flip."""
+    return LSJTransforms(LargeScaleJitter(size=size, scale=scale),
+                         v2.RandomHorizontalFlip(flip_prob) if flip_prob > 0 else None,
+                         v2.SanitizeBoundingBoxes(min_size=1))
 
 
 def _chw(image: Image.Image) -> torch.Tensor:
@@ -505,13 +725,26 @@ class CocoDetection(Dataset):
 
     Crowd annotations are kept out of the targets (as Detectron); evaluation reads them from the
     JSON itself.
+
+    ``task`` (``model.task``): ``masks`` as above; ``boxes`` without ``masks``; ``keypoints`` with
+    ``keypoints`` [N, K, 3] float (x, y, visibility 0/1/2) instead of masks, in continuous pixel
+    coordinates: COCO's integer pixel indices + 0.5, as detectron2 reads them (``to_coco_results``
+    subtracts it again).
     """
 
     def __init__(self, *, images: str | Path, annotations: str | Path, transforms: v2.Transform | None = None,
-                 filter_empty: bool = False) -> None:
+                 filter_empty: bool = False, task: str = "masks") -> None:
+        if task not in ("masks", "boxes", "keypoints"):
+            raise ValueError(f"task {task!r} is not masks, boxes or keypoints")
         self.images = Path(images)
         self.annotations = Path(annotations)
-        records, categories, self.report = load_coco_json(self.annotations)
+        self.task = task
+        records, categories, self.report = load_coco_json(self.annotations, task=task)
+        self.keypoint_names: list[str] = []
+        self.keypoint_flip_index: list[int] = []
+        if task == "keypoints":
+            self.keypoint_names = list(categories[0]["keypoints"])
+            self.keypoint_flip_index = keypoint_flip_index(self.keypoint_names, where=str(self.annotations))
         cat_ids = sorted(c["id"] for c in categories)
         # Contiguous labels 1..K for the model (0 is background); mapped back when writing results.
         self.cat_id_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
@@ -540,6 +773,11 @@ class CocoDetection(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def num_keypoints(self) -> int:
+        """K, keypoints per instance (0 unless ``task`` is keypoints)."""
+        return len(self.keypoint_names)
+
     def aspect_ratios(self) -> list[float]:
         """width / height of every image, from the JSON (no image is opened)."""
         return [r.width / r.height for r in self.records]
@@ -567,6 +805,8 @@ class CocoDetection(Dataset):
         boxes[:, 2:] += boxes[:, :2]
         boxes = _clamp(boxes, h, w)
         labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        if self.task != "masks":
+            return self._boxes_or_keypoints_item(rec, seed, pil, anns, boxes, labels)
         masks = InstanceMasks.from_annotations(anns, h, w, str(self.annotations))
         if isinstance(self.transforms, DetectionTransforms):
             with _sample_rng(seed):
@@ -589,6 +829,39 @@ class CocoDetection(Dataset):
             "orig_size": (h, w),
             "seed": seed,  # the sample's own seed: the model draws its anchor/RoI samples from it too
         }
+        return image, target
+
+    def _boxes_or_keypoints_item(self, rec: ImageRecord, seed: int | None, pil: Image.Image, anns: list[dict],
+                                 boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """An item of a boxes or keypoints dataset: no masks decoded."""
+        keypoints = None
+        if self.task == "keypoints":
+            k = self.num_keypoints
+            keypoints = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(-1, k, 3)
+            # COCO's keypoints are integer pixel indices; +0.5 makes them continuous coordinates like the boxes
+            # (detectron2's load_coco_json), so that a flip is x -> W - x for both.
+            keypoints[..., :2] += 0.5
+            keypoints[keypoints[..., 2] == 0] = 0.0
+        if isinstance(self.transforms, DetectionTransforms):
+            with _sample_rng(seed):
+                image, boxes, labels, _, *rest = self.transforms.apply(pil, boxes, labels, None, keypoints,
+                                                                       self.keypoint_flip_index)
+            keypoints = rest[0] if rest else None
+        elif self.transforms is None:
+            image = _chw(pil)
+            boxes = boxes.as_subclass(torch.Tensor)
+        elif keypoints is None:
+            with _sample_rng(seed):
+                image, target = self.transforms(tv_tensors.Image(_chw(pil)), {"boxes": boxes, "labels": labels})
+            image, boxes, labels = image.as_subclass(torch.Tensor), target["boxes"].as_subclass(torch.Tensor), \
+                target["labels"]
+        else:
+            # torchvision's flip mirrors KeyPoints as pixel indices (x -> W - 1 - x) and knows no left/right pairs.
+            raise ValueError("keypoint targets are transformed by build_transforms' pipelines only")
+        target = {"boxes": boxes, "labels": labels, "image_id": rec.id, "orig_size": (rec.height, rec.width),
+                  "seed": seed}
+        if keypoints is not None:
+            target["keypoints"] = keypoints
         return image, target
 
 
@@ -777,6 +1050,8 @@ def resolve_datasets(data_cfg: Any) -> tuple[tuple[str, str], tuple[str, str] | 
     from . import synth
 
     s = data_cfg.synth
-    root = synth.ensure(seed=s.seed, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, root=s.root)
-    return ((str(root / "train"), str(root / "annotations" / "instances_train.json")),
-            (str(root / "val"), str(root / "annotations" / "instances_val.json")))
+    root = synth.ensure(seed=s.seed, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, root=s.root,
+                        keypoints=s.keypoints)
+    kind = "keypoints" if s.keypoints else "instances"
+    return ((str(root / "train"), str(root / "annotations" / f"{kind}_train.json")),
+            (str(root / "val"), str(root / "annotations" / f"{kind}_val.json")))

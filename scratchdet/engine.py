@@ -25,6 +25,7 @@ from .config import Config, ConfigError, resolve_schedule, scale_for_fp32_cpu, s
 from .data import (
     CocoDetection,
     TrainSampler,
+    build_lsj_transforms,
     build_transforms,
     check_categories,
     draw_subset,
@@ -32,7 +33,7 @@ from .data import (
     test_loader,
     train_loader,
 )
-from .evaluation import evaluate_model, load_gt
+from .evaluation import TASK_IOU_TYPES, ap_line, evaluate_model, load_gt
 from .model import build_model, count_parameters, model_kwargs, norm_layers, sampling_seeds
 from .run import (  # noqa: F401 - read_metrics and load_run_model are part of this module's public face
     LossWindow,
@@ -52,6 +53,7 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     use_deterministic,
 )
 from .solver import build_lr_scheduler, build_optimizer, skip_nonfinite_step
+from .voc import VOC_MEANS, VOC_RESULTS, VOC_TABLES, evaluate_model_voc, load_voc, voc_present
 from .weights import imagenet_source, load_init
 
 log = logging.getLogger("scratchdet")
@@ -63,9 +65,11 @@ def build_data(cfg: Config, *, dry_run: bool) -> tuple[CocoDetection | None, tup
         resolve_datasets(cfg.data)  # rank 0 generates the synthetic data (when used) while the others wait
     dist.barrier()
     train_paths, val_paths = resolve_datasets(cfg.data)
-    if dry_run and not Path(train_paths[1]).is_file():
-        # A dry run describes a preset before its data is in place (COCO presets, say).
-        log.info("training data: %s not found; the model is built for model.num_classes=%d", train_paths[1],
+    voc = cfg.data.train.format == "voc" and cfg.data.train.annotations
+    if dry_run and not (voc_present(*train_paths) if voc else Path(train_paths[1]).is_file()):
+        # A dry run describes a preset before its data is in place (COCO and VOC presets, say).
+        what = f"image set {train_paths[1]} of {train_paths[0]}" if voc else train_paths[1]
+        log.info("training data: %s not found; the model is built for model.num_classes=%d", what,
                  cfg.model.num_classes)
         return None, val_paths
     return build_train_set(cfg, train_paths), val_paths
@@ -75,7 +79,8 @@ def build_detector(cfg: Config, train_set: CocoDetection | None, device: torch.d
                    dry_run: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model on its device and memory format, initialized as ``model.init`` says; and what the
     initialization loaded (``weights.load_init``'s meta)."""
-    model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None)).to(device)
+    model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None,
+                                       getattr(train_set, "num_keypoints", None))).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     init_meta: dict[str, Any] = {}
@@ -91,12 +96,22 @@ def build_detector(cfg: Config, train_set: CocoDetection | None, device: torch.d
 
 
 def build_train_set(cfg: Config, train_paths: tuple[str, str]) -> CocoDetection:
-    """The training set with its augmentation, cut to ``data.subset`` when set."""
-    train_set = CocoDetection(images=train_paths[0], annotations=train_paths[1], filter_empty=cfg.data.filter_empty,
-                              transforms=build_transforms(train=True, min_sizes=cfg.data.min_size_train,
-                                                          max_size=cfg.data.max_size_train,
-                                                          flip_prob=cfg.data.flip_prob))
-    log.info("training data: %s (%d images, %d classes); %s", train_paths[1], len(train_set), train_set.num_classes,
+    """The training set (COCO JSON, or VOC with ``data.train.format: voc``) with its augmentation, cut to
+    ``data.subset`` when set."""
+    transforms = build_transforms(train=True, min_sizes=cfg.data.min_size_train, max_size=cfg.data.max_size_train,
+                                  flip_prob=cfg.data.flip_prob)
+    if cfg.data.lsj:
+        # detectron2's new baselines: large-scale jitter for training only; test images keep data.*_size_test.
+        transforms = build_lsj_transforms(size=cfg.data.lsj_size, scale=cfg.data.lsj_scale, flip_prob=cfg.data.flip_prob)
+    if cfg.data.train.format == "voc":
+        # Difficult objects stay in the targets, as detectron2 trains on VOC; VocDetection explains why.
+        train_set = load_voc(train_paths[0], train_paths[1], transforms=transforms,
+                             filter_empty=cfg.data.filter_empty)
+    else:
+        train_set = CocoDetection(images=train_paths[0], annotations=train_paths[1],
+                                  filter_empty=cfg.data.filter_empty, transforms=transforms, task=cfg.model.task)
+    where = f"{train_paths[0]} ({train_paths[1]})" if cfg.data.train.format == "voc" else train_paths[1]
+    log.info("training data: %s (%d images, %d classes); %s", where, len(train_set), train_set.num_classes,
              train_set.report.summary())
     if cfg.data.subset:
         # The paper's data-size study (Sec. 5.3): random subsets, nested for one seed (1k in 10k in 35k).
@@ -106,16 +121,32 @@ def build_train_set(cfg: Config, train_paths: tuple[str, str]) -> CocoDetection:
     return train_set
 
 
-def build_eval(cfg: Config, val: tuple[str, str] | None, *, rank: int = 0,
-               world_size: int = 1) -> tuple[Any, Any] | tuple[None, None]:
-    """The validation loader (test-time resize, no flip; this rank's shard) and its COCO ground truth."""
+def build_eval(cfg: Config, val: tuple[str, str] | None, *, rank: int = 0, world_size: int = 1,
+               class_names: list[str] | None = None) -> tuple[Any, Any] | tuple[None, None]:
+    """The validation loader (test-time resize, no flip; this rank's shard) and its ground truth: COCO's,
+    or for ``data.val.format: voc`` the VocDetection itself (read with the training set's ``class_names``)."""
     if val is None:
         return None, None
-    dataset = CocoDetection(images=val[0], annotations=val[1], transforms=build_transforms(
-        train=False, min_sizes=[cfg.data.min_size_test], max_size=cfg.data.max_size_test, flip_prob=0))
+    transforms = None if cfg.test.aug else build_transforms(
+        train=False, min_sizes=[cfg.data.min_size_test], max_size=cfg.data.max_size_test, flip_prob=0)
+    voc = cfg.data.val.format == "voc"
+    dataset = load_voc(val[0], val[1], class_names=class_names, transforms=transforms) if voc else \
+        CocoDetection(images=val[0], annotations=val[1], transforms=transforms, task=cfg.model.task)
     loader = test_loader(dataset, batch_size=cfg.test.ims_per_batch, num_workers=cfg.dataloader.num_workers,
                          max_images=cfg.test.max_images, rank=rank, world_size=world_size)
-    return loader, load_gt(val[1])
+    gt = dataset if voc else load_gt(val[1])
+    if cfg.test.aug:
+        # Test-time augmentation resizes each original image itself; evaluation.run_inference predicts through it.
+        from .tta import TestTimeAug, keypoint_flip_map
+
+        loader.test_aug = TestTimeAug(min_sizes=cfg.test.aug_min_sizes, max_size=cfg.test.aug_max_size,
+                                      flip=cfg.test.aug_flip,
+                                      keypoint_flip=None if voc else keypoint_flip_map(gt.dataset["categories"]))
+    return loader, gt
+
+
+# What the detectors read from a target; the loader's other keys (image_id, seed, orig_size) stay here.
+TARGET_KEYS = ("boxes", "labels", "masks", "keypoints")
 
 
 def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, Any]], *,
@@ -129,7 +160,7 @@ def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list
     """
     seeds = [t["seed"] for t in targets]  # each image draws its anchor and RoI samples from its own seed
     images = [im.to(device, non_blocking=True).float() for im in images]
-    targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels", "masks")} for t in targets]
+    targets = [{k: t[k].to(device, non_blocking=True) for k in TARGET_KEYS if k in t} for t in targets]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), sampling_seeds(seeds):
         loss_dict = model(images, targets)
     names = names or list(loss_dict)
@@ -177,6 +208,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         cfg, note = scale_for_fp32_cpu(cfg)  # a fixed shorter schedule where bf16 would be emulated
         if note:
             log.warning("%s", note)
+    elif cfg.solver.fp32_cpu_scale != 1.0:
+        log.info("solver.fp32_cpu_scale=%g not applied: training in %s (it applies to train.amp=auto on a CPU "
+                 "without native bf16)", cfg.solver.fp32_cpu_scale, precision_name(dtype))
     rank, world = dist.rank(), dist.world_size()
     if cfg.solver.ims_per_batch % world:
         raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must divide "
@@ -200,7 +234,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     scheduler = build_lr_scheduler(optimizer, steps=sched.steps, gamma=cfg.solver.gamma,
                                    warmup_iters=sched.warmup_iters, warmup_factor=cfg.solver.warmup_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    meta = {"class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id}
+    meta = {"class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
+            "num_keypoints": getattr(train_set, "num_keypoints", None)}
     start_iter, seen, window = 0, None, None  # the loss window starts at the first step (loss names)
     found = latest_checkpoint(run_dir) if resume else None
     if found is not None:
@@ -213,8 +248,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     record = RunRecord(run_dir, config=to_dict(cfg), start_iter=start_iter, resumed=found is not None, seen=seen,
                        files={"subset_image_ids.json": train_set.image_ids()} if cfg.data.subset else None)
-    eval_loader, gt = build_eval(cfg, val_paths, rank=rank, world_size=world)
-    if val_paths is not None:  # results are written with the training label map's category ids
+    eval_loader, gt = build_eval(cfg, val_paths, rank=rank, world_size=world, class_names=train_set.class_names)
+    voc_val = cfg.data.val.format == "voc"
+    if val_paths is not None and not voc_val:  # results are written with the training label map's category ids
         check_categories(train_set.label_to_cat_id, val_paths[1], what="validation set")
     # One process per device under torchrun; DDP averages gradients during the backward pass.
     train_model = torch.nn.parallel.DistributedDataParallel(
@@ -223,15 +259,26 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     params = [p for p in model.parameters() if p.requires_grad]
 
     def evaluate(iteration: int) -> dict[str, Any]:
-        """Box and mask AP on the validation set (each rank its shard), logged by rank 0."""
+        """COCO AP on the validation set for the task's types (each rank its shard), logged by rank 0."""
         dist.broadcast_buffers(model)  # every shard scored with the statistics the checkpoint holds
         with tqdm(total=len(eval_loader.dataset), desc="eval", leave=False, file=sys.stderr,
                   disable=not progress or not dist.is_main()) as bar:
-            result = {"iteration": iteration, **evaluate_model(
-                model, eval_loader, gt=gt, device=device, label_to_cat_id=train_set.label_to_cat_id, amp_dtype=dtype,
-                results_path=run_dir / "coco_instances_results.json", progress=bar)}
+            if voc_val:
+                # VOC mAP@0.5, both metrics; the means go into metrics.jsonl, the per-class APs (20 or 80
+                # of them, too many for each line) into voc_eval.txt and the log.
+                scores, tables = evaluate_model_voc(model, eval_loader, gt=gt, device=device, amp_dtype=dtype,
+                                                    results_path=run_dir / VOC_RESULTS, progress=bar)
+                result = {"iteration": iteration, **{k: scores[k] for k in VOC_MEANS}}
+                if dist.is_main():
+                    (run_dir / VOC_TABLES).write_text(f"iteration {iteration}\n\n{tables}")
+                    log.info("iteration %d, VOC AP per class:\n%s", iteration, tables)
+            else:
+                result = {"iteration": iteration, **evaluate_model(
+                    model, eval_loader, gt=gt, device=device, label_to_cat_id=train_set.label_to_cat_id,
+                    amp_dtype=dtype, results_path=run_dir / "coco_instances_results.json", progress=bar,
+                    iou_types=TASK_IOU_TYPES[cfg.model.task])}
         record.write(result)
-        log.info("iteration %d: bbox/AP %.2f  segm/AP %.2f", iteration, result["bbox/AP"], result["segm/AP"])
+        log.info("iteration %d: %s", iteration, ap_line(result))
         return result
 
     def check_nonfinite(iteration: int) -> None:
@@ -331,8 +378,10 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
     if warning and dist.is_main():  # one warning per run, not one per rank
         log.warning("%s", warning)
     n_params, n_trainable = count_parameters(model)
-    log.info("model: Mask R-CNN R%d-FPN, norm %s, %s parameters (%s trainable), init %s", cfg.model.depth,
-             cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
+    name = {"masks": "Mask R-CNN", "boxes": "Faster R-CNN", "keypoints": "Keypoint R-CNN"}[cfg.model.task]
+    log.info("model: %s%s %s%d-FPN, norm %s, %s parameters (%s trainable), init %s",
+             "Cascade " if cfg.model.roi_head == "cascade" else "", name, "X" if cfg.model.groups > 1 else "R",
+             cfg.model.depth, cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
     log.info("precision: %s%s", precision_name(dtype), ", channels-last" if cfg.train.channels_last else "")
     log.info("schedule: %d iterations of %d images%s, base LR %g, LR drops at %s, warmup %d iterations",
              sched.max_iter, cfg.solver.ims_per_batch,
@@ -342,5 +391,6 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
             "base_lr": sched.base_lr, "steps": list(sched.steps), "warmup_iters": sched.warmup_iters,
             "ims_per_batch": cfg.solver.ims_per_batch, "world_size": dist.world_size(),
             "train_images": len(train_set) if train_set else None,
-            "num_classes": model.roi_heads.box_predictor.cls_score.out_features - 1, "precision": precision_name(dtype),
+            "num_classes": model.roi_heads.box_predictor[-1].cls_score.out_features - 1 if cfg.model.roi_head == "cascade"
+            else model.roi_heads.box_predictor.cls_score.out_features - 1, "precision": precision_name(dtype),
             "norm_layers": sorted({type(m).__name__ for _, m in norm_layers(model)})}

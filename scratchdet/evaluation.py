@@ -33,7 +33,19 @@ log = logging.getLogger(__name__)
 
 # The 12 numbers of COCOeval.summarize(), named as detectron2 names the first six.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-IOU_TYPES = ("bbox", "segm")
+# Keypoint AP's 10 numbers (COCOeval's summarize for keypoints: no small bucket, one maxDets of 20).
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm", "keypoints")
+# COCO's per-keypoint OKS sigmas for its 17 person keypoints (pycocotools' Params), in COCO's order.
+COCO_PERSON_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                         "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+                         "right_knee", "left_ankle", "right_ankle")
+COCO_OKS_SIGMAS = (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89)
+# Any other keypoint layout: one sigma for every keypoint, about COCO's smaller ones (their mean is 0.067 after /10).
+DEFAULT_OKS_SIGMA = 0.05
+# What each model.task is scored on: Faster R-CNN boxes only; Mask R-CNN boxes and masks; Keypoint
+# R-CNN boxes (its person detections) and keypoints (OKS), as detectron2's COCOEvaluator does.
+TASK_IOU_TYPES = {"masks": ("bbox", "segm"), "boxes": ("bbox",), "keypoints": ("bbox", "keypoints")}
 
 
 @contextlib.contextmanager
@@ -99,10 +111,22 @@ def _check_iou_types(iou_types: Iterable[str]) -> None:
 
 
 def results_iou_types(results: list[dict]) -> tuple[str, ...]:
-    """The iou types results can be scored for: ``bbox`` for boxes, ``segm`` for masks, both for both."""
+    """The iou types results can be scored for: ``bbox`` for boxes, ``segm`` for masks, ``keypoints`` for keypoints."""
     if not results:
         return ("bbox",)
-    return tuple(t for t, key in (("bbox", "bbox"), ("segm", "segmentation")) if key in results[0]) or ("bbox",)
+    return tuple(t for t, key in (("bbox", "bbox"), ("segm", "segmentation"), ("keypoints", "keypoints"))
+                 if key in results[0]) or ("bbox",)
+
+
+def oks_sigmas(gt: COCO) -> list[float]:
+    """The OKS sigma of each keypoint of the ground truth's layout: COCO's for its 17 person keypoints, else
+    ``DEFAULT_OKS_SIGMA`` for each (detectron2 asks for TEST.KEYPOINT_OKS_SIGMAS instead)."""
+    names = next((c["keypoints"] for c in gt.dataset["categories"] if c.get("keypoints")), None)
+    if names is None:
+        raise ValueError("keypoint AP needs ground truth whose categories list 'keypoints' (COCO person keypoints)")
+    if tuple(names) == COCO_PERSON_KEYPOINTS:
+        return [s / 10 for s in COCO_OKS_SIGMAS]
+    return [DEFAULT_OKS_SIGMA] * len(names)
 
 
 def _score(gt: COCO, dts: list[dict], iou_types: tuple[str, ...],
@@ -110,9 +134,12 @@ def _score(gt: COCO, dts: list[dict], iou_types: tuple[str, ...],
     """Score detections the caller lets us write into (ids, areas, RLEs), for each iou type in turn."""
     _check_iou_types(iou_types)
     if not dts:
-        return {t: ({k: 0.0 for k in STAT_NAMES}, "no detections: every number is 0\n") for t in iou_types}
+        return {t: ({k: 0.0 for k in (KEYPOINT_STAT_NAMES if t == "keypoints" else STAT_NAMES)},
+                    "no detections: every number is 0\n") for t in iou_types}
     if "segm" in iou_types and "segmentation" not in dts[0]:
         raise ValueError("segm needs results with masks ('segmentation'); these have none")
+    if "keypoints" in iou_types and "keypoints" not in dts[0]:
+        raise ValueError("keypoints needs results with 'keypoints'; these have none")
     img_ids = None if img_ids is None else sorted(img_ids)
     scored = {}
     with _cycle_collector_paused():
@@ -150,10 +177,19 @@ def _set_areas(dts: list[dict], iou_type: str) -> None:
     would put masks in buckets by box areas, so segm always uses mask areas (detectron2 drops the boxes
     of its segm results for this reason); a box-less result set scored as bbox gets the masks' boxes.
     """
-    if iou_type == "bbox" and "bbox" in dts[0]:
+    if iou_type in ("bbox", "keypoints") and "bbox" in dts[0]:
+        # loadRes takes keypoint results with a box down its box branch too: area = w * h.
         for d in dts:
             box = d["bbox"]
             d["area"] = box[2] * box[3]
+        return
+    if iou_type == "keypoints":
+        # loadRes's keypoints branch (results without boxes): the box and area of the keypoints' extent.
+        for d in dts:
+            xs, ys = d["keypoints"][0::3], d["keypoints"][1::3]
+            x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+            d["area"] = (x1 - x0) * (y1 - y0)
+            d["bbox"] = [x0, y0, x1 - x0, y1 - y0]
         return
     # One call for all masks: mask_utils parses an RLE string per call, and the call costs more than the area.
     segms = [d["segmentation"] for d in dts]
@@ -167,23 +203,34 @@ def _set_areas(dts: list[dict], iou_type: str) -> None:
 def _summarize(gt: COCO, dt: COCO, iou_type: str, img_ids: list[int] | None) -> tuple[dict[str, float], str]:
     lines: list[str] = []
     with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval_faster(gt, dt, iou_type, print_function=lines.append)
+        sigmas = oks_sigmas(gt) if iou_type == "keypoints" else None
+        ev = COCOeval_faster(gt, dt, iou_type, print_function=lines.append, kpt_oks_sigmas=sigmas)
         if img_ids is not None:
             ev.params.imgIds = img_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {name: float(v) * 100 for name, v in zip(STAT_NAMES, ev.stats[:12])}
+    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    stats = {name: float(v) * 100 for name, v in zip(names, ev.stats[:len(names)])}
     text = "\n".join(line for line in lines if "Average" in line) + "\n"
     return stats, text
 
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, label_to_cat_id: dict[int, int]) -> list[dict]:
-    """One image's pasted detections -> COCO result dicts (xywh boxes, RLE masks, COCO category ids)."""
+    """One image's pasted detections -> COCO result dicts (xywh boxes, RLE masks, keypoints [x, y, v] * K from
+    ``keypoints`` [N, K, 3], COCO category ids)."""
     boxes = output["boxes"].float().cpu().numpy().tolist()
     scores = output["scores"].float().cpu().numpy().tolist()
     labels = output["labels"].cpu().numpy().tolist()
     rles: list[dict] = []
+    keypoints = None
+    if "keypoints" in output:
+        # The model's keypoints are continuous coordinates; COCO's are pixel indices: - 0.5, the inverse of the
+        # + 0.5 CocoDetection adds (detectron2's instances_to_coco_json). Visibility 1: predicted (torchvision's).
+        kps = output["keypoints"].float().cpu().clone()  # [N, K, 3]
+        kps[..., :2] -= 0.5
+        kps[..., 2] = 1.0
+        keypoints = [[round(v, 2) for v in row] for row in kps.flatten(1).numpy().tolist()]
     if "masks" in output and len(boxes):
         # One encode call for the image's masks, read in the Fortran (H, W, N) order the encoder walks.
         # paste_detections lays its masks out so: no copy here, where a C-ordered [N, H, W] mask needs two.
@@ -197,6 +244,8 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, label_to_cat
                "score": round(scores[k], 5)}
         if rles:
             res["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
+        if keypoints is not None:
+            res["keypoints"] = keypoints[k]
         out.append(res)
     return out
 
@@ -212,12 +261,13 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: torch.device, l
     model.eval()
     results: list[dict] = []
     image_ids: list[int] = []
+    test_aug = getattr(loader, "test_aug", None)  # a tta.TestTimeAug that engine.build_eval set for test.aug
     try:
         with torch.no_grad():
             for images, targets in loader:
                 batch = [im.to(device, non_blocking=True).float() for im in images]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = model(batch)
+                    outputs = model(batch) if test_aug is None else test_aug(model, batch)
                 for im, out, tgt in zip(images, outputs, targets):
                     out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
                     pasted = paste_detections(out, tuple(im.shape[-2:]), tuple(tgt["orig_size"]))
@@ -232,8 +282,10 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: torch.device, l
 
 def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torch.device,
                    label_to_cat_id: dict[int, int], amp_dtype: torch.dtype | None = None,
-                   results_path: str | Path | None = None, progress: Any = None) -> dict[str, float]:
-    """Box and mask AP of a model on a loader; ``{"bbox/AP": ..., "segm/AP": ...}`` in percent.
+                   results_path: str | Path | None = None, progress: Any = None,
+                   iou_types: Sequence[str] = ("bbox", "segm")) -> dict[str, float]:
+    """COCO AP of a model on a loader for each of ``iou_types`` (``TASK_IOU_TYPES[task]``):
+    ``{"bbox/AP": ..., "segm/AP": ...}`` in percent.
 
     Under torchrun each rank predicts its shard of the loader's images; rank 0 gathers the
     results, puts them in the single-process order, scores them once, and every rank returns
@@ -252,9 +304,15 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torc
                 json.dump(results, f)
         metrics = {}
         # The results are ours, and written out already: both types are scored on them in place.
-        for iou_type, (stats, _) in _score(gt, results, IOU_TYPES, image_ids).items():
+        for iou_type, (stats, _) in _score(gt, results, tuple(iou_types), image_ids).items():
             metrics.update({f"{iou_type}/{k}": round(v, 4) for k, v in stats.items()})
     return dist.broadcast(metrics)
+
+
+def ap_line(metrics: dict[str, Any]) -> str:
+    """``bbox/AP 43.76  segm/AP 41.27``: the AP of every type the metrics hold (``voc/mAP07  voc/mAP`` for VOC)."""
+    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                     if k.endswith(("/AP", "/mAP", "/mAP07")) and v is not None) or "no AP"
 
 
 def _merge_shards(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict], list[int]]:

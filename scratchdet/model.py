@@ -373,7 +373,9 @@ class FP32KeypointPredictor(KeypointRCNNPredictor):
 
     def forward(self, x: Tensor) -> Tensor:
         with _fp32(x):
-            return super().forward(x.float())
+            # Contiguous: torchvision's keypointrcnn_loss views the logits as [N * K, H * W], which a channels-last
+            # tensor (train.channels_last) cannot give.
+            return super().forward(x.float()).contiguous()
 
 
 class FP32MaskPredictor(MaskRCNNPredictor):
@@ -602,6 +604,7 @@ def build_model(
     score_thresh_test: float = 0.05,
     nms_thresh_test: float = 0.5,
     detections_per_image: int = 100,
+    roi_sampling_ratio: int = 2,
     pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53),
     pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
     task: str = "masks",
@@ -651,6 +654,10 @@ def build_model(
     normal_fill_(box_predictor.cls_score, std=0.01)
     normal_fill_(box_predictor.bbox_pred, std=0.001)
     pools = ["0", "1", "2", "3"]
+
+    def roi_pool(size: int) -> ParallelRoIPool:
+        return ParallelRoIPool(featmap_names=pools, output_size=size, sampling_ratio=roi_sampling_ratio)
+
     common = dict(
         num_classes=None, image_mean=list(pixel_mean), image_std=list(pixel_std), rpn_anchor_generator=anchors,
         rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn_pre_nms_topk_train, rpn_pre_nms_top_n_test=rpn_pre_nms_topk_test,
@@ -658,7 +665,7 @@ def build_model(
         rpn_batch_size_per_image=rpn_batch_size_per_image, box_head=box_head, box_predictor=box_predictor,
         box_score_thresh=score_thresh_test, box_nms_thresh=nms_thresh_test, box_detections_per_img=detections_per_image,
         box_batch_size_per_image=roi_batch_size_per_image, box_positive_fraction=roi_positive_fraction,
-        box_roi_pool=ParallelRoIPool(featmap_names=pools, output_size=7, sampling_ratio=2))
+        box_roi_pool=roi_pool(7))
     if task == "masks":
         mask_head = MaskRCNNHeads(fpn_channels, [mask_head_conv_dim] * mask_head_num_conv, 1, norm_layer=head_norm)
         msra_fill_(mask_head)
@@ -666,7 +673,7 @@ def build_model(
         msra_fill_(mask_predictor.conv5_mask)  # a transposed conv: MSRA fill, bias 0, as detectron2
         normal_fill_(mask_predictor.mask_fcn_logits, std=0.001)
         model: FasterRCNN = MaskRCNN(backbone, mask_head=mask_head, mask_predictor=mask_predictor,
-                                     mask_roi_pool=ParallelRoIPool(featmap_names=pools, output_size=14, sampling_ratio=2),
+                                     mask_roi_pool=roi_pool(14),
                                      **common)
     elif task == "keypoints":
         # Mask R-CNN's keypoint head: 8 3x3 convs of 512 channels, normalized like every other layer
@@ -678,7 +685,7 @@ def build_model(
         keypoint_predictor = FP32KeypointPredictor(keypoint_head_conv_dim, num_keypoints)
         msra_fill_(keypoint_predictor.kps_score_lowres)
         model = KeypointRCNN(backbone, keypoint_head=keypoint_head, keypoint_predictor=keypoint_predictor,
-                             keypoint_roi_pool=ParallelRoIPool(featmap_names=pools, output_size=14, sampling_ratio=2),
+                             keypoint_roi_pool=roi_pool(14),
                              **common)
     else:
         model = FasterRCNN(backbone, **common)
@@ -734,7 +741,8 @@ def paste_detections(
 ) -> dict[str, Tensor]:
     """Map one image's detections from network-input to original pixels.
 
-    Returns ``boxes`` [N, 4] xyxy and ``masks`` [N, H0, W0] bool at the original resolution: bit for bit
+    Returns ``boxes`` [N, 4] xyxy (and ``keypoints`` [N, K, 3], scaled alike) and ``masks`` [N, H0, W0] bool at the
+    original resolution: bit for bit
     ``paste_masks_in_image(masks, boxes, (H0, W0), padding=1)[:, 0] >= mask_threshold``, at a fraction of
     its cost.  torchvision builds a float image per detection, stacks them and thresholds the stack: N
     full images written, copied and read for N boxes that each cover a small part of the image.  Here
@@ -750,6 +758,11 @@ def paste_detections(
     scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=output["boxes"].dtype, device=output["boxes"].device)
     boxes = output["boxes"] * scale
     result = {"boxes": boxes, "labels": output["labels"], "scores": output["scores"]}
+    if "keypoints" in output:
+        # Keypoints [N, K, 3] (x, y, visibility) scale as the boxes do (continuous coordinates).
+        result["keypoints"] = torch.cat([output["keypoints"][..., :2] * scale[:2], output["keypoints"][..., 2:]], dim=-1)
+        if "keypoints_scores" in output:
+            result["keypoints_scores"] = output["keypoints_scores"]
     if "masks" not in output:
         return result
     if torch.jit.is_tracing():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from .data import ResizeShortestEdge, read_image
 from .evaluation import to_coco_results
@@ -36,7 +36,7 @@ def expand_images(paths: list[str]) -> list[Path]:
 @torch.no_grad()
 def predict(images: list[str], *, run_dir: str, out_dir: str, score_thresh: float = 0.5,
             checkpoint: str | None = None, device: str = "auto") -> list[Path]:
-    """Draw masks, boxes, class names and scores on each image (PNG) and write ``coco_results.json``.
+    """Draw masks (or keypoints), boxes, class names and scores on each image (PNG) and write ``coco_results.json``.
 
     The results' ``image_id`` is the image's position in the list (1-based) and ``file_name``
     names it, since free images have no COCO ids.
@@ -62,7 +62,10 @@ def predict(images: list[str], *, run_dir: str, out_dir: str, score_thresh: floa
         labels = det["labels"][keep].tolist()
         colors = [PALETTE[(lab - 1) % len(PALETTE)] for lab in labels]
         if keep.any():
-            canvas = draw_segmentation_masks(canvas, det["masks"][keep].cpu(), alpha=0.45, colors=colors)
+            if "masks" in det:  # Faster and Keypoint R-CNN have none
+                canvas = draw_segmentation_masks(canvas, det["masks"][keep].cpu(), alpha=0.45, colors=colors)
+            if "keypoints" in det:
+                canvas = draw_keypoints(canvas, det["keypoints"][keep][..., :2].cpu() - 0.5, colors="white", radius=2)
             captions = [f"{names[lab - 1]} {s:.2f}" for lab, s in zip(labels, det["scores"][keep].tolist())]
             canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu(), labels=captions, colors=colors, width=2)
         target = out / f"{path.stem}.png"

@@ -191,6 +191,9 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     sched = resolve_schedule(cfg.solver, len(data))
     for note in sched.notes:
         log.info("%s", note)
+    if cfg.solver.fp32_cpu_scale != 1.0:  # inherited from a detection preset (the default sets it)
+        log.info("solver.fp32_cpu_scale=%g not applied: it scales detection training (scratchdet train) only",
+                 cfg.solver.fp32_cpu_scale)
 
     # ---- model and solver -----------------------------------------------------------------------
     m, s = cfg.model, cfg.solver

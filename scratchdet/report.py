@@ -92,7 +92,7 @@ class Run:
 
     @property
     def evals(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "bbox/AP" in r]
+        return [r for r in self.records if "bbox/AP" in r or "voc/mAP" in r]  # a VOC validation set logs voc/mAP
 
     @property
     def last_eval(self) -> dict[str, Any] | None:
@@ -156,7 +156,8 @@ def is_detection_run(path: Path) -> bool:
     if not ((path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()):
         return False
     records = read_metrics(path)
-    return any("loss_mask" in r or "bbox/AP" in r for r in records)
+    # Mask R-CNN logs loss_mask, Faster R-CNN loss_box_reg; a VOC validation set logs voc/mAP, not bbox/AP.
+    return any("loss_mask" in r or "loss_box_reg" in r or "bbox/AP" in r or "voc/mAP" in r for r in records)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:

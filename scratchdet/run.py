@@ -28,7 +28,8 @@ log = logging.getLogger("scratchdet")
 # Everything a run writes into its directory; `--force` removes exactly these (a user's own
 # files in the folder are left alone), so nothing of the old run survives beside the new one.
 RUN_OUTPUTS = ("config.yaml", "env.json", "metrics.jsonl", "log.txt", "final.json", "coco_instances_results.json",
-               "subset_image_ids.json", "tensorboard", "inference", "backbone_final.pth", "backbone_final.pth.sha256")
+               "subset_image_ids.json", "tensorboard", "inference", "backbone_final.pth", "backbone_final.pth.sha256",
+               "voc_detections.json", "voc_eval.txt")  # the last two: voc.VOC_RESULTS, voc.VOC_TABLES
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -311,7 +312,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
         set_key(cfg, *parse_override(text))
     validate(cfg)
     meta = state["meta"]
-    kwargs = model_kwargs(cfg.model, len(meta["class_names"]))
+    kwargs = model_kwargs(cfg.model, len(meta["class_names"]), meta.get("num_keypoints"))
     model = build_model(**kwargs)
     model.load_state_dict(state["model"])
     model.to(device or pick_device(cfg.train.device)).eval()

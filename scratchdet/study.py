@@ -274,12 +274,27 @@ def _pid_alive(pid: Any) -> bool:
 # --------------------------------------------------------------------------- running
 
 
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
+
+
+def _as_run(cfg: Any, saved: dict[str, Any] | None) -> Any:
+    """The study's config for a run as the run records it: ``engine.train`` writes the schedule it
+    ran, scaled once by ``solver.fp32_cpu_scale`` on a CPU without native bf16 (the factor then 1)."""
+    if saved is not None and cfg.solver.fp32_cpu_scale != 1.0 and saved.get("solver", {}).get("fp32_cpu_scale") == 1.0:
+        from .config import scale_for_fp32_cpu
+
+        return scale_for_fp32_cpu(cfg)[0]
+    return cfg
+
+
 def _config_drift(run_dir: Path, cfg: Any) -> list[str]:
     """Keys whose value in the run's ``config.yaml`` differs from the study's config for it now."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    saved = _saved_config(run_dir)
+    if saved is None:
         return []
-    old, new = _flatten(yaml.safe_load(path.read_text()) or {}), _flatten(to_dict(cfg))
+    old, new = _flatten(saved), _flatten(to_dict(_as_run(cfg, saved)))
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
@@ -394,9 +409,9 @@ def member_progress(run_dir: Path) -> dict[str, Any]:
 
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     out: dict[str, Any] = {"iteration": max((r.get("iteration", 0) for r in records), default=0)}
-    evals = [r for r in records if "bbox/AP" in r]
+    evals = [r for r in records if "bbox/AP" in r or "voc/mAP" in r]  # a VOC validation set logs voc/mAP
     if evals:
-        out.update({k: evals[-1].get(k) for k in ("bbox/AP", "segm/AP")}, ap_iteration=evals[-1]["iteration"])
+        out.update({k: evals[-1].get(k) for k in ("bbox/AP", "segm/AP", "voc/mAP")}, ap_iteration=evals[-1]["iteration"])
     return out
 
 
@@ -405,7 +420,7 @@ def planned_iterations(study: Study, member: Member) -> int | None:
     from .config import resolve_schedule
 
     try:
-        cfg = study.config(member)
+        cfg = _as_run(study.config(member), _saved_config(study.run_dir(member)))
         subset = cfg.data.subset
         return resolve_schedule(cfg.solver, int(subset) if subset >= 1 else None).max_iter
     except ConfigError:
@@ -444,6 +459,8 @@ def format_status(study: Study) -> str:
         pct = f"{100 * r['iteration'] / total:.0f}%" if total else "?"
         ap = [f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("bbox/AP", "segm/AP")]
         note = r["error"] or (f"AP at iteration {r['ap_iteration']}" if r.get("ap_iteration") else "")
+        if r.get("voc/mAP") is not None and not r["error"]:
+            note = f"VOC mAP {r['voc/mAP']:.2f}; {note}"
         table.append((r["run"], r["status"], f"{r['iteration']}/{total or '?'}", pct, *ap, note))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (header, *table)]

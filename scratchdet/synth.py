@@ -233,12 +233,63 @@ def generate(out: str | Path, *, seed: int = 0, num_train: int = 600, num_val: i
     return total
 
 
+# --------------------------------------------------------------------------- keypoints
+
+# Each shape's four extreme points (ExtremeNet's keypoints: Zhou et al., 2019), found on its visible mask, so
+# every one is labelled and visible and any shape, rotated or not, has them; a flip swaps left and right.
+KEYPOINT_NAMES = ("top", "right", "bottom", "left")
+KEYPOINT_SKELETON = [[1, 2], [2, 3], [3, 4], [4, 1]]
+
+
+def extreme_points(mask: np.ndarray) -> list[int]:
+    """COCO keypoints ``[x, y, 2] * 4`` (integer pixel indices) of a [H, W] mask's top, right, bottom and left
+    extreme points; where several pixels tie, the middle one of them."""
+    ys, xs = np.nonzero(mask)
+    out: list[int] = []
+    for coords, other, pick in ((ys, xs, ys.min()), (xs, ys, xs.max()), (ys, xs, ys.max()), (xs, ys, xs.min())):
+        ties = np.sort(other[coords == pick])
+        mid = int(ties[len(ties) // 2])
+        x, y = (mid, int(pick)) if coords is ys else (int(pick), mid)
+        out += [x, y, 2]
+    return out
+
+
+def write_keypoints(root: str | Path) -> None:
+    """Write ``annotations/keypoints_{train,val}.json`` beside the instances files: the same images and
+    instances, each with its ``KEYPOINT_NAMES`` extreme points, in COCO's person-keypoints format (every
+    category lists the same keypoint names)."""
+    root = Path(root)
+    for split in ("train", "val"):
+        with open(root / "annotations" / f"instances_{split}.json") as f:
+            data = json.load(f)
+        for c in data["categories"]:
+            c["keypoints"], c["skeleton"] = list(KEYPOINT_NAMES), KEYPOINT_SKELETON
+        for ann in data["annotations"]:
+            mask = mask_utils.decode({"size": ann["segmentation"]["size"],
+                                      "counts": ann["segmentation"]["counts"].encode("ascii")})
+            ann["keypoints"], ann["num_keypoints"] = extreme_points(mask), len(KEYPOINT_NAMES)
+        out = root / "annotations" / f"keypoints_{split}.json"
+        # Written whole, then renamed: a reader (another process of the same run) never sees half a file.
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, out)
+
+
 def default_root() -> Path:
     return Path(os.environ.get("SCRATCHDET_CACHE", Path.home() / ".cache" / "scratchdet"))
 
 
-def ensure(*, seed: int, num_train: int, num_val: int, image_size: int, root: str = "") -> Path:
-    """Generate the dataset once into a cache folder (atomically) and return that folder."""
+def ensure(*, seed: int, num_train: int, num_val: int, image_size: int, root: str = "", keypoints: bool = False) -> Path:
+    """Generate the dataset once into a cache folder (atomically) and return that folder; with ``keypoints``
+    also its keypoint annotations (``write_keypoints``, once)."""
+    path = _ensure_instances(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size, root=root)
+    if keypoints and not (path / "annotations" / "keypoints_val.json").is_file():
+        write_keypoints(path)  # the val file is written last: its presence means both are complete
+    return path
+
+
+def _ensure_instances(*, seed: int, num_train: int, num_val: int, image_size: int, root: str = "") -> Path:
     sig = signature(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
     path = Path(root) if root else default_root() / f"synth-{sig}"
     if (path / "DONE").is_file():

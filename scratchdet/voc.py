@@ -1,5 +1,6 @@
 """Pascal VOC: the XML layout written from COCO (``coco_to_voc``), read as a dataset (``VocDetection``), and
-VOC box mAP (``evaluate_voc``: the VOC2007 11-point metric and the VOC2010+ area metric).
+VOC box mAP (``evaluate_voc``: the VOC2007 11-point metric and the VOC2010+ area metric); ``load_voc`` reads what a
+config names (``data.*.format: voc``, one or more roots) and ``evaluate_model_voc`` scores a model on it.
 
 Coordinates. VOC's ``bndbox`` holds 1-based, inclusive pixel indices: ``xmin=1, xmax=W`` is the whole width.
 scratchdet's boxes (CocoDetection's targets, the model's outputs, COCO results) are continuous, 0-based:
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 # A box side moved by clipping less than this is float rounding, not a repair (as data._ROUNDING_PX).
 _ROUNDING_PX = 1e-6
 
+# What a run with a VOC validation set writes: its detections (COCO-style, category id = label), the
+# per-class tables of the last evaluation, and the two means logged in metrics.jsonl (percent).
+VOC_RESULTS = "voc_detections.json"
+VOC_TABLES = "voc_eval.txt"
+VOC_MEANS = ("voc/mAP07", "voc/mAP")
+
 
 @dataclass
 class VocRecord:
@@ -57,6 +64,7 @@ class VocRecord:
     boxes: np.ndarray  # [N, 4] float64 xmin, ymin, xmax, ymax as in the XML (clipped to the image where needed)
     labels: np.ndarray  # [N] int64, 1..K
     difficult: np.ndarray  # [N] bool
+    root: Path | None = None  # the VOC root holding the image (``load_voc`` joins several roots into one dataset)
 
 
 # ---- COCO -> VOC --------------------------------------------------------------------------------------------
@@ -203,12 +211,15 @@ def coco_to_voc(annotations: str | Path, images: str | Path, out_dir: str | Path
 
 
 def main_to_voc(args: argparse.Namespace) -> int:
-    """``scratchdet data to-voc --annotations F --images DIR --out DIR [--split NAME]``."""
-    stats = coco_to_voc(args.annotations, args.images, args.out, split=args.split)
+    """``scratchdet data to-voc --annotations F --images DIR --out DIR [--split NAME] [--overwrite]``."""
+    stats = coco_to_voc(args.annotations, args.images, args.out, split=args.split,
+                        overwrite=getattr(args, "overwrite", False))
     print(f"wrote {stats.images} images ({stats.copied} JPEG copied, {stats.reencoded} re-encoded) and "
           f"{stats.objects} objects ({stats.difficult} crowd regions as difficult) of {len(stats.class_names)} "
           f"classes to {args.out} (ImageSets/Main/{args.split}.txt); skipped or repaired: {stats.report.summary()}")
     print(f"class names in COCO's order: {Path(args.out) / 'labels.txt'}")
+    print(f"train with: scratchdet train model.task=boxes data.train.format=voc data.train.images={args.out} "
+          f"data.train.annotations={args.split} (and data.val.* likewise for a validation image set)")
     return 0
 
 
@@ -365,7 +376,7 @@ class VocDetection(Dataset):
                     labels.append(label[o.name])
                     difficult.append(o.difficult)
             records.append(VocRecord(image_id, n, height, width, np.asarray(boxes, np.float64).reshape(-1, 4),
-                                     np.asarray(labels, np.int64), np.asarray(difficult, bool)))
+                                     np.asarray(labels, np.int64), np.asarray(difficult, bool), root=self.root))
         if filter_empty:
             kept = [r for r in records if len(self._trained(r))]
             if len(kept) < len(records):
@@ -403,12 +414,12 @@ class VocDetection(Dataset):
 
     def image_path(self, rec: VocRecord) -> Path:
         # JPEGImages/<id>.jpg, as the devkit, torchvision and detectron2 find it (the XML's <filename> is not read).
-        return self.root / "JPEGImages" / f"{rec.name}.jpg"
+        return (rec.root or self.root) / "JPEGImages" / f"{rec.name}.jpg"
 
     def load_image(self, rec: VocRecord) -> Image.Image:
         """The record's image as 8-bit RGB of the XML's size (``read_image``)."""
         return read_image(self.image_path(rec), expected_size=(rec.width, rec.height),
-                          where=f"image {rec.name!r} of {self.root}")
+                          where=f"image {rec.name!r} of {rec.root or self.root}")
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -435,6 +446,127 @@ class VocDetection(Dataset):
             "seed": seed,  # the sample's own seed: the model draws its anchor/RoI samples from it too
         }
         return image.as_subclass(torch.Tensor), target
+
+
+# ---- VOC as a config names it (data.train / data.val with format voc) ----------------------------------------
+
+
+def voc_sets(images: str, annotations: str) -> list[tuple[Path, str]]:
+    """``(root, image set)`` pairs from ``data.*.images`` / ``data.*.annotations`` of format voc: one or more
+    VOC roots separated by commas, and one image set name for all of them or one per root (VOC07+12:
+    ``images=VOC2007,VOC2012 annotations=trainval``)."""
+    roots = [r.strip() for r in str(images).split(",") if r.strip()]
+    splits = [s.strip() for s in str(annotations).split(",") if s.strip()]
+    if not roots or not splits:
+        raise DataError(f"format voc: give the VOC root(s) in images ({images!r}) and the image set name(s) in "
+                        f"annotations ({annotations!r})")
+    if len(splits) == 1:
+        splits = splits * len(roots)
+    if len(splits) != len(roots):
+        raise DataError(f"format voc: {len(splits)} image set names ({annotations!r}) for {len(roots)} VOC roots "
+                        f"({images!r}); give one name for all roots or one per root")
+    return [(Path(r), s) for r, s in zip(roots, splits)]
+
+
+def voc_present(images: str, annotations: str) -> bool:
+    """Whether every image set file of ``voc_sets`` exists (a dry run describes a preset whose data is not in place)."""
+    return all((root / "ImageSets" / "Main" / f"{split}.txt").is_file() for root, split in voc_sets(images, annotations))
+
+
+def _labels_file_names(roots: Sequence[Path]) -> list[str] | None:
+    """The class list of the roots' ``labels.txt`` (as ``coco_to_voc`` writes it), None where none has one."""
+    found = [(root / "labels.txt", read_class_names(root / "labels.txt")) for root in roots
+             if (root / "labels.txt").is_file()]
+    for path, names in found[1:]:
+        if names != found[0][1]:
+            raise DataError(f"{path} and {found[0][0]} list different classes; the roots of one dataset need one "
+                            "class list")
+    return found[0][1] if found else None
+
+
+def load_voc(images: str, annotations: str, *, class_names: Sequence[str] | None = None,
+             transforms: v2.Transform | None = None, filter_empty: bool = False,
+             keep_difficult: bool = True) -> VocDetection:
+    """The VOC dataset a config names (``voc_sets``): one ``VocDetection``, the image sets of several roots joined.
+
+    Classes: ``class_names`` if given (a validation set gets the training set's); else the roots' ``labels.txt``
+    (``coco_to_voc``'s, COCO's order); else the names found in all the image sets, sorted (for VOC itself,
+    the 20 classes in the devkit's alphabetical order). Image ids must differ across roots (VOC2007's
+    ``000005`` is 5, VOC2012's ``2008_000005`` is 2008000005): an id in two roots is an error, as
+    subsets and evaluation find images by id.
+    """
+    sets = voc_sets(images, annotations)
+    if class_names is None:
+        class_names = _labels_file_names([root for root, _ in sets])
+    parts = [VocDetection(root, split, transforms=transforms, filter_empty=filter_empty, class_names=class_names,
+                          keep_difficult=keep_difficult) for root, split in sets]
+    ds = parts[0]
+    if len(parts) == 1:
+        return ds
+    if class_names is None:
+        # Each image set found its own classes: relabel every part in the sorted union's order.
+        names = sorted(set().union(*(p.class_names for p in parts)))
+        for p in parts:
+            lut = np.array([0] + [names.index(c) + 1 for c in p.class_names], np.int64)
+            for r in p.records:
+                r.labels = lut[r.labels]
+        ds.class_names = names
+        ds.label_to_cat_id = {k: k for k in range(1, len(names) + 1)}
+        ds.cat_id_to_label = dict(ds.label_to_cat_id)
+    where = {r.id: (r.name, ds.root, ds.split) for r in ds.records}
+    for p in parts[1:]:
+        for r in p.records:
+            if r.id in where:
+                name, root, split = where[r.id]
+                raise DataError(f"{p.root / 'ImageSets/Main' / (p.split + '.txt')}: image {r.name!r} has image id "
+                                f"{r.id}, as image {name!r} of {root / 'ImageSets/Main' / (split + '.txt')} has; "
+                                "image ids must differ across VOC roots")
+            where[r.id] = (r.name, p.root, p.split)
+        ds.records += p.records
+        ds.report.skipped.update(p.report.skipped)
+    ds.split = "+".join(s for _, s in sets)
+    return ds
+
+
+def voc_metrics(gt: VocDetection, results: Sequence[dict], image_ids: Iterable[int] | None = None,
+                *, iou: float = 0.5) -> tuple[dict[str, float], str]:
+    """Both VOC metrics of COCO-style results (``category_id`` = label): ``{"voc/mAP07", "voc/mAP",
+    "voc/AP07/<class>", "voc/AP/<class>"}`` in percent, and both per-class tables as text."""
+    image_ids = None if image_ids is None else list(image_ids)
+    out: dict[str, float] = {}
+    texts = []
+    for suffix, use_07 in (("07", True), ("", False)):
+        stats, text = evaluate_voc(gt, results, use_07_metric=use_07, iou=iou, image_ids=image_ids)
+        out[f"voc/mAP{suffix}"] = round(stats["mAP"], 4)
+        out.update({f"voc/AP{suffix}/{k[3:]}": round(v, 4) for k, v in stats.items() if k.startswith("AP/")})
+        texts.append(text)
+    return out, "\n".join(texts)
+
+
+def evaluate_model_voc(model: torch.nn.Module, loader: Iterable, *, gt: VocDetection, device: torch.device,
+                       amp_dtype: torch.dtype | None = None, results_path: str | Path | None = None,
+                       progress: Any = None) -> tuple[dict[str, float], str]:
+    """VOC mAP of a model on a VOC loader (``voc_metrics``: both metrics, per class and mean) and the tables.
+
+    As ``evaluation.evaluate_model``: under torchrun each rank predicts its shard, rank 0 scores the merged
+    results once, every rank returns the same. Results are COCO-style dicts whose category id is the label
+    (VOC has no ids; ``gt`` is built with the training set's ``class_names``, so label k is the same class).
+    """
+    from . import distributed as dist
+    from .evaluation import _merge_shards, run_inference
+
+    identity = {k: k for k in range(1, gt.num_classes + 1)}
+    results, image_ids = run_inference(model, loader, device=device, label_to_cat_id=identity, amp_dtype=amp_dtype,
+                                       progress=progress)
+    parts = dist.gather_to_main((results, image_ids))
+    scored = None
+    if parts is not None:
+        results, image_ids = _merge_shards(parts)
+        if results_path is not None:
+            with open(results_path, "w") as f:
+                json.dump(results, f)
+        scored = voc_metrics(gt, results, image_ids)
+    return dist.broadcast(scored)
 
 
 # ---- VOC mAP --------------------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ def test_no_scaling_without_reference():
     assert s.notes == ()
 
 
-PAPER = [p for p in list_presets() if p.startswith("mask_rcnn_")]
+# The LSJ presets (detectron2's new baselines, not the paper's grid) are checked in tests/test_keypoints.py.
+PAPER = [p for p in list_presets() if p.startswith(("mask_rcnn_", "cascade_mask_rcnn_")) and "_lsj_" not in p]
 
 
 def test_preset_files_match_their_generator():
@@ -106,14 +107,14 @@ def test_preset_files_match_their_generator():
         assert (gen.CONFIGS / f"{name}.yaml").read_text() == text, name
 
 
-NAME = re.compile(r"^mask_rcnn_(R50|R101|X152_32x8d)_FPN_(GN|SyncBN)_(scratch|pretrained)_(\d+)x(_scaleaug)?$")
+NAME = re.compile(r"^(cascade_)?mask_rcnn_(R50|R101|X152_32x8d)_FPN_(GN|SyncBN)_(scratch|pretrained)_(\d+)x(_scaleaug)?$")
 
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_presets_state_the_recipe_their_name_says(name):
     m = NAME.match(name)
     assert m, name
-    backbone, norm, init, n, scaleaug = m.groups()
+    cascade, backbone, norm, init, n, scaleaug = m.groups()
     cfg = load_config(name)
     assert cfg.model.norm == norm and cfg.model.depth == {"R50": 50, "R101": 101, "X152_32x8d": 152}[backbone]
     assert cfg.model.init == ("random" if init == "scratch" else "imagenet")
@@ -129,6 +130,12 @@ def test_paper_presets_state_the_recipe_their_name_says(name):
     s = resolve_schedule(cfg.solver)
     total = int(n) * 90_000
     assert (s.max_iter, s.steps) == (total, (total - 60_000, total - 20_000))
+    # The cascade preset is the paper's 50.9 AP system: Cascade R-CNN and Detectron's test-time augmentation.
+    assert cfg.model.roi_head == ("cascade" if cascade else "standard") and cfg.test.aug == bool(cascade)
+    if cascade:
+        assert cfg.model.cascade_ious == [0.5, 0.6, 0.7] and cfg.model.cascade_weights == [1.0, 0.5, 0.25]
+        assert cfg.test.aug_min_sizes == list(range(400, 1201, 100)) and cfg.test.aug_max_size == 2000
+        assert cfg.test.aug_flip
 
 
 @pytest.mark.parametrize("name", PAPER)

@@ -259,3 +259,36 @@ def test_skip_nonfinite_skips_a_bounded_number_of_steps(tmp_path):
     with pytest.raises(NonFiniteLossError):
         train(_cfg(*base, "solver.skip_nonfinite=1"), tmp_path / "b", progress=False)
     assert len([r for r in read_metrics(tmp_path / "b") if "skipped_step" in r]) == 1
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "fp32-cpu"])
+def test_default_schedule_is_scaled_where_bf16_is_not_native(tmp_path, monkeypatch, caplog, native_bf16):
+    # The default's 15-minute budget holds only with bf16; without it (train.amp=auto then runs fp32,
+    # about 1.5x slower per step) the default takes a fixed shorter schedule and says so in the log.
+    import scratchdet.engine as engine
+
+    monkeypatch.setattr(engine, "amp_dtype", lambda amp, device: torch.bfloat16 if native_bf16 else None)
+    cfg = load_config("default", TINY_SYNTH + ["train.device=cpu"])
+    k = cfg.solver.fp32_cpu_scale
+    assert cfg.train.amp == "auto" and 0 < k < 1
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        summary = train(cfg, tmp_path / "run", dry_run=True, progress=False)
+    expect = (cfg.solver.max_iter, list(cfg.solver.steps), cfg.solver.warmup_iters)
+    if not native_bf16:
+        expect = (round(expect[0] * k), [round(s * k) for s in expect[1]], round(expect[2] * k))
+    assert (summary["max_iter"], summary["steps"], summary["warmup_iters"]) == expect
+    assert (f"fp32_cpu_scale={k:g} of the schedule" in caplog.text) == (not native_bf16)
+    assert (f"fp32_cpu_scale={k:g} not applied: training in bf16" in caplog.text) == native_bf16
+
+
+def test_fp32_cpu_scale_run_records_the_schedule_it_ran(tmp_path, monkeypatch):
+    # The run directory holds the schedule really run (scaled once), so --resume does not scale again.
+    import scratchdet.engine as engine
+
+    monkeypatch.setattr(engine, "amp_dtype", lambda amp, device: None)
+    cfg = _cfg("train.amp=auto", "solver.max_iter=8", "solver.steps=[6]", "solver.fp32_cpu_scale=0.5",
+               "train.log_period=1")
+    train(cfg, tmp_path / "run", progress=False)
+    assert max(r["iteration"] for r in read_metrics(tmp_path / "run")) == 4
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert re.search(r"max_iter: 4\b", saved) and re.search(r"fp32_cpu_scale: 1\.0\b", saved)

@@ -69,7 +69,7 @@ def test_no_detections_score_zero(cocoapi):
 
 def test_bad_iou_type():
     with pytest.raises(ValueError):
-        evaluate_coco("x.json", [], "keypoints")
+        evaluate_coco("x.json", [], "boundary")  # keypoints is one of IOU_TYPES (tests/test_keypoints.py)
 
 
 # --------------------------------------------------------------------------- scoring both types at once

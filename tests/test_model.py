@@ -277,3 +277,15 @@ def test_parallel_rpn_filters_proposals_like_torchvision():
         for g_list, w_list in zip(got, want):
             assert len(g_list) == 3 and all(torch.equal(x, y) for x, y in zip(g_list, w_list))
         assert len(got[0][0]) == (40 if training else 20)
+
+
+@pytest.mark.parametrize("task", ["masks", "keypoints"])
+def test_roi_sampling_ratio_reaches_every_pooler(task):
+    from scratchdet.model import ParallelRoIPool
+
+    for ratio in (1, 2):
+        cfg = load_config(None, TINY_MODEL + [f"model.roi_sampling_ratio={ratio}", f"model.task={task}",
+                                              "model.num_keypoints=4", "data.synth.keypoints=true"])
+        model = build_model(**model_kwargs(cfg.model, 3))
+        pools = [m for m in model.modules() if isinstance(m, ParallelRoIPool)]
+        assert len(pools) == 2 and {p.sampling_ratio for p in pools} == {ratio}

@@ -1,5 +1,6 @@
 """Pascal VOC (scratchdet/voc.py): COCO -> VOC -> VocDetection round trip on tiny_coco, VOC mAP against the
-`object-detection-metrics` package (podm) and hand-computed cases, and the VOC rows (V..) of docs/bad_input.md."""
+`object-detection-metrics` package (podm) and hand-computed cases, the VOC rows (V..) of docs/bad_input.md, several
+roots as one dataset, the VOC presets, and Faster R-CNN trained and scored end to end (to-voc, train, eval)."""
 
 import argparse
 import dataclasses
@@ -7,6 +8,7 @@ import filecmp
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +16,21 @@ import pytest
 import torch
 from PIL import Image
 
+from scratchdet.config import ConfigError, load_config
 from scratchdet.data import CocoDetection, DataError, build_transforms
 from scratchdet.voc import (
     VocDetection,
     VocRecord,
     coco_to_voc,
     evaluate_voc,
+    load_voc,
     main_to_voc,
     read_class_names,
     voc_ap,
+    voc_metrics,
 )
 
-from .conftest import TINY_COCO
+from .conftest import TINY_COCO, TINY_MODEL, TINY_SOLVER
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 SPLITS = ("train", "val")
@@ -475,7 +480,24 @@ VCASES = [
      "categories 3 and 4 share the name 'cat'"),
     ("V31", "to-voc: image file missing", _convert_case("missing"), "convert",
      "nope.png: image file not found \\(image id 1 in .*ann.json\\)"),
+    ("V32", "several VOC roots and a different number of image set names", None, "load",
+     (lambda r: (f"{r},{r}", "train,train,train"), "3 image set names \\('train,train,train'\\) for 2 VOC roots")),
+    ("V33", "the same image id in two VOC roots", lambda r: shutil.copytree(r, r.parent / "voc_in2"), "load",
+     (lambda r: (f"{r},{r.parent / 'voc_in2'}", "train"),
+      "voc_in2/ImageSets/Main/train.txt: image '000001' has image id 1, as image '000001' of .*voc_in/ImageSets/Main/"
+      "train.txt has")),
+    ("V34", "two VOC roots' labels.txt list different classes", lambda r: _two_label_files(r), "load",
+     (lambda r: (f"{r},{r.parent / 'voc_in2'}", "train"), "voc_in2/labels.txt and .*voc_in/labels.txt list different")),
+    ("V35", "format voc without an image set name (data.*.annotations empty)", None, "config",
+     (["model.task=boxes", "data.train.format=voc", "data.train.images=voc"],
+      "data.train.format: voc needs data.train.images .* and data.train.annotations")),
 ]
+
+
+def _two_label_files(root: Path) -> None:
+    (root / "labels.txt").write_text("a\nb\n")
+    _write_voc(root.parent / "voc_in2", ["000003"])
+    (root.parent / "voc_in2" / "labels.txt").write_text("b\na\n")
 
 
 @pytest.mark.parametrize("case", VCASES, ids=[c[0] for c in VCASES])
@@ -519,6 +541,14 @@ def test_voc_catalogue_row(case, tmp_path):
         dets, message = detail
         with pytest.raises(DataError, match=message):
             evaluate_voc(VocDetection(root, "train"), dets, use_07_metric=False, box_format="xyxy")
+    elif outcome == "load":
+        sets, message = detail
+        with pytest.raises(DataError, match=message):
+            load_voc(*sets(root))
+    elif outcome == "config":
+        overrides, message = detail
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
     else:
         raise AssertionError(outcome)
 
@@ -527,3 +557,196 @@ def test_voc_catalogue_document_lists_every_row():
     rows = re.findall(r"^\| (V\d\d) \| (.*?) \|", DOC.read_text(), flags=re.M)
     assert [r[0] for r in rows] == [c[0] for c in VCASES]
     assert [r[1] for r in rows] == [c[1] for c in VCASES]
+
+
+# ---- several roots as one dataset (data.*.images=ROOT1,ROOT2) ----------------------------------------------------
+
+
+def test_two_image_sets_join_into_one_dataset(tiny_voc):
+    # VOC07+12 style: one dataset from two image sets (here tiny_coco's train and val, both in one root).
+    ds = load_voc(f"{tiny_voc},{tiny_voc}", "train,val")
+    train, val = _voc(tiny_voc, "train"), _voc(tiny_voc, "val")
+    assert ds.class_names == train.class_names  # labels.txt: COCO's order, not the sorted names found
+    assert ds.image_ids() == train.image_ids() + val.image_ids() and len(ds) == 100
+    for i, ref in ((0, train[0]), (len(ds) - 1, val[len(val) - 1])):
+        image, target = ds[i]
+        assert torch.equal(image, ref[0]) and torch.equal(target["labels"], ref[1]["labels"])
+
+
+def test_roots_without_a_class_list_get_the_sorted_union_of_their_classes(tmp_path):
+    _write_voc(tmp_path / "r1", ["000001"])  # class a
+    _write_voc(tmp_path / "r2", ["000003"], xmls={"000003": _xml(objects=[("c", 5, 5, 20, 20, "0")])})
+    Image.new("RGB", (40, 32), (0, 255, 0)).save(tmp_path / "r2/JPEGImages/000003.jpg")
+    ds = load_voc(f"{tmp_path / 'r1'},{tmp_path / 'r2'}", "train")
+    assert ds.class_names == ["a", "c"] and ds.num_classes == 2
+    # r2 alone calls c label 1; in the joined dataset c is label 2, and its image is read from r2.
+    assert [r.labels.tolist() for r in ds.records] == [[1], [2]]
+    image, target = ds[1]
+    assert target["labels"].tolist() == [2] and image[1].float().mean() > 200
+
+
+# ---- the paper's VOC presets ------------------------------------------------------------------------------------
+
+
+def _make_presets():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_presets", Path(__file__).parents[1] / "tools/make_presets.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    return gen
+
+
+VOC_PRESETS = ["faster_rcnn_R101_FPN_GN_pretrained_18k_voc0712", "faster_rcnn_R101_FPN_GN_scratch_144k_voc0712"]
+
+
+def test_voc_preset_files_match_their_generator_and_are_listed(capsys):
+    from scratchdet.cli import main
+
+    gen = _make_presets()
+    assert sorted(gen.voc_expected()) == VOC_PRESETS
+    for name, text in gen.voc_expected().items():
+        assert (gen.CONFIGS / f"{name}.yaml").read_text() == text, name
+    assert main(["presets"]) == 0
+    assert set(VOC_PRESETS) <= set(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("name", VOC_PRESETS)
+def test_voc_presets_state_the_recipe_and_dry_run_offline(name, tmp_path, caplog):
+    import logging
+
+    from scratchdet.config import resolve_schedule
+    from scratchdet.engine import train
+
+    cfg = load_config(name)
+    pretrained = "pretrained" in name
+    assert (cfg.model.task, cfg.model.depth, cfg.model.norm, cfg.model.num_classes) == ("boxes", 101, "GN", 20)
+    assert cfg.model.init == ("imagenet" if pretrained else "random")
+    assert (cfg.data.train.format, cfg.data.train.images, cfg.data.train.annotations) == (
+        "voc", "datasets/VOC2007,datasets/VOC2012", "trainval")
+    assert (cfg.data.val.format, cfg.data.val.images, cfg.data.val.annotations) == ("voc", "datasets/VOC2007", "test")
+    assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.reference_batch_size) == (16, 0.02, 16)
+    s = resolve_schedule(cfg.solver)
+    assert (s.max_iter, s.steps) == ((18_000, (12_000, 16_000)) if pretrained else (144_000, (96_000, 128_000)))
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        summary = train(cfg, tmp_path / "run", dry_run=True, progress=False)
+    assert summary["num_classes"] == 20 and summary["max_iter"] == s.max_iter
+    assert "Faster R-CNN R101-FPN" in caplog.text and "not found" in caplog.text  # no VOC here: described only
+    assert ("would be initialized from https://" in caplog.text) == pretrained  # described, not downloaded
+
+
+# ---- Faster R-CNN trained and evaluated end to end ------------------------------------------------------------
+
+TINY_SIZES = ["data.min_size_train=[128]", "data.max_size_train=192", "data.min_size_test=128",
+              "data.max_size_test=192", "model.score_thresh_test=0.0", "solver.max_iter=4", "test.max_images=8",
+              "test.ims_per_batch=2", "train.num_threads=1"]
+
+
+def test_faster_rcnn_trains_on_voc_written_by_to_voc_and_reports_voc_map(tiny_coco, tmp_path, capsys):
+    from scratchdet.cli import main
+    from scratchdet.report import build_report, is_detection_run
+    from scratchdet.run import read_metrics
+    from scratchdet.study import member_progress
+
+    voc, run = tmp_path / "voc", tmp_path / "run"
+    for split in ("train", "val"):
+        assert main(["data", "to-voc", "--annotations", str(tiny_coco / f"annotations/instances_{split}2017.json"),
+                     "--images", str(tiny_coco / f"{split}2017"), "--out", str(voc), "--split", split]) == 0
+    assert "wrote 50 images" in capsys.readouterr().out
+    assert main(["train", *TINY_MODEL, *TINY_SOLVER, *TINY_SIZES, "model.task=boxes", "data.train.format=voc",
+                 f"data.train.images={voc}", "data.train.annotations=train", "data.val.format=voc",
+                 f"data.val.images={voc}", "data.val.annotations=val", "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "voc/mAP07" in out and "voc/mAP " in out and "bbox/AP" not in out
+    records = read_metrics(run)
+    losses = [r for r in records if "loss" in r]
+    assert losses and all("loss_box_reg" in r and "loss_mask" not in r for r in losses)  # Faster R-CNN: no mask head
+    evals = [r for r in records if "voc/mAP" in r]
+    assert [r["iteration"] for r in evals] == [4] and not any("bbox/AP" in r for r in records)
+    # The logged numbers are evaluate_voc's on the detections the run wrote, for the images it evaluated.
+    dets = json.loads((run / "voc_detections.json").read_text())
+    gt = load_voc(str(voc), "val", class_names=read_class_names(voc / "labels.txt"))
+    evaluated = gt.image_ids()[:8]
+    assert dets and {d["image_id"] for d in dets} <= set(evaluated)
+    assert {d["category_id"] for d in dets} <= set(range(1, 81))  # labels: VOC has no category ids
+    scores, _ = voc_metrics(gt, dets, evaluated)
+    assert (evals[-1]["voc/mAP07"], evals[-1]["voc/mAP"]) == (scores["voc/mAP07"], scores["voc/mAP"])
+    assert 0 <= scores["voc/mAP07"] <= 100 and 0 <= scores["voc/mAP"] <= 100
+    tables = (run / "voc_eval.txt").read_text()
+    assert "VOC 2007 11-point AP" in tables and "VOC area (VOC2010+) AP" in tables and "\nperson " in tables
+    # `scratchdet eval --run` gives the same numbers from model_final.pth, and the per-class APs.
+    assert main(["eval", "--run", str(run), "train.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "VOC 2007 11-point AP" in out and "voc/mAP07" in out
+    metrics = json.loads((run / "inference/metrics.json").read_text())
+    assert metrics["voc/mAP07"] == evals[-1]["voc/mAP07"] and metrics["voc/mAP"] == evals[-1]["voc/mAP"]
+    assert metrics["voc/AP/person"] == scores["voc/AP/person"]
+    # Study status and reports read bbox/AP: a VOC run is still found and shown, without crashing.
+    assert member_progress(run)["voc/mAP"] == evals[-1]["voc/mAP"]
+    assert is_detection_run(run)
+    build_report([run], tmp_path / "report")
+    assert (tmp_path / "report/index.html").is_file()
+
+
+def test_faster_rcnn_on_coco_json_reports_box_ap_only(tiny_coco, tmp_path):
+    from scratchdet.engine import train
+
+    cfg = load_config(None, TINY_MODEL + TINY_SOLVER + TINY_SIZES + [
+        "model.task=boxes", f"data.train.images={tiny_coco / 'train2017'}",
+        f"data.train.annotations={tiny_coco / 'annotations/instances_train2017.json'}",
+        f"data.val.images={tiny_coco / 'val2017'}",
+        f"data.val.annotations={tiny_coco / 'annotations/instances_val2017.json'}"])
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert 0 <= result["bbox/AP"] <= 100 and not any(k.startswith(("segm/", "voc/")) for k in result)
+    dets = json.loads((tmp_path / "run/coco_instances_results.json").read_text())
+    assert dets and not any("segmentation" in d for d in dets)
+
+
+def test_to_voc_help():
+    from scratchdet.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["data", "to-voc", "--help"])
+    assert e.value.code == 0
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts each image's ground truth (difficult objects too), scaled to the network input, in loader order."""
+
+    def __init__(self, records: list[VocRecord]) -> None:
+        super().__init__()
+        self.records = iter(records)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for im in images:
+            rec = next(self.records)
+            h, w = im.shape[-2:]
+            scale = torch.tensor([w / rec.width, h / rec.height] * 2)
+            xyxy = torch.from_numpy(_continuous(rec.boxes)).float() * scale
+            out.append({"boxes": xyxy, "labels": torch.from_numpy(rec.labels), "scores": torch.ones(len(xyxy))})
+        return out
+
+
+def test_evaluate_model_voc_scores_ground_truth_predictions_100(tiny_voc, tmp_path):
+    # The wiring a model's detections go through before evaluate_voc: resized input -> original pixels ->
+    # COCO-style results with category id = label -> VOC boxes. Ground truth predicted at the test size must
+    # come back at IoU >= 0.95 (tiny_coco has objects of a few pixels: a pixel off anywhere would fail them).
+    from scratchdet.engine import build_eval
+    from scratchdet.voc import evaluate_model_voc
+
+    cfg = load_config(None, ["model.task=boxes", "data.val.format=voc", f"data.val.images={tiny_voc}",
+                             "data.val.annotations=val", "data.min_size_test=96", "data.max_size_test=160",
+                             "test.ims_per_batch=3", "dataloader.num_workers=0"])
+    names = read_class_names(tiny_voc / "labels.txt")
+    loader, gt = build_eval(cfg, (str(tiny_voc), "val"), class_names=names)
+    assert isinstance(gt, VocDetection) and gt.class_names == names
+    scores, tables = evaluate_model_voc(_Oracle(gt.records), loader, gt=gt, device=torch.device("cpu"),
+                                        results_path=tmp_path / "dets.json")
+    assert scores["voc/mAP07"] == 100 and scores["voc/mAP"] == 100 and "mAP over" in tables
+    dets = json.loads((tmp_path / "dets.json").read_text())
+    strict, _ = voc_metrics(gt, dets, iou=0.95)
+    assert strict["voc/mAP"] == 100 and strict["voc/mAP07"] == 100
+    # One class's detections dropped: that class scores 0, the others still 100.
+    dropped, _ = voc_metrics(gt, [d for d in dets if d["category_id"] != 1])
+    assert dropped["voc/AP/person"] == 0 and dropped["voc/AP/car"] == 100
