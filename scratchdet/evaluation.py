@@ -118,6 +118,11 @@ def results_iou_types(results: list[dict]) -> tuple[str, ...]:
                  if key in results[0]) or ("bbox",)
 
 
+def stat_names(iou_type: str) -> tuple[str, ...]:
+    """The names of COCOeval's summary numbers for ``iou_type``: 12, or 10 for keypoints."""
+    return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+
+
 def oks_sigmas(gt: COCO) -> list[float]:
     """The OKS sigma of each keypoint of the ground truth's layout: COCO's for its 17 person keypoints, else
     ``DEFAULT_OKS_SIGMA`` for each (detectron2 asks for TEST.KEYPOINT_OKS_SIGMAS instead)."""
@@ -134,7 +139,7 @@ def _score(gt: COCO, dts: list[dict], iou_types: tuple[str, ...],
     """Score detections the caller lets us write into (ids, areas, RLEs), for each iou type in turn."""
     _check_iou_types(iou_types)
     if not dts:
-        return {t: ({k: 0.0 for k in (KEYPOINT_STAT_NAMES if t == "keypoints" else STAT_NAMES)},
+        return {t: ({k: 0.0 for k in stat_names(t)},
                     "no detections: every number is 0\n") for t in iou_types}
     if "segm" in iou_types and "segmentation" not in dts[0]:
         raise ValueError("segm needs results with masks ('segmentation'); these have none")
@@ -210,7 +215,7 @@ def _summarize(gt: COCO, dt: COCO, iou_type: str, img_ids: list[int] | None) -> 
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    names = stat_names(iou_type)
     stats = {name: float(v) * 100 for name, v in zip(names, ev.stats[:len(names)])}
     text = "\n".join(line for line in lines if "Average" in line) + "\n"
     return stats, text

@@ -258,9 +258,8 @@ def _reference_mask(ann, h, w):
     return mask_utils.decode(rle)
 
 
-def _reference_item(ds, key, transform_args):
-    """The sample as the previous CocoDetection.__getitem__ made it (transform_args: build_transforms' arguments)."""
-    index, seed = key if isinstance(key, tuple) else (key, None)
+def _reference_raw(ds, index):
+    """Image ``index`` of ``ds`` and its target as tv_tensors, every mask decoded at full size, no transform."""
     rec = ds.records[index]
     image = tv_tensors.Image(torch.from_numpy(np.array(ds.load_image(rec))).permute(2, 0, 1).contiguous())
     anns = [a for a in rec.anns if not a.get("iscrowd", 0)]
@@ -273,15 +272,29 @@ def _reference_item(ds, key, transform_args):
     target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
               "labels": torch.tensor([ds.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
               "masks": tv_tensors.Mask(torch.from_numpy(masks))}
+    return image, target
+
+
+def _reference_apply(image, target, ops, seed):
+    """``v2.Compose(ops)`` on the sample under ``seed`` (the global RNG left as it was); plain tensors out."""
+    if ops:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image, target = v2.Compose(ops)(image, target)
+    return image.as_subclass(torch.Tensor), {k: target[k].as_subclass(torch.Tensor) for k in ("boxes", "labels", "masks")}
+
+
+def _reference_item(ds, key, transform_args):
+    """The sample as the previous CocoDetection.__getitem__ made it (transform_args: build_transforms' arguments)."""
+    index, seed = key if isinstance(key, tuple) else (key, None)
+    image, target = _reference_raw(ds, index)
+    ops = []
     if transform_args is not None:
         ops = [ResizeShortestEdge(transform_args["min_sizes"], transform_args["max_size"])]
         if transform_args["train"] and transform_args["flip_prob"] > 0:
             ops.append(v2.RandomHorizontalFlip(transform_args["flip_prob"]))
         ops.append(v2.SanitizeBoundingBoxes(min_size=1))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed if seed is not None else 0)
-            image, target = v2.Compose(ops)(image, target)
-    return image.as_subclass(torch.Tensor), {k: target[k].as_subclass(torch.Tensor) for k in ("boxes", "labels", "masks")}
+    return _reference_apply(image, target, ops, seed if seed is not None else 0)
 
 
 def _assert_same_as_reference(ds, keys, transform_args):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from scratchdet.config import ConfigError, load_config, resolve_schedule
@@ -194,27 +193,12 @@ def test_keypoints_with_other_transforms_are_refused(tmp_path):
 
 def _reference_lsj(ds, key, size, scale, flip_prob):
     """The sample through torchvision's own Compose of the same transforms, every mask decoded at full size."""
-    from .test_data import _reference_mask
+    from .test_data import _reference_apply, _reference_raw
 
     index, seed = key
-    rec = ds.records[index]
-    image = tv_tensors.Image(torch.from_numpy(np.array(ds.load_image(rec))).permute(2, 0, 1).contiguous())
-    anns = [a for a in rec.anns if not a.get("iscrowd", 0)]
-    h, w = rec.height, rec.width
-    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-    masks = np.stack([_reference_mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
-    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-              "labels": torch.tensor([ds.cat_id_to_label[a["category_id"]] for a in anns]),
-              "masks": tv_tensors.Mask(torch.from_numpy(masks))}
-    ops = v2.Compose([LargeScaleJitter(size=size, scale=scale), v2.RandomHorizontalFlip(flip_prob),
-                      v2.SanitizeBoundingBoxes(min_size=1)])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        image, target = ops(image, target)
-    return image.as_subclass(torch.Tensor), {k: target[k].as_subclass(torch.Tensor) for k in ("boxes", "labels", "masks")}
+    image, target = _reference_raw(ds, index)
+    ops = [LargeScaleJitter(size=size, scale=scale), v2.RandomHorizontalFlip(flip_prob), v2.SanitizeBoundingBoxes(min_size=1)]
+    return _reference_apply(image, target, ops, seed)
 
 
 @pytest.mark.parametrize("size,scale", [(160, (0.1, 2.0)), (96, (1.5, 2.0)), (300, (0.3, 0.5))])

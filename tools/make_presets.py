@@ -25,9 +25,8 @@ TTA_MAX_SIZE = 2000
 
 
 def coco_recipe(annotations: str, sizes: list[int], schedule: str) -> list[str]:
-    """The data, solver and test lines every COCO preset shares: the paper's recipe (16 images, LR 0.02,
-    1000 warmup iterations, 800/1333 px or the shorter sides ``sizes``), ``annotations`` naming the
-    COCO file kind (instances, person_keypoints)."""
+    """The data, solver and test lines every COCO preset shares, ``annotations`` naming the COCO file kind
+    (instances, person_keypoints)."""
     return [
         "data:",
         "  train:",
@@ -36,13 +35,20 @@ def coco_recipe(annotations: str, sizes: list[int], schedule: str) -> list[str]:
         "  val:",
         "    images: datasets/coco/val2017",
         f"    annotations: datasets/coco/annotations/{annotations}_val2017.json",
+    ] + recipe(sizes, [f"  schedule: {schedule}"], checkpoint_period=10000, eval_period=30000)
+
+
+def recipe(sizes: list[int], length: list[str], *, checkpoint_period: int, eval_period: int) -> list[str]:
+    """The paper's recipe after the data sets: 16 images, LR 0.02, 1000 warmup iterations, 800/1333 px (or
+    the shorter sides ``sizes``), flip; ``length`` the solver lines that set the schedule."""
+    return [
         f"  min_size_train: [{', '.join(map(str, sizes))}]",
         "  max_size_train: 1333",
         "  min_size_test: 800",
         "  max_size_test: 1333",
         "  flip_prob: 0.5",
         "solver:",
-        f"  schedule: {schedule}",
+        *length,
         "  reference_batch_size: 16",
         "  ims_per_batch: 16",
         "  base_lr: 0.02",
@@ -50,10 +56,11 @@ def coco_recipe(annotations: str, sizes: list[int], schedule: str) -> list[str]:
         "  weight_decay: 0.0001",
         "  warmup_iters: 1000",
         "  warmup_factor: 0.001",
-        "  checkpoint_period: 10000",
+        f"  checkpoint_period: {checkpoint_period}",
         "test:",
-        "  eval_period: 30000",
+        f"  eval_period: {eval_period}",
     ]
+
 
 def grid() -> list[tuple[str, str, str, str, str]]:
     rows = [("R50", n, i, f"{s}x", "") for n in ("GN", "SyncBN") for i in ("scratch", "pretrained") for s in range(2, 7)]
@@ -172,24 +179,8 @@ def render_voc(init: str) -> str:
         "    format: voc",
         "    images: datasets/VOC2007",
         "    annotations: test",
-        "  min_size_train: [800]",
-        "  max_size_train: 1333",
-        "  min_size_test: 800",
-        "  max_size_test: 1333",
-        "  flip_prob: 0.5",
-        "solver:",
-        f"  max_iter: {total}",
-        f"  steps: [{steps[0]}, {steps[1]}]",
-        "  reference_batch_size: 16",
-        "  ims_per_batch: 16",
-        "  base_lr: 0.02",
-        "  momentum: 0.9",
-        "  weight_decay: 0.0001",
-        "  warmup_iters: 1000",
-        "  warmup_factor: 0.001",
-        f"  checkpoint_period: {total // 6}",
-        "test:",
-        f"  eval_period: {total // 6}",
+        *recipe([800], [f"  max_iter: {total}", f"  steps: [{steps[0]}, {steps[1]}]"],
+                checkpoint_period=total // 6, eval_period=total // 6),
         "",
     ]
     return "\n".join(lines)
