@@ -1,11 +1,11 @@
 """Training throughput: scratchdet's step versus a torchvision-reference-style loop, side by side.
 
-    python benchmarks/train_throughput.py [--case default|r50_gn_512|r50_gn_800_gpu|all] [--iters N]
+    python benchmarks/train_throughput.py [--case default|r50_gn_512|r50_gn_800sq_gpu|all] [--iters N]
                                           [--rounds R] [--variants]
 
 Both loops train the same model (built from the same seed by ``scratchdet.model.build_model``) on
 the same batches (prepared first: data loading is measured by ``data_throughput.py``) in the same
-autocast precision.  The reference is the loop a user would write after torchvision's
+autocast precision and the same memory format.  The reference is the loop a user would write after torchvision's
 ``references/detection/engine.py`` (``train_one_epoch``) with torchvision's own parts: the model
 as built (contiguous tensors; torchvision's RPN and MultiScaleRoIAlign where scratchdet runs
 their CPU kernels in parallel threads),
@@ -42,24 +42,27 @@ from scratchdet.config import load_config
 from scratchdet.data import CocoDetection, TrainSampler, build_transforms, collate, resolve_datasets
 from scratchdet.engine import train_step
 from scratchdet.model import build_model, model_kwargs
-from scratchdet.run import amp_dtype, pick_device, precision_name
+from scratchdet.run import amp_dtype, pick_device, precision_name, use_channels_last
 from scratchdet.solver import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-# (preset, overrides): the default job; R50-FPN GN at 512 px on a CPU; the paper's R50-FPN GN at
-# 800x1333, 2 images per GPU, bf16 on a GPU.  The R50 cases train on the synthetic shapes resized
-# to the case's size (the step's cost depends on sizes and instance counts, not on the pictures).
+# (preset, overrides): the default job's training step (prepared batches: not the data pipeline,
+# which data_throughput.py measures); R50-FPN GN at 512 px on a CPU; R50-FPN GN on 800x800 synthetic
+# squares (the paper's 800 px shorter side; a COCO image would be about 800x1200), 2 images per GPU,
+# on a GPU.  The R50 cases train on the synthetic shapes resized to the case's size (the step's cost
+# depends on sizes and instance counts, not on the pictures).  --set changes precision, batch and
+# memory format for both loops (benchmarks/gpu.sh runs the grid).
 CASES: dict[str, tuple[str, list[str]]] = {
     "default": ("default", []),
     "r50_gn_512": ("mask_rcnn_R50_FPN_GN_scratch_3x", [
         "data.train.images=", "data.train.annotations=", "data.val.images=", "data.val.annotations=",
         "data.min_size_train=[512]", "data.max_size_train=853", "solver.ims_per_batch=2", "model.num_classes=0",
         "train.amp=auto", "train.channels_last=true"]),
-    "r50_gn_800_gpu": ("mask_rcnn_R50_FPN_GN_scratch_3x", [
+    "r50_gn_800sq_gpu": ("mask_rcnn_R50_FPN_GN_scratch_3x", [
         "data.train.images=", "data.train.annotations=", "data.val.images=", "data.val.annotations=",
         "data.synth.image_size=800", "data.synth.num_train=64", "data.synth.num_val=4",
         "data.min_size_train=[800]", "data.max_size_train=1333", "solver.ims_per_batch=2", "model.num_classes=0",
-        "train.amp=bf16", "train.channels_last=true", "train.device=cuda"]),
+        "train.amp=bf16", "train.channels_last=off", "train.device=cuda"]),
 }
 
 
@@ -78,9 +81,9 @@ def build(cfg: Any, device: torch.device, *, scratchdet: bool) -> tuple[torch.nn
     torch.manual_seed(0)
     model = build_model(**model_kwargs(cfg.model)).to(device)
     s = cfg.solver
+    if use_channels_last(cfg.train.channels_last, device):  # both loops: a ratio of like with like
+        model = model.to(memory_format=torch.channels_last)
     if scratchdet:
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer(model, base_lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay,
                               weight_decay_norm=s.weight_decay_norm, weight_decay_bias=s.weight_decay_bias)
     else:
@@ -161,6 +164,7 @@ def measure(case: str, *, iters: int, warmup: int, rounds: int, extra: list[str]
     ips = {k: cfg.solver.ims_per_batch / statistics.median(v) for k, v in times.items()}
     return {"case": case, "overrides": extra, "device": str(device),
             "precision": precision_name(amp_dtype(cfg.train.amp, device)),
+            "channels_last": use_channels_last(cfg.train.channels_last, device),
             "ims_per_batch": cfg.solver.ims_per_batch, "image_size": [cfg.data.min_size_train, cfg.data.max_size_train],
             "iters": iters, "rounds": rounds, "threads": torch.get_num_threads(),
             "seconds_per_iter": times, "images_per_sec": ips, "ratio": ips["scratchdet"] / ips["reference"],
@@ -193,11 +197,13 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "out")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train_throughput_{args.case}.json").write_text(json.dumps(results, indent=1))
-    print("| case | device | precision | batch | reference img/s | scratchdet img/s | ratio | peak MiB ref / ours |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| case | device | precision | layout | batch | reference img/s | scratchdet img/s | ratio | "
+          "peak MiB ref / ours |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         mib = {k: v / 2**20 for k, v in r["peak_memory_bytes"].items()}
-        print(f"| {r['case']} | {r['device']} | {r['precision']} | {r['ims_per_batch']} | "
+        print(f"| {r['case']} | {r['device']} | {r['precision']} | "
+              f"{'channels-last' if r['channels_last'] else 'NCHW'} | {r['ims_per_batch']} | "
               f"{r['images_per_sec']['reference']:.2f} | {r['images_per_sec']['scratchdet']:.2f} | "
               f"{r['ratio']:.2f}x | {mib['reference']:.0f} / {mib['scratchdet']:.0f} |")
     return 0

@@ -40,7 +40,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 
-from .model import FP32BoxPredictor, SeededSampler, msra_fill_, normal_fill_, xavier_fill_
+from .layers import FP32BoxPredictor, SeededSampler, msra_fill_, normal_fill_, xavier_fill_
 
 
 def stage_reg_weights(stage: int) -> tuple[float, float, float, float]:

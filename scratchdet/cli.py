@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -58,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     from .evaluation import ap_line
 
     line = ap_line(result)
-    print(f"done: {line if line != 'no AP' else 'no validation set, no AP'}")
+    # Logged (stdout and the run's log.txt), so log.txt ends with the run's outcome too.
+    logging.getLogger("scratchdet").info("done: %s", line if line != "no AP" else "no validation set, no AP")
     print(f"run directory: {run_dir}")
     return 0
 
@@ -316,8 +318,18 @@ def _config(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(load_config(args.preset, args.overrides)), sort_keys=False), end="")
         return 0
+    # What `scratchdet train` with no argument uses: the default preset over the built-in defaults.
+    from .config import DEFAULT_PRESET, to_dict
+
+    used = to_dict(load_config(None, args.overrides))
+    print(f"# every option, with the value `scratchdet train` uses (preset {DEFAULT_PRESET!r}); "
+          "'built-in' where the preset changes it")
     for key, default, help_ in describe():
-        print(f"{key} = {default}\n    {help_}")
+        value: Any = used
+        for part in key.split("."):
+            value = value[part]
+        note = f"  (built-in: {default})" if repr(value) != default else ""
+        print(f"{key} = {value!r}{note}\n    {help_}")
     return 0
 
 
@@ -504,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Draw the paper's figures and tables from runs (or studies: folders of runs), reading only each run's "
         "metrics.jsonl and config.yaml: AP vs iteration, box and mask (random init solid, pretrained dashed, LR "
         "drops dotted; Fig. 1), images/instances/pixels seen with pre-training (Fig. 2), the 12 COCO numbers per "
-        "run, the schedule x init pivot (Table 1) and the data size x init pivot, scratch minus pretrained. Writes "
+        "run, the schedule x init pivot (Table 1) and the data size x init pivot (Sec. 5.2), random init minus "
+        "pretrained; each run's data, model, batch and schedule, and a caption per figure. Writes "
         "OUT/index.html (self-contained, offline), PNG and SVG figures and tables/*.csv. Examples:\n"
         "  scratchdet report runs/mini_rethink --out runs/mini_rethink/report\n"
         "  scratchdet report --compare runs/a runs/b --out cmp/"),
@@ -515,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a two-run side-by-side (run directories, or names of runs given): config differences, "
                          "the 24 numbers with B-A, what each saw, their curves")
     rp.add_argument("--pretrain-offset", action="store_true",
-                    help="shift pretrained runs right by their pre-training (its images in the run's iterations), "
-                         "drawn as a grey band")
+                    help="draw the pretrained runs' pre-training (its images in the run's iterations) as a grey "
+                         "band on an axis of its own, left of each AP panel")
     rp.add_argument("--title", default="scratchdet report", help="the page's title")
     rp.set_defaults(func=_report)
 
@@ -576,6 +589,10 @@ def _main(argv: list[str] | None = None) -> int:
         if dist is not None:
             dist.shutdown()
         return code
+    except BrokenPipeError:
+        # `scratchdet config | head`: the reader left; no traceback, and no second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     except (ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"scratchdet: error: {e}", file=sys.stderr)
         return 2

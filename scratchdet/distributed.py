@@ -21,6 +21,8 @@ log = logging.getLogger("scratchdet")
 
 _CPU_GROUP: Any = None  # a gloo group for host-side flags and objects (the default group on CPU runs)
 _MONITOR_GROUP: Any = None  # a gloo group used only to name stalled ranks (a timed-out group is closed)
+# Set before NCCL's process group is created (``init``): a timeout ends the job with a report.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 def is_initialized() -> bool:
@@ -72,6 +74,13 @@ def init(device: torch.device, *, timeout_s: float) -> None:
                       world_size=int(os.environ["WORLD_SIZE"]))
     global _MONITOR_GROUP
     if device.type == "cuda":
+        # NCCL's watchdog, not our gloo monitor, sees a stalled collective first.  Async error
+        # handling 1 aborts the communicator and ends the process with an error naming the
+        # collective (op type, sequence number, size) and how long it ran; read when the NCCL
+        # process group is created; a user's own setting wins (TORCH_NCCL_DESYNC_DEBUG=1 adds
+        # which rank had not joined, docs/gpu.md).
+        for name, value in NCCL_ENV.items():
+            os.environ.setdefault(name, value)
         torch.cuda.set_device(device)
         td.init_process_group("nccl", device_id=device, **kwargs)
         _CPU_GROUP = td.new_group(backend="gloo", timeout=timeout)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, resolve_schedule, scale_for_fp32_cpu, short_schedule_warning, to_dict
+from .config import Config, ConfigError, check_schedule, resolve_schedule, scale_for_fp32_cpu, short_schedule_warning, to_dict
 from .data import (
     CocoDetection,
     TrainSampler,
@@ -50,6 +50,8 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     restore_training_state,
     seed_everything,
     setup_logging,
+    sync_device,
+    use_channels_last,
     use_deterministic,
 )
 from .solver import build_lr_scheduler, build_optimizer, skip_nonfinite_step
@@ -81,7 +83,7 @@ def build_detector(cfg: Config, train_set: CocoDetection | None, device: torch.d
     initialization loaded (``weights.load_init``'s meta)."""
     model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None,
                                        getattr(train_set, "num_keypoints", None))).to(device)
-    if cfg.train.channels_last:
+    if use_channels_last(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     init_meta: dict[str, Any] = {}
     if dry_run and cfg.model.init == "imagenet":
@@ -111,10 +113,11 @@ def build_train_set(cfg: Config, train_paths: tuple[str, str]) -> CocoDetection:
         train_set = CocoDetection(images=train_paths[0], annotations=train_paths[1],
                                   filter_empty=cfg.data.filter_empty, transforms=transforms, task=cfg.model.task)
     where = f"{train_paths[0]} ({train_paths[1]})" if cfg.data.train.format == "voc" else train_paths[1]
-    log.info("training data: %s (%d images, %d classes); %s", where, len(train_set), train_set.num_classes,
+    log.info("training data: %s (%d images, %d class%s); %s", where, len(train_set), train_set.num_classes,
+             "" if train_set.num_classes == 1 else "es",
              train_set.report.summary())
     if cfg.data.subset:
-        # The paper's data-size study (Sec. 5.3): random subsets, nested for one seed (1k in 10k in 35k).
+        # The paper's data-size study (Sec. 5.2, Figs. 7-8): random subsets, nested for one seed (1k in 10k in 35k).
         ids = draw_subset(train_set.image_ids(), cfg.data.subset, cfg.data.subset_seed)
         train_set.keep(ids)
         log.info("data.subset=%g (seed %d): training on %d images", cfg.data.subset, cfg.data.subset_seed, len(ids))
@@ -185,7 +188,8 @@ def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-          dry_run: bool = False, progress: bool = True) -> dict[str, Any]:
+          dry_run: bool = False, progress: bool = True, stop_at: int | None = None,
+          keep_at: tuple[int, ...] = ()) -> dict[str, Any]:
     """Train (or, with ``dry_run``, describe) a run; returns the final metrics.
 
     Under ``torchrun`` every rank runs this function: each takes its slice of every global batch,
@@ -202,13 +206,15 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     setup_logging(None if dry_run else run_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device))
+    seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device),
+                    strict=cfg.train.deterministic == "on")
     dtype = amp_dtype(cfg.train.amp, device)
     if cfg.train.amp == "auto" and dtype is None and device.type == "cpu":
         cfg, note = scale_for_fp32_cpu(cfg)  # a fixed shorter schedule where bf16 would be emulated
         if note:
             log.warning("%s", note)
-    elif cfg.solver.fp32_cpu_scale != 1.0:
+    elif cfg.solver.fp32_cpu_scale != 1.0 and cfg.train.amp != "auto":
+        # Said only where the user chose the precision: under auto with native bf16 nothing needed the factor.
         log.info("solver.fp32_cpu_scale=%g not applied: training in %s (it applies to train.amp=auto on a CPU "
                  "without native bf16)", cfg.solver.fp32_cpu_scale, precision_name(dtype))
     rank, world = dist.rank(), dist.world_size()
@@ -222,6 +228,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     # What a pre-training stage saw, carried into every log line (the paper's "images seen" comparisons).
     pretrain_seen = {f"pretrain_{k}": v for k, v in init_meta.get("seen", {}).items()}
     sched = resolve_schedule(cfg.solver, len(train_set) if train_set else None)
+    check_schedule(sched)
     summary = describe_run(cfg, model, sched, dtype, train_set)
     if dry_run:
         return summary
@@ -341,13 +348,25 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                     bar.set_postfix(loss=f"{line['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{line['images_per_sec']:.1f}")
                 t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
             bar.update(1)
-            t_pause = time.perf_counter()
-            if eval_loader is not None and cfg.test.eval_period and done % cfg.test.eval_period == 0 \
-                    and done < sched.max_iter:
-                last_eval = evaluate(done)
-            if done % cfg.solver.checkpoint_period == 0 and done < sched.max_iter:
+            evaluating = eval_loader is not None and cfg.test.eval_period and done % cfg.test.eval_period == 0 \
+                and done < sched.max_iter
+            checkpointing = done % cfg.solver.checkpoint_period == 0 and done < sched.max_iter
+            if evaluating or checkpointing:
+                sync_device(device)  # the steps queued before the pause are training time, counted as such
+                t_pause = time.perf_counter()
+                if evaluating:
+                    last_eval = evaluate(done)
+                if checkpointing:
+                    save(f"model_{done:07d}.pth", done)
+                sync_device(device)
+                t_other += time.perf_counter() - t_pause
+            # A schedule-branching trunk: branch points are saved under a name prune() never matches,
+            # and the trunk stops (unfinished, no final eval) at its own first LR drop.
+            if done in keep_at and done < sched.max_iter:
+                save(f"branch_{done:07d}.pth", done)
+            if stop_at is not None and done == stop_at and done < sched.max_iter:
                 save(f"model_{done:07d}.pth", done)
-            t_other += time.perf_counter() - t_pause
+                return {"stopped_at": done}
             # A signal on any rank stops all of them after the same iteration, with one checkpoint.
             if dist.any_rank(stop["signal"] is not None) and done < sched.max_iter:
                 save(f"model_{done:07d}.pth", done)
@@ -372,7 +391,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
 def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.dtype | None,
                  train_set: CocoDetection | None) -> dict[str, Any]:
     """Log what will run (schedule notes, model, precision) and return it as the run's summary."""
-    for note in sched.notes:
+    for note in (*cfg.load_notes, *sched.notes):
         log.info("%s", note)
     warning = short_schedule_warning(cfg.model.init, sched.max_iter * cfg.solver.ims_per_batch)
     if warning and dist.is_main():  # one warning per run, not one per rank
@@ -382,7 +401,8 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
     log.info("model: %s%s %s%d-FPN, norm %s, %s parameters (%s trainable), init %s",
              "Cascade " if cfg.model.roi_head == "cascade" else "", name, "X" if cfg.model.groups > 1 else "R",
              cfg.model.depth, cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
-    log.info("precision: %s%s", precision_name(dtype), ", channels-last" if cfg.train.channels_last else "")
+    log.info("precision: %s%s", precision_name(dtype),
+             ", channels-last" if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else "")
     log.info("schedule: %d iterations of %d images%s, base LR %g, LR drops at %s, warmup %d iterations",
              sched.max_iter, cfg.solver.ims_per_batch,
              f" ({cfg.solver.ims_per_batch // dist.world_size()} on each of {dist.world_size()} processes)"

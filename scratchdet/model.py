@@ -8,10 +8,8 @@ the model is built.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -19,10 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -35,6 +32,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.ops.poolers import _setup_scales
 
 from . import distributed as dist
+from .layers import FP32BoxPredictor, SeededSampler, _fp32, msra_fill_, normal_fill_, xavier_fill_
+from .layers import sampling_seeds as sampling_seeds  # re-exported: engine and tests take it from here
 
 NORMS = ("GN", "SyncBN", "BN", "FrozenBN", "none")
 NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
@@ -72,6 +71,10 @@ class SyncBatchNorm(nn.BatchNorm2d):
         if not self.training or dist.world_size() == 1:
             return super().forward(x)
         if x.device.type != "cpu":
+            if x.numel() == 0 and x.dtype != torch.float32:
+                # torch builds an empty rank's statistics in the input's dtype, the others' come back fp32
+                # from batch_norm_stats: under bf16/fp16 the all-gather would mismatch (a hang or garbage).
+                return nn.SyncBatchNorm.forward(self, x.float()).to(x.dtype)  # type: ignore[arg-type]
             return nn.SyncBatchNorm.forward(self, x)  # type: ignore[arg-type]
         c = x.shape[1]
         xf = x.float()
@@ -129,41 +132,6 @@ def norm_factory(norm: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module
     if norm in ("none", "FrozenBN"):
         return None
     return partial(get_norm, norm, gn_groups=gn_groups)
-
-
-# --------------------------------------------------------------------------- init
-
-
-def msra_fill_(module: nn.Module) -> None:
-    """He et al.'s MSRA init of every conv and transposed conv (fan_out, ReLU gain), biases 0; norms
-    to identity (Caffe2's MSRAFill, detectron2's ``c2_msra_fill``)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def normal_fill_(module: nn.Module, std: float) -> None:
-    """Gaussian init of the weights of every conv and fc layer, biases 0 (Detectron's predictors)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def xavier_fill_(module: nn.Module) -> None:
-    """Caffe2's XavierFill (uniform in +-sqrt(3 / fan_in), biases 0) of every conv and fc layer: FPN
-    convs and the box head's fc, as Detectron and detectron2 (``c2_xavier_fill``) do."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_uniform_(m.weight, a=1)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------- backbone
@@ -333,11 +301,6 @@ class ResNet(nn.Module):
 # torchvision's parameter names, so state dicts load unchanged.
 
 
-def _fp32(x: Tensor) -> torch.autocast:
-    """A region where autocast is off for ``x``'s device (the caller passes fp32 inputs)."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
 class FP32AnchorGenerator(AnchorGenerator):
     """Anchors in fp32 whatever the features' dtype (only their sizes are read)."""
 
@@ -360,14 +323,6 @@ class FP32RPNHead(RPNHead):
         return logits, deltas
 
 
-class FP32BoxPredictor(FastRCNNPredictor):
-    """Class scores and box deltas computed in fp32 (two small fc layers)."""
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        with _fp32(x):
-            return super().forward(x.float())
-
-
 class FP32KeypointPredictor(KeypointRCNNPredictor):
     """Keypoint heatmap logits (transposed conv, then 2x bilinear upsampling) in fp32."""
 
@@ -385,57 +340,6 @@ class FP32MaskPredictor(MaskRCNNPredictor):
         x = self.relu(self.conv5_mask(x))
         with _fp32(x):
             return self.mask_fcn_logits(x.float())
-
-
-# --------------------------------------------------------------------------- seeded sampling
-#
-# torchvision samples the RPN's anchors and the box head's RoIs with torch.randperm on the global
-# RNG, image after image: in one process with 2 images the second image's draw depends on the
-# first's, while 2 processes with 1 image each draw both from the same state.  Drawing each
-# image's sample from the image's own seed (the data sampler's per-sample seed) makes sampling a
-# function of the data alone: the same in any number of processes, and independent of the global
-# RNG stream.
-
-_SAMPLE_SEEDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("sample_seeds", default=None)
-
-
-@contextlib.contextmanager
-def sampling_seeds(seeds: list[int | None]) -> Iterator[None]:
-    """Within this block, the detector draws image i's anchor and RoI samples from ``seeds[i]``."""
-    token = _SAMPLE_SEEDS.set(list(seeds) if seeds and all(s is not None for s in seeds) else None)
-    try:
-        yield
-    finally:
-        _SAMPLE_SEEDS.reset(token)
-
-
-class SeededSampler(BalancedPositiveNegativeSampler):
-    """torchvision's balanced positive/negative sampler, drawing from per-image seeds when given."""
-
-    def __init__(self, batch_size_per_image: int, positive_fraction: float, *, salt: int) -> None:
-        super().__init__(batch_size_per_image, positive_fraction)
-        self.salt = salt  # the RPN and the box head draw different samples from one image seed
-
-    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        seeds = _SAMPLE_SEEDS.get()
-        if seeds is None or len(seeds) != len(matched_idxs):
-            return super().__call__(matched_idxs)
-        pos_masks, neg_masks = [], []
-        for matched, seed in zip(matched_idxs, seeds):
-            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + self.salt) % 2**63)
-            positive = torch.where(matched >= 1)[0]
-            negative = torch.where(matched == 0)[0]
-            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
-            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
-            pos = positive[torch.randperm(positive.numel(), generator=g)[:num_pos].to(matched.device)]
-            neg = negative[torch.randperm(negative.numel(), generator=g)[:num_neg].to(matched.device)]
-            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
-            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
-            pos_mask[pos] = 1
-            neg_mask[neg] = 1
-            pos_masks.append(pos_mask)
-            neg_masks.append(neg_mask)
-        return pos_masks, neg_masks
 
 
 # --------------------------------------------------------------------------- both cores on a CPU
@@ -676,8 +580,8 @@ def build_model(
                                      mask_roi_pool=roi_pool(14),
                                      **common)
     elif task == "keypoints":
-        # Mask R-CNN's keypoint head: 8 3x3 convs of 512 channels, normalized like every other layer
-        # (the paper trains Keypoint R-CNN from scratch with GN in its head too).
+        # Mask R-CNN's keypoint head: 8 3x3 convs of 512 channels, normalized like every other layer (our
+        # choice: the paper names its keypoint model only as "R50-FPN and GN", not where the GN sits).
         keypoint_head = nn.Sequential(*[
             Conv2dNormActivation(fpn_channels if i == 0 else keypoint_head_conv_dim, keypoint_head_conv_dim, 3,
                                  norm_layer=head_norm) for i in range(keypoint_head_num_conv)])

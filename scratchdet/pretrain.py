@@ -51,6 +51,8 @@ from .run import (
     save_training_state,
     seed_everything,
     setup_logging,
+    sync_device,
+    use_channels_last,
     use_deterministic,
 )
 from .solver import build_optimizer, lr_factor, skip_nonfinite_step
@@ -184,7 +186,9 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     setup_logging(run_dir)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device))
+    seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device),
+                    strict=cfg.train.deterministic == "on")
+    channels_last = use_channels_last(cfg.train.channels_last, device)
     dtype = amp_dtype(cfg.train.amp, device)
     log.info("pretrain data: %s (%d images, %d classes)", cfg.pretrain.images, len(data), len(data.classes))
     # Linear scaling (solver.reference_batch_size) and solver.epochs as for detection; the Nx rule was refused above.
@@ -199,7 +203,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     m, s = cfg.model, cfg.solver
     trunk = ResNet(**trunk_kwargs(m))
     model = Classifier(trunk, len(data.classes), m.pixel_mean, m.pixel_std).to(device)
-    if cfg.train.channels_last:  # before the optimizer: its momentum buffers take the parameters' layout
+    if channels_last:  # before the optimizer: its momentum buffers take the parameters' layout
         model = model.to(memory_format=torch.channels_last)
     if m.norm == "SyncBN":
         log.info("model.norm=SyncBN: pretrain runs in one process, so batch statistics are this batch's (plain BN)")
@@ -210,7 +214,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     n_params, _ = count_parameters(model)
     log.info("classifier: R%d trunk, norm %s, %d classes, %s parameters; precision: %s%s", m.depth, m.norm,
-             len(data.classes), f"{n_params:,}", precision_name(dtype), ", channels-last" if cfg.train.channels_last else "")
+             len(data.classes), f"{n_params:,}", precision_name(dtype), ", channels-last" if channels_last else "")
     log.info("schedule: %d iterations of %d images, base LR %g, %s LR%s, warmup %d iterations", sched.max_iter,
              s.ims_per_batch, sched.base_lr, cfg.pretrain.lr_schedule,
              f" drops at {list(sched.steps)}" if cfg.pretrain.lr_schedule == "step" else "", sched.warmup_iters)
@@ -276,7 +280,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
                              worker_init_fn=worker_init, pin_memory=device.type == "cuda",
                              generator=torch.Generator().manual_seed(cfg.train.seed)))
     params = [p for p in model.parameters() if p.requires_grad]
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     bar = tqdm(total=sched.max_iter, initial=start_iter, desc="pretrain", file=sys.stderr, dynamic_ncols=True,
                disable=not progress)
     # images/s counts training only: checkpoint time inside a window is taken out.
@@ -327,12 +331,13 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{record['images_per_sec']:.1f}")
                 t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
             bar.update(1)
-            t_pause = time.perf_counter()
             periodic = done % s.checkpoint_period == 0 and done < sched.max_iter
             if periodic:
+                sync_device(device)  # the steps queued before the checkpoint are training time
+                t_pause = time.perf_counter()
                 save(f"model_{done:07d}.pth", done)
                 ckpt.prune(run_dir, s.keep_checkpoints)
-            t_other += time.perf_counter() - t_pause
+                t_other += time.perf_counter() - t_pause
             if stop["signal"] is not None and done < sched.max_iter:
                 if not periodic:
                     save(f"model_{done:07d}.pth", done)

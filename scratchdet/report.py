@@ -3,13 +3,16 @@
 Nothing else of a run is read (as pycls compares runs from their JSON logs): a run copied off a
 cluster as those two files is reportable.  What it draws:
 
-- AP vs iteration, box and mask, one line per run (Fig. 1 of "Rethinking ImageNet Pre-training"):
-  random init solid, pretrained dashed, a scratch run and its pretrained twin in one color, LR
-  drops dotted (``resolve_schedule`` on the run's config), and optionally the pre-training stage
-  as a grey band, its images converted to the run's iterations;
+- AP vs iteration, box and mask (Fig. 1 of "Rethinking ImageNet Pre-training"): colour = what
+  the runs differ in besides the init (one legend entry per colour), line style = init (random
+  init solid, pretrained dashed), one labelled LR-drop marker per schedule (``resolve_schedule``
+  on the run's config), and optionally the pre-training stage on an axis of its own, its images
+  in the run's iterations (on the fine-tuning axis it would dwarf the curves);
 - images / instances / pixels seen per run, pre-training stacked on fine-tuning (Fig. 2);
 - the 12 COCO numbers per type per run; Table 1's pivot (schedule x init) and the data-size pivot
-  (``data.subset`` x init, Sec. 5.3), each with scratch minus pretrained;
+  (``data.subset`` x init, the paper's Sec. 5.2, Figs. 7-8), each with random init minus pretrained;
+- what each run had (data, model, batch, schedule) and a caption per figure, so the page stands alone;
+  run names, never machine paths, on the page;
 - one self-contained HTML page (figures inlined as base64 PNG, no script, no network), CSV tables,
   PNG and SVG figures; ``--compare A B`` adds a two-run side-by-side.
 """
@@ -48,6 +51,8 @@ HEADER_BG = "#ffe4a0"  # table headers; the HTML test finds this color in a scre
 SCHEDULE_KEYS = ("solver.schedule", "solver.max_iter", "solver.steps", "solver.epochs", "solver.warmup_iters")
 SUBSET_KEYS = ("data.subset",)
 SEEN_KEYS = ("images_seen", "instances_seen", "pixels_seen")
+# One wording for the two arms in every table, legend and caption (model.init: random is "random init").
+RANDOM, PRETRAINED = "random init", "pretrained"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,7 +93,7 @@ class Run:
 
     @property
     def init_label(self) -> str:
-        return "pretrained" if self.pretrained else "random"
+        return PRETRAINED if self.pretrained else RANDOM
 
     @property
     def evals(self) -> list[dict[str, Any]]:
@@ -241,7 +246,7 @@ def dims(runs: list[Run]) -> list[Dim]:
 
 
 def pair_key(run: Run, all_dims: list[Dim]) -> tuple[str, ...]:
-    """Runs equal in every dimension but the init: a scratch run and its pretrained twin."""
+    """Runs equal in every dimension but the init: a random-init run and its pretrained twin."""
     return tuple(d.label(run) for d in all_dims)
 
 
@@ -267,7 +272,7 @@ def _fmt(v: Any) -> str:
 
 def pivot(runs: list[Run], *, primary: Dim, title: str, csv_name: str, note: str) -> Table:
     """Rows: ``primary`` (then the other dimensions that vary); columns: box and mask AP for random
-    init, pretrained, and scratch minus pretrained (the paper's Table 1 layout)."""
+    init, pretrained, and random init minus pretrained (the paper's Table 1 layout)."""
     all_dims = dims(runs)
     others = [d for d in all_dims if d.title != primary.title and len({d.label(r) for r in runs}) > 1]
     row_dims = [primary, *others]
@@ -276,7 +281,7 @@ def pivot(runs: list[Run], *, primary: Dim, title: str, csv_name: str, note: str
         groups.setdefault(tuple(d.label(r) for d in row_dims), []).append(r)
     columns = [d.title for d in row_dims]
     for t in IOU_TYPES:
-        columns += [f"{TYPE_TITLES[t]} random", f"{TYPE_TITLES[t]} pretrained", f"{TYPE_TITLES[t]} scratch-pretrained"]
+        columns += [f"{TYPE_TITLES[t]} {RANDOM}", f"{TYPE_TITLES[t]} {PRETRAINED}", f"{TYPE_TITLES[t]} {RANDOM} - {PRETRAINED}"]
     rows = []
     unfinished = False
     for labels, members in groups.items():
@@ -327,19 +332,91 @@ def seen_table(runs: list[Run]) -> Table:
 
 
 def runs_table(runs: list[Run]) -> Table:
-    all_dims = dims(runs)
-    extra = [d for d in all_dims[2:]]
-    columns = ["run", "init", "schedule", "data size", *[d.title for d in extra], "status", "iteration", "directory"]
-    rows = [[r.name, str(r.flat.get("model.init")), schedule_label(r), subset_label(r), *[d.label(r) for d in extra],
-             {True: "finished", False: "unfinished", None: "?"}[r.finished], r.iteration, str(r.path)] for r in runs]
-    return Table("Runs", columns, rows, "", "runs.csv")
+    """What each run had (data, model, batch, schedule): the page says it, so it needs no other file."""
+    extra = dims(runs)[2:]
+    columns = ["run", "init", "data", "data size", "model", "batch", "schedule", *[d.title for d in extra], "status",
+               "iteration"]
+    rows = [[r.name, init_detail(r), data_label(r), subset_label(r), model_label(r), r.ims_per_batch, schedule_detail(r),
+             *[d.label(r) for d in extra], {True: "finished", False: "unfinished", None: "?"}[r.finished], r.iteration]
+            for r in runs]
+    return Table("Runs: data, model, batch and schedule", columns, rows,
+                 "Schedule as training resolved it from config.yaml (LR drops are divisions by 10).", "runs.csv")
+
+
+def _unpath(v: Any) -> Any:
+    """A machine path as its last two parts (``pretrain/backbone_final.pth``): the page names no one's folders."""
+    if isinstance(v, str) and (v.startswith(("/", "~", "\\")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\")):
+        parts = [x for x in v.replace("\\", "/").split("/") if x]
+        return "/".join(parts[-2:])
+    return v
+
+
+def init_detail(run: Run) -> str:
+    init = str(run.flat.get("model.init", "random"))
+    return RANDOM if init == "random" else f"{PRETRAINED} ({_unpath(init)})"
+
+
+def data_label(run: Run) -> str:
+    """The training set (its annotation file's name, or the synthetic shapes) and the input size."""
+    f = run.flat
+    ann = str(f.get("data.train.annotations") or "")
+    if ann:
+        data = ann.replace("\\", "/").rsplit("/", 1)[-1]  # the file's name: its folder is one machine's
+    else:
+        data = (f"synthetic shapes (seed {f.get('data.synth.seed', 0)}, {f.get('data.synth.num_train', '?')} train / "
+                f"{f.get('data.synth.num_val', '?')} val, {f.get('data.synth.image_size', '?')} px)")
+    sizes = f.get("data.min_size_train")
+    if f.get("data.lsj"):
+        size = f"LSJ {f.get('data.lsj_size')} px"
+    elif sizes is not None:
+        sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+        short = f"{min(sizes)}-{max(sizes)}" if len(sizes) > 1 else f"{sizes[0]}"
+        size = f"shorter side {short}, longer at most {f.get('data.max_size_train')}"
+    else:
+        size = ""
+    return f"{data}; {size}" if size else data
+
+
+def model_label(run: Run) -> str:
+    """Task, trunk, norm and RoI head, as the presets name them (``masks, R50-FPN, GN``)."""
+    f = run.flat
+    groups, width = int(f.get("model.groups", 1) or 1), int(f.get("model.width_per_group", 64) or 64)
+    trunk = f"X{f.get('model.depth', '?')}-{groups}x{width}d" if groups > 1 else f"R{f.get('model.depth', '?')}"
+    parts = [str(f.get("model.task", "masks")), f"{trunk}-FPN", str(f.get("model.norm", "?"))]
+    if f.get("model.roi_head", "standard") != "standard":
+        parts.append(f"{f.get('model.roi_head')} RoI head")
+    return ", ".join(parts)
+
+
+def schedule_detail(run: Run) -> str:
+    s = run.schedule
+    if s is None:
+        return f"{run.flat.get('solver.epochs')} epochs (length depends on the data set's size)"
+    name = run.flat.get("solver.schedule") or ""
+    drops = ", ".join(str(x) for x in s.steps) or "none"
+    return (f"{name + ': ' if name else ''}{s.max_iter} it, LR {s.base_lr:g}, /10 at {drops}, "
+            f"warmup {s.warmup_iters}")
 
 
 # --------------------------------------------------------------------------- figures
 
 
+def _color_dims(runs: list[Run]) -> list[Dim]:
+    """The dimensions (besides the init) along which these runs vary: what a colour stands for."""
+    return [d for d in dims(runs) if len({d.label(r) for r in runs}) > 1]
+
+
+def color_keys(runs: list[Run]) -> dict[str, str]:
+    """Colour -> what it stands for (``schedule: 0.001x (360 it), data size: 150 images``), in the runs' order."""
+    cdims, colors = _color_dims(runs), _colors(runs)
+    out: dict[str, str] = {}
+    for r in runs:
+        out.setdefault(colors[r.name], ", ".join(f"{d.title}: {d.label(r)}" for d in cdims) or "all runs")
+    return out
+
+
 def _colors(runs: list[Run]) -> dict[str, str]:
-    """A scratch run and its pretrained twin share a color (told apart by the dash)."""
+    """A random-init run and its pretrained twin share a color (told apart by the dash)."""
     all_dims = dims(runs)
     keys = list(dict.fromkeys(pair_key(r, all_dims) for r in runs))
     return {r.name: COLORS[keys.index(pair_key(r, all_dims)) % len(COLORS)] for r in runs}
@@ -350,46 +427,74 @@ def _curve(run: Run, iou_type: str) -> tuple[list[float], list[float]]:
     return [float(x) for x, _ in pts], [float(y) for _, y in pts]
 
 
+def lr_drops(runs: list[Run]) -> dict[int, list[str]]:
+    """Each LR drop's iteration -> the schedules that drop there (one marker per drop, not one per run)."""
+    out: dict[int, list[str]] = {}
+    for r in runs:
+        for step in (r.schedule.steps if r.schedule else ()):
+            label = r.flat.get("solver.schedule") or f"{r.max_iter} it"
+            if label not in out.setdefault(int(step), []):
+                out[int(step)].append(str(label))
+    return dict(sorted(out.items()))
+
+
 def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str = "") -> Figure:
-    """Box and mask AP vs iteration (Fig. 1): solid random init, dashed pretrained, LR drops dotted,
-    and with ``pretrain_offset`` the pretrained runs shifted right by their pre-training (grey band)."""
+    """Box and mask AP vs iteration (Fig. 1): colour = what the runs differ in, solid random init, dashed
+    pretrained, one labelled dotted line per LR drop; with ``pretrain_offset`` the pre-training on an axis of its
+    own left of each panel (in the fine-tuning axis' units it would dwarf the curves)."""
     colors = _colors(runs)
-    ncol = 3
-    legend_rows = -(-(len(runs) + 4) // ncol)  # the runs, then the style entries
-    legend_h = 0.17 * legend_rows + 0.15  # inches under the axes for the legend
-    fig = Figure(figsize=(11, 3.6 + legend_h), dpi=100)
-    axes = fig.subplots(1, 2)
-    offsets = {r.name: (r.pretrain_offset if pretrain_offset and r.pretrained else 0.0) for r in runs}
-    for ax, t in zip(axes, IOU_TYPES):
-        for band in sorted({o for o in offsets.values() if o > 0}, reverse=True):
-            ax.axvspan(0, band, color=PRETRAIN_GREY, alpha=0.6, lw=0)
-        drops = set()
+    keys = color_keys(runs)
+    offsets = {r.name: r.pretrain_offset for r in runs if pretrain_offset and r.pretrained and r.pretrain_offset > 0}
+    entries = (len(keys) if len(keys) > 1 else 0) + 2 + bool(offsets)
+    ncol = 2
+    legend_h = 0.2 * -(-entries // ncol) + 0.15  # inches under the axes for the legend
+    fig = Figure(figsize=(11, 3.9 + legend_h), dpi=100)
+    if offsets:
+        outer = fig.add_gridspec(1, 2, wspace=0.2)
+        pre_axes, axes = [], []
+        for k in range(2):
+            inner = outer[0, k].subgridspec(1, 2, width_ratios=(1, 4), wspace=0.06)
+            pre_axes.append(fig.add_subplot(inner[0, 0]))
+            axes.append(fig.add_subplot(inner[0, 1], sharey=pre_axes[-1]))
+    else:
+        pre_axes, axes = [], list(fig.subplots(1, 2))
+    drops = lr_drops(runs)
+    for k, (ax, t) in enumerate(zip(axes, IOU_TYPES)):
         for r in runs:
             xs, ys = _curve(r, t)
-            dx = offsets[r.name]
-            ax.plot([x + dx for x in xs], ys, color=colors[r.name], ls="--" if r.pretrained else "-", lw=2,
-                    marker="o", ms=3.5, label=r.name)
-            for s in (r.schedule.steps if r.schedule else ()):
-                drops.add((s + dx, colors[r.name]))
-        for x, c in sorted(drops):
-            ax.axvline(x, color=c, ls=":", lw=1.2, alpha=0.7)
-        ax.set_title(TYPE_TITLES[t] + (" (pretrained shifted by pre-training)" if any(offsets.values()) else ""))
-        ax.set_xlabel("iterations" + (" (pre-training included)" if any(offsets.values()) else ""))
-        ax.set_ylabel(f"{TYPE_TITLES[t]} (%)")
+            ax.plot(xs, ys, color=colors[r.name], ls="--" if r.pretrained else "-", lw=2, marker="o", ms=3.5)
+        for x, labels in drops.items():
+            ax.axvline(x, color="#555555", ls=":", lw=1.2)
+            ax.text(x, 0.98, " LR/10: " + ", ".join(labels), transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="right", va="top", fontsize=7, color="#333333")
+        ax.set_title(TYPE_TITLES[t])
+        ax.set_xlabel("iterations of detection training")
         ax.grid(True, alpha=0.3)
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
-    handles, labels = axes[0].get_legend_handles_labels()
-    style = [Line2D([], [], color="k", lw=2, ls="-", label="random init"),
-             Line2D([], [], color="k", lw=2, ls="--", label="pretrained"),
-             Line2D([], [], color="k", lw=1.2, ls=":", label="LR drop")]
-    if any(offsets.values()):
-        style.append(Patch(color=PRETRAIN_GREY, label="pre-training (its images in the run's iterations)"))
-    fig.legend(handles + style, labels + [h.get_label() for h in style], loc="lower center", ncol=ncol,
-               fontsize=8, frameon=False)
+        if pre_axes:
+            pre = pre_axes[k]
+            for band in sorted(set(offsets.values()), reverse=True):
+                pre.axvspan(0, band, color=PRETRAIN_GREY, lw=0)
+            pre.set_xlim(0, max(offsets.values()))
+            pre.xaxis.set_major_formatter(EngFormatter(sep=""))
+            pre.set_xlabel("pre-training\n(its images in iterations)", fontsize=8)
+            pre.set_title("pre-training", fontsize=9)
+            pre.set_ylabel(f"{TYPE_TITLES[t]} (%)")
+            ax.tick_params(labelleft=False)
+        else:
+            ax.set_ylabel(f"{TYPE_TITLES[t]} (%)")
+    handles = [Line2D([], [], color=c, lw=6, label=label) for c, label in keys.items()] if len(keys) > 1 else []
+    handles += [Line2D([], [], color="k", lw=2, ls="-", label=RANDOM),
+                Line2D([], [], color="k", lw=2, ls="--", label=PRETRAINED)]
+    if offsets:
+        handles.append(Patch(color=PRETRAIN_GREY, label="pre-training (own axis; its images in the run's iterations)"))
+    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, legend_h / (3.6 + legend_h), 1, 1))
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.86 if title else 0.9, bottom=(legend_h + 0.5) / (3.9 + legend_h))
+    if not pre_axes:
+        fig.subplots_adjust(wspace=0.2)
     return fig
 
 
@@ -447,6 +552,7 @@ def compare_tables(a: Run, b: Run) -> list[Table]:
 
 
 def _short(v: Any) -> str:
+    v = [_unpath(x) for x in v] if isinstance(v, list) else _unpath(v)
     text = json.dumps(v) if not isinstance(v, str) else v
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -482,6 +588,30 @@ def table_html(table: Table) -> str:
     return f"<h2>{e(table.title)}</h2>\n<table><thead><tr>{head}</tr></thead>\n<tbody>{''.join(body)}</tbody></table>{note}"
 
 
+def _figure(png: bytes, alt: str, caption: str) -> str:
+    return f"<figure>{_img(png, alt)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def curves_caption(runs: list[Run], pretrain_offset: bool) -> str:
+    """What the AP figure shows, in words: the page says it, not a README."""
+    keys = color_keys(runs)
+    text = ("Box AP (left) and mask AP (right) on the validation set, in percent, at each evaluation of each run, "
+            f"against its iterations of detection training. Line style is the init: solid {RANDOM}, dashed "
+            f"{PRETRAINED}. ")
+    if len(keys) > 1:
+        text += "Colour is what else the runs differ in (" + "; ".join(keys.values()) + "). "
+    else:
+        text += "All runs share one colour: they differ in nothing but the init. "
+    drops = lr_drops(runs)
+    if drops:
+        text += ("Dotted lines: the LR drops (divided by 10), one per drop, labelled with the schedules that drop "
+                 "there (" + "; ".join(f"{x}: {', '.join(v)}" for x, v in drops.items()) + "). ")
+    if any(r.pretrained and r.pretrain_offset > 0 for r in runs) and pretrain_offset:
+        text += ("Grey, on its own axis left of each panel: the pretrained runs' pre-training, its images counted in "
+                 "the fine-tuning run's iterations (on the same axis it would dwarf the curves). ")
+    return text + "Data, model, batch and schedule of every run: the table 'Runs' below."
+
+
 def _img(png: bytes, alt: str) -> str:
     return (f'<img alt="{html.escape(alt)}" width="1100" '
             f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
@@ -494,7 +624,8 @@ table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 4px; }}
 th {{ background: {HEADER_BG}; text-align: left; }}
 th, td {{ border: 1px solid #bbb; padding: 3px 7px; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-p.note, p.meta {{ font-size: 12px; color: #555; margin: 2px 0; }}
+p.note, p.meta, figcaption {{ font-size: 12px; color: #555; margin: 2px 0; }}
+figure {{ margin: 0 0 8px; }}
 img {{ display: block; max-width: 100%; height: auto; }}
 """
 
@@ -521,30 +652,34 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
         written += [out / "compare.png", out / "compare.svg"]
         ctables = compare_tables(a, b)
         tables += ctables
-        sections.append(f"<h2>{html.escape(a.name)} vs {html.escape(b.name)}</h2>" + _img(png, "compare curves") +
+        sections.append(f"<h2>{html.escape(a.name)} vs {html.escape(b.name)}</h2>" +
+                        _figure(png, "compare curves", curves_caption([a, b], pretrain_offset)) +
                         "\n".join(table_html(t) for t in ctables))
     png = save_figure(curves_figure(runs, pretrain_offset=pretrain_offset), out, "ap_curves")
     written += [out / "ap_curves.png", out / "ap_curves.svg"]
-    sections.append("<h2>AP vs iteration (Fig. 1)</h2>" + _img(png, "AP vs iteration") +
-                    '<p class="note">Solid: random init; dashed: pretrained; one color for runs that differ only in '
-                    "their init; dotted: LR drops (from each run's config.yaml)" +
-                    ("; grey: pre-training, its images in the run's iterations." if pretrain_offset else ".") + "</p>")
+    sections.append("<h2>AP vs iteration (Fig. 1)</h2>" +
+                    _figure(png, "AP vs iteration", curves_caption(runs, pretrain_offset)))
     t1 = pivot(runs, primary=SCHEDULE_DIM, title="Table 1: schedule x init", csv_name="table1_schedule.csv",
-               note="Final AP (%); scratch-pretrained is random init minus pretrained, as the paper's Table 1 compares.")
-    ts = pivot(runs, primary=SUBSET_DIM, title="Data size x init (Sec. 5.3)", csv_name="table_data_size.csv",
-               note="Final AP (%) by data.subset; scratch-pretrained is random init minus pretrained.")
+               note=f"Final AP (%); '{RANDOM} - {PRETRAINED}' is the difference the paper's Table 1 compares.")
+    ts = pivot(runs, primary=SUBSET_DIM, title="Data size x init (Sec. 5.2, Figs. 7-8)", csv_name="table_data_size.csv",
+               note=f"Final AP (%) by data.subset; '{RANDOM} - {PRETRAINED}' as in Table 1.")
     cb, cs = coco_table(runs, "bbox"), coco_table(runs, "segm")
     seen = seen_table(runs)
     png_seen = save_figure(seen_figure(runs), out, "seen")
     written += [out / "seen.png", out / "seen.svg"]
     sections += [table_html(t1), table_html(ts), table_html(cb), table_html(cs),
-                 "<h2>Images, instances and pixels seen (Fig. 2)</h2>" + _img(png_seen, "seen") + table_html(seen),
+                 "<h2>Images, instances and pixels seen (Fig. 2)</h2>" +
+                 _figure(png_seen, "seen", "Images, instances and pixels each run saw: detection training in the run's "
+                         "colour (as in the AP figure), its pre-training's (grey, hatched; one instance per "
+                         "classification image) stacked before it, as the paper's Fig. 2 counts them.") +
+                 table_html(seen),
                  table_html(runs_table(runs))]
     tables += [t1, ts, cb, cs, seen, runs_table(runs)]
     for t in tables:
         write_csv(t, out / "tables" / t.csv_name)
         written.append(out / "tables" / t.csv_name)
-    sources = ", ".join(html.escape(str(p)) for p in (paths or compare or ()))
+    # Folder names only: the page is shared, the machine's directories are not (issue: no machine paths).
+    sources = ", ".join(html.escape(Path(p).resolve().name) for p in (paths or compare or ()))
     page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>{html.escape(title)}</h1><p class=\"meta\">{len(runs)} runs from {sources}; read from each run's "

@@ -77,14 +77,31 @@ def setup_logging(run_dir: Path | None = None) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto``: the local rank's GPU when there is one, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
-        return torch.device("cpu")
-    if name == "cuda" and dist.world_size() > 1:
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
+    """``train.device`` as a device: ``auto`` is CUDA when there is a GPU, else the CPU.  Under
+    torchrun (LOCAL_RANK set) each process takes the GPU of its local rank, decided here, before
+    the process group exists, so every caller (training, ``eval``, the run stamp) gets an index."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
+        return device
+    from .config import ConfigError
+
+    if device.index is not None:
+        # Every rank would take the same GPU, and NCCL refuses two ranks on one device.
+        raise ConfigError(f"train.device={name}: under torchrun each process takes the GPU of its local rank; give "
+                          "train.device=cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    gpus, local = torch.cuda.device_count(), dist.local_rank()
+    procs = max(int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), local + 1)
+    if procs > gpus:
+        raise ConfigError(f"{procs} processes on this machine but {gpus} visible GPU(s): one process per GPU "
+                          f"(--num-gpus / torchrun --nproc-per-node at most {gpus}), or train.device=cpu")
+    return torch.device("cuda", local)
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only): timers around evaluation and checkpoints
+    would otherwise count training steps still running on the GPU as the pause, or the reverse."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def use_deterministic(setting: str, device: torch.device) -> bool:
@@ -95,13 +112,28 @@ def use_deterministic(setting: str, device: torch.device) -> bool:
     return setting == "on"
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int, deterministic: bool, *, strict: bool = False) -> None:
+    """Seed every RNG and choose the algorithms; ``strict`` (``train.deterministic=on``) makes an
+    op without a deterministic implementation an error instead of a warning."""
+    if deterministic and strict:
+        # cuBLAS reads this when it creates its handle (the first matmul, after dist.init): without it,
+        # its split-K reductions are nondeterministic and torch raises in deterministic mode.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=not strict)
     # Detection inputs vary in size: cuDNN's per-shape autotuning would re-run for most batches.
     torch.backends.cudnn.benchmark = False
+
+
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    """``train.channels_last``: on, off, or auto: on where it was measured to pay, the CPU.  Not on
+    CUDA: ATen's GroupNorm makes CUDA inputs contiguous, so each GN layer would convert to NCHW and
+    the next conv back (unmeasured there, and the SyncBN models with it)."""
+    if setting == "auto":
+        return device.type == "cpu"
+    return setting == "on"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -111,11 +143,21 @@ def cpu_has_native_bf16() -> bool:
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype; ``auto`` is bf16 where the hardware computes it natively (on a CPU
-    without native bf16, emulated bf16 would be slower than fp32), else off."""
+    without native bf16, emulated bf16 would be slower than fp32), else off.  On CUDA, ``auto``
+    also lets the fp32 matmuls and convolutions that remain (GroupNorm's neighbours, the box
+    predictors) use TF32, and ``off`` keeps them in full fp32; the log says which."""
     if amp == "auto":
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-        return torch.bfloat16 if native else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        dtype = torch.bfloat16 if native else None
+    else:
+        dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cuda":
+        tf32 = amp == "auto"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32  # torch's default is True: `off` means fp32 convolutions too
+        log.info("CUDA precision: %s autocast; fp32 matmuls and convolutions in %s",
+                 precision_name(dtype) if dtype is not None else "no", "TF32" if tf32 else "full fp32")
+    return dtype
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -269,24 +311,58 @@ class LossWindow:
 
 
 
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """This process's GPU RNG state (None off CUDA, or before CUDA has started)."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.get_rng_state(device)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 def save_training_state(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                         scaler: Any, iteration: int, progress: dict[str, Any], meta: dict[str, Any],
-                        config: dict[str, Any]) -> None:
+                        config: dict[str, Any], device_rng: list[torch.Tensor | None] | None = None) -> None:
     """Everything exact resume needs: weights, solver, AMP scaler, RNG states, the sampler's
-    position (the iteration) and the loop's counters (``progress``)."""
+    position (the iteration) and the loop's counters (``progress``).  ``device_rng``: each rank's
+    own GPU RNG state, in rank order (default: this process's), never every visible GPU's, so
+    a run resumes on fewer GPUs than it was saved on."""
+    rng = {k: v for k, v in ckpt.rng_state().items() if k != "cuda"}
+    rng["cuda_by_rank"] = device_rng if device_rng is not None else [device_rng_state(_model_device(model))]
     ckpt.save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "iteration": iteration, "rng": ckpt.rng_state(), "meta": meta,
+        "scaler": scaler.state_dict(), "iteration": iteration, "rng": rng, "meta": meta,
         "config": config, **progress})
 
 
 def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: Any) -> None:
+    """Load what ``save_training_state`` wrote; this rank's GPU RNG state is its own rank's."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The LR comes from this run's own schedule, not the saved one: a schedule branch resumes a
+    # trunk's checkpoint whose optimizer holds the trunk's LR (identical on a plain resume).
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"])
+    rng = dict(state["rng"])
+    # Older checkpoints hold one state per GPU visible when saving (get_rng_state_all), which
+    # set_rng_state_all cannot restore on fewer GPUs: take this process's device's entry.
+    per_gpu, by_rank = rng.pop("cuda", None), rng.pop("cuda_by_rank", None)
+    ckpt.set_rng_state(rng)
+    device = _model_device(model)
+    if device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    own = by_rank[dist.rank()] if by_rank is not None and dist.rank() < len(by_rank) else \
+        per_gpu[index] if per_gpu is not None and index < len(per_gpu) else None
+    if own is not None:  # a rank the saving run did not have keeps its freshly seeded state
+        torch.cuda.set_rng_state(own, device)
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, device: torch.device | None = None,
@@ -315,8 +391,9 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
     kwargs = model_kwargs(cfg.model, len(meta["class_names"]), meta.get("num_keypoints"))
     model = build_model(**kwargs)
     model.load_state_dict(state["model"])
-    model.to(device or pick_device(cfg.train.device)).eval()
-    if cfg.train.channels_last:  # as the run evaluated itself: the same kernels, the same numbers
+    device = device or pick_device(cfg.train.device)
+    model.to(device).eval()
+    if use_channels_last(cfg.train.channels_last, device):  # as the run evaluated itself: the same kernels
         model.to(memory_format=torch.channels_last)
     return model, cfg, meta
 
@@ -389,10 +466,11 @@ class RunRecord:
         """Write ``name`` (every rank calls this: the counters and the loss window are reduced)."""
         seen = self.reduce_seen()
         window_state = window.state() if window is not None else None
+        device_rng = dist.gather_to_main(device_rng_state(_model_device(model)))  # each rank's own GPU stream
         if self.main:
             save_training_state(self.run_dir / name, model=model, optimizer=optimizer, scheduler=scheduler,
                                 scaler=scaler, iteration=iteration, meta=meta, config=self.config,
-                                progress={"seen": seen, "window": window_state})
+                                progress={"seen": seen, "window": window_state}, device_rng=device_rng)
             if keep:
                 ckpt.prune(self.run_dir, keep)
 

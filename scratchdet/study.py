@@ -1,8 +1,9 @@
 """Studies: a base config plus a grid over config keys, expanded into named runs under one directory.
 
 The paper's figures and tables each compare a handful of runs that differ in one or two keys:
-Table 1 and Fig. 1 are ``model.init`` x ``solver.schedule``, Fig. 5 adds ``data.subset``, Table 2
-varies ``model.norm``.  A study is that grid written down once (a small YAML file, below), run
+Table 1 and Fig. 1 are ``model.init`` x ``solver.schedule``, Figs. 7-8 (Sec. 5.2) add
+``data.subset``, and Fig. 4 (SyncBN) against Figs. 1 and 3 (GN) varies ``model.norm``.  A study
+is that grid written down once (a small YAML file, below), run
 member after member on this machine (each resumable, finished ones skipped, a failure recorded and
 the rest run anyway) or written out as torchrun / SLURM commands.  ``scratchdet report`` then
 draws the figures from the members' ``metrics.jsonl`` alone.

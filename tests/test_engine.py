@@ -52,7 +52,7 @@ def test_train_on_tiny_coco_writes_coco_category_ids(tiny_coco, tmp_path):
         f"data.val.images={tiny_coco / 'val2017'}",
         f"data.val.annotations={tiny_coco / 'annotations/instances_val2017.json'}",
         "data.min_size_train=[128]", "data.max_size_train=192", "data.min_size_test=128", "data.max_size_test=192",
-        "model.score_thresh_test=0.0", "solver.max_iter=4", "test.max_images=8", "test.ims_per_batch=2",
+        "model.score_thresh_test=0.0", "solver.max_iter=4", "solver.steps=[3]", "test.max_images=8", "test.ims_per_batch=2",
     ])
     result = train(cfg, tmp_path / "run", progress=False)
     assert 0 <= result["bbox/AP"] <= 100 and 0 <= result["segm/AP"] <= 100
@@ -278,7 +278,8 @@ def test_default_schedule_is_scaled_where_bf16_is_not_native(tmp_path, monkeypat
         expect = (round(expect[0] * k), [round(s * k) for s in expect[1]], round(expect[2] * k))
     assert (summary["max_iter"], summary["steps"], summary["warmup_iters"]) == expect
     assert (f"fp32_cpu_scale={k:g} of the schedule" in caplog.text) == (not native_bf16)
-    assert (f"fp32_cpu_scale={k:g} not applied: training in bf16" in caplog.text) == native_bf16
+    # Under auto with native bf16 nothing needed the factor: no note (issue 15: every run logged one).
+    assert "not applied" not in caplog.text
 
 
 def test_fp32_cpu_scale_run_records_the_schedule_it_ran(tmp_path, monkeypatch):

@@ -211,3 +211,37 @@ def test_member_trained_with_fp32_cpu_scale_resumes_without_drift(tmp_path):
     assert _config_drift(run, cfg) == []
     assert _config_drift(run, load_config("default", ["solver.fp32_cpu_scale=0.5", "solver.base_lr=0.2"])) \
         == ["solver.base_lr"]
+
+
+def test_branched_run_equals_alone_bitwise(tmp_path):
+    """A schedule branch resumed from a longer trunk's checkpoint ends equal to the run trained alone."""
+    import json
+    import shutil
+
+    import torch
+
+    from scratchdet.config import load_config
+    from scratchdet.engine import train
+
+    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+
+    def cfg(total: int, drop: int):
+        return load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + [
+            f"solver.max_iter={total}", f"solver.steps=[{drop}]", "solver.checkpoint_period=100"])
+
+    trunk = tmp_path / "trunk"
+    assert train(cfg(8, 7), trunk, progress=False, stop_at=7, keep_at=(4, 6)) == {"stopped_at": 7}
+    assert not (trunk / "model_final.pth").exists()
+    for total, drop in ((6, 4), (8, 6)):
+        alone, branch = tmp_path / f"alone{total}", tmp_path / f"branch{total}"
+        train(cfg(total, drop), alone, progress=False)
+        branch.mkdir()
+        for suffix in ("", ".sha256"):
+            shutil.copy(trunk / f"branch_{drop:07d}.pth{suffix}", branch / f"model_{drop:07d}.pth{suffix}")
+        lines = [json.loads(s) for s in (trunk / "metrics.jsonl").read_text().splitlines()]
+        (branch / "metrics.jsonl").write_text("".join(
+            json.dumps({**r, "branched_from": str(trunk)}) + "\n" for r in lines if r.get("iteration", 0) <= drop))
+        train(cfg(total, drop), branch, resume=True, progress=False)
+        a = torch.load(alone / "model_final.pth", weights_only=False)["model"]
+        b = torch.load(branch / "model_final.pth", weights_only=False)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), total

@@ -28,6 +28,7 @@ from scratchdet.voc import (
     read_class_names,
     voc_ap,
     voc_metrics,
+    voc_sets,
 )
 
 from .conftest import TINY_COCO, TINY_MODEL, TINY_SOLVER
@@ -622,9 +623,17 @@ def test_voc_presets_state_the_recipe_and_dry_run_offline(name, tmp_path, caplog
     pretrained = "pretrained" in name
     assert (cfg.model.task, cfg.model.depth, cfg.model.norm, cfg.model.num_classes) == ("boxes", 101, "GN", 20)
     assert cfg.model.init == ("imagenet" if pretrained else "random")
+    # The paper's PASCAL VOC paragraph (Sec. 5.2): trained on VOC07 trainval + VOC12 train, evaluated on VOC12 val
+    # (VOC12 trainval would train on the evaluation images), with training-time scale augmentation.
     assert (cfg.data.train.format, cfg.data.train.images, cfg.data.train.annotations) == (
-        "voc", "datasets/VOC2007,datasets/VOC2012", "trainval")
-    assert (cfg.data.val.format, cfg.data.val.images, cfg.data.val.annotations) == ("voc", "datasets/VOC2007", "test")
+        "voc", "datasets/VOC2007,datasets/VOC2012", "trainval,train")
+    assert voc_sets(cfg.data.train.images, cfg.data.train.annotations) == [
+        (Path("datasets/VOC2007"), "trainval"), (Path("datasets/VOC2012"), "train")]
+    assert (cfg.data.val.format, cfg.data.val.images, cfg.data.val.annotations) == ("voc", "datasets/VOC2012", "val")
+    assert voc_sets(cfg.data.val.images, cfg.data.val.annotations) == [(Path("datasets/VOC2012"), "val")]
+    assert cfg.data.min_size_train == [640, 672, 704, 736, 768, 800] and cfg.data.min_size_test == 800
+    text = (_make_presets().CONFIGS / f"{name}.yaml").read_text()
+    assert "ASSUMED" not in text and "VOC2012 val" in text and "scale augmentation" in text
     assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.reference_batch_size) == (16, 0.02, 16)
     s = resolve_schedule(cfg.solver)
     assert (s.max_iter, s.steps) == ((18_000, (12_000, 16_000)) if pretrained else (144_000, (96_000, 128_000)))

@@ -1,0 +1,116 @@
+"""The pieces of the detector that ``model`` and ``cascade`` share: init fills, the fp32 box predictor, seeded sampling.
+
+They live apart from ``model`` so that ``cascade`` (which ``model.build_model`` calls) need not import ``model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+# --------------------------------------------------------------------------- init
+
+
+def msra_fill_(module: nn.Module) -> None:
+    """He et al.'s MSRA init of every conv and transposed conv (fan_out, ReLU gain), biases 0; norms
+    to identity (Caffe2's MSRAFill, detectron2's ``c2_msra_fill``)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def normal_fill_(module: nn.Module, std: float) -> None:
+    """Gaussian init of the weights of every conv and fc layer, biases 0 (Detectron's predictors)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def xavier_fill_(module: nn.Module) -> None:
+    """Caffe2's XavierFill (uniform in +-sqrt(3 / fan_in), biases 0) of every conv and fc layer: FPN
+    convs and the box head's fc, as Detectron and detectron2 (``c2_xavier_fill``) do."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- fp32 predictors
+
+
+def _fp32(x: Tensor) -> torch.autocast:
+    """A region where autocast is off for ``x``'s device (the caller passes fp32 inputs)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class FP32BoxPredictor(FastRCNNPredictor):
+    """Class scores and box deltas computed in fp32 (two small fc layers)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with _fp32(x):
+            return super().forward(x.float())
+
+
+# --------------------------------------------------------------------------- seeded sampling
+#
+# torchvision samples the RPN's anchors and the box head's RoIs with torch.randperm on the global
+# RNG, image after image: in one process with 2 images the second image's draw depends on the
+# first's, while 2 processes with 1 image each draw both from the same state.  Drawing each
+# image's sample from the image's own seed (the data sampler's per-sample seed) makes sampling a
+# function of the data alone: the same in any number of processes, and independent of the global
+# RNG stream.
+
+_SAMPLE_SEEDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("sample_seeds", default=None)
+
+
+@contextlib.contextmanager
+def sampling_seeds(seeds: list[int | None]) -> Iterator[None]:
+    """Within this block, the detector draws image i's anchor and RoI samples from ``seeds[i]``."""
+    token = _SAMPLE_SEEDS.set(list(seeds) if seeds and all(s is not None for s in seeds) else None)
+    try:
+        yield
+    finally:
+        _SAMPLE_SEEDS.reset(token)
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's balanced positive/negative sampler, drawing from per-image seeds when given."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float, *, salt: int) -> None:
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.salt = salt  # the RPN and the box head draw different samples from one image seed
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        seeds = _SAMPLE_SEEDS.get()
+        if seeds is None or len(seeds) != len(matched_idxs):
+            return super().__call__(matched_idxs)
+        pos_masks, neg_masks = [], []
+        for matched, seed in zip(matched_idxs, seeds):
+            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + self.salt) % 2**63)
+            positive = torch.where(matched >= 1)[0]
+            negative = torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            pos = positive[torch.randperm(positive.numel(), generator=g)[:num_pos].to(matched.device)]
+            neg = negative[torch.randperm(negative.numel(), generator=g)[:num_neg].to(matched.device)]
+            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            pos_mask[pos] = 1
+            neg_mask[neg] = 1
+            pos_masks.append(pos_mask)
+            neg_masks.append(neg_mask)
+        return pos_masks, neg_masks
