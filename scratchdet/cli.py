@@ -41,6 +41,10 @@ def _train(args: argparse.Namespace) -> int:
         # The run's own resolved config, unless a preset is named; overrides apply on top.
         run_dir = Path(args.resume)
         cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file() and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+            # A typo in the path would otherwise start a full default training in the wrong (or a new) folder.
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml there); check the path, or "
+                              "start a new run with --out")
         cfg = load_config(args.preset or (str(cfg_file) if cfg_file.exists() else None), args.overrides)
     else:
         cfg = load_config(args.preset, args.overrides)

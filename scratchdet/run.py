@@ -170,8 +170,10 @@ def precision_name(dtype: torch.dtype | None) -> str:
 def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
     """Refuse to overwrite a finished (or started) run unless ``--force``/``--resume`` say so;
     with ``--force``, remove every output of the old run (``RUN_OUTPUTS`` and checkpoints)."""
-    started = (run_dir / ckpt.FINAL).exists() or (run_dir / "metrics.jsonl").exists() or \
-        bool(ckpt.periodic_checkpoints(run_dir))
+    # A run that failed at its start (no checkpoint, no finished iteration logged) has nothing to protect.
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.is_file() and any("iteration" in r for r in _parse_lines(metrics))
+    started = (run_dir / ckpt.FINAL).exists() or logged or bool(ckpt.periodic_checkpoints(run_dir))
     if resume and (run_dir / ckpt.FINAL).exists() and not force:
         raise FileExistsError(f"{run_dir} holds a finished run ({ckpt.FINAL}); use --force to train it again")
     if run_dir.exists() and started and (force or not resume):

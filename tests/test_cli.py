@@ -119,3 +119,23 @@ def test_config_without_argument_shows_what_train_uses(capsys):
 def test_lengths_and_periods_out_of_range_are_refused(override, key, capsys):
     assert main(["train", override, "--dry-run"]) == 2
     assert f"{key}: " in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
+    typo = tmp_path / "runs" / "my_rnu"
+    assert main(["train", "--resume", str(typo)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert not typo.exists()  # nothing created, nothing trained
+
+
+def test_a_run_that_failed_at_its_start_can_be_retried_without_force(tmp_path):
+    from scratchdet.run import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    (run / "metrics.jsonl").write_text("")  # the first attempt died before its first log line
+    prepare_run_dir(run, resume=False, force=False)  # no FileExistsError: nothing to protect
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 20, "loss": 1.0}) + "\n")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        prepare_run_dir(run, resume=False, force=False)
