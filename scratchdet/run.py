@@ -377,14 +377,18 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
     run_dir = Path(run_dir)
     if checkpoint is None:
         if (run_dir / ckpt.FINAL).exists():
-            state = ckpt.load_checkpoint(run_dir / ckpt.FINAL)
+            path, state = run_dir / ckpt.FINAL, ckpt.load_checkpoint(run_dir / ckpt.FINAL)
         else:
             found = ckpt.latest_valid(run_dir)
             if found is None:
                 raise FileNotFoundError(f"{run_dir}: no {ckpt.FINAL} and no valid periodic checkpoint")
-            state = found[1]
+            path, state = found
+            # Said, never silent: predictions from an unfinished run are not the run's result.
+            log.warning("%s has no %s (unfinished run): using %s, iteration %s", run_dir, ckpt.FINAL, path.name,
+                        state.get("iteration"))
     else:
-        state = ckpt.load_checkpoint(checkpoint)
+        path, state = Path(checkpoint), ckpt.load_checkpoint(checkpoint)
+    log.info("model: %s (iteration %s)", path, state.get("iteration"))
     cfg = from_dict(state["config"])
     for text in overrides:
         set_key(cfg, *parse_override(text))

@@ -63,3 +63,20 @@ def test_unreadable_images_are_data_errors_naming_the_file(tmp_path):
     Image.new("RGB", (5, 4)).save(tmp_path / "a.png")
     with pytest.raises(DataError, match=r"a.png is 5x4 but image id 3 in x.json says 4x5"):
         read_image(tmp_path / "a.png", expected_size=(4, 5), where="image id 3 in x.json")
+
+
+def test_an_unfinished_runs_checkpoint_is_named_not_taken_silently(tmp_path, caplog):
+    import logging
+
+    from scratchdet.config import load_config
+    from scratchdet.engine import train
+    from scratchdet.run import load_run_model
+
+    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+
+    run = tmp_path / "run"
+    train(load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER), run, stop_at=3, progress=False)
+    assert not (run / "model_final.pth").exists()
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        load_run_model(run)
+    assert "unfinished run): using model_0000003.pth, iteration 3" in caplog.text
