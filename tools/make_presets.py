@@ -25,9 +25,8 @@ TTA_MAX_SIZE = 2000
 
 
 
-def coco_recipe(annotations: str, sizes: list[int], schedule: str) -> list[str]:
-    """The data, solver and test lines every COCO preset shares, ``annotations`` naming the COCO file kind
-    (instances, person_keypoints)."""
+def coco_data(annotations: str = "instances") -> list[str]:
+    """The data lines naming COCO 2017 under datasets/coco (``annotations``: instances, person_keypoints)."""
     return [
         "data:",
         "  train:",
@@ -36,7 +35,13 @@ def coco_recipe(annotations: str, sizes: list[int], schedule: str) -> list[str]:
         "  val:",
         "    images: datasets/coco/val2017",
         f"    annotations: datasets/coco/annotations/{annotations}_val2017.json",
-    ] + recipe(sizes, [f"  schedule: {schedule}"], checkpoint_period=10000, eval_period=30000)
+    ]
+
+
+def coco_recipe(annotations: str, sizes: list[int], schedule: str) -> list[str]:
+    """The data, solver and test lines every COCO preset shares, ``annotations`` naming the COCO file kind
+    (instances, person_keypoints)."""
+    return coco_data(annotations) + recipe(sizes, [f"  schedule: {schedule}"], checkpoint_period=10000, eval_period=30000)
 
 
 def recipe(sizes: list[int], length: list[str], *, checkpoint_period: int, eval_period: int,
@@ -234,14 +239,7 @@ def render_smalldata(init: str) -> str:
     ]
     if pretrained:  # Caffe2's pixel convention, as the GN-pretrained presets (render above)
         lines += ["  pixel_mean: [122.7717, 115.9465, 102.9801]", "  pixel_std: [1.0, 1.0, 1.0]"]
-    lines += [
-        "data:",
-        "  train:",
-        "    images: datasets/coco/train2017",
-        "    annotations: datasets/coco/annotations/instances_train2017.json",
-        "  val:",
-        "    images: datasets/coco/val2017",
-        "    annotations: datasets/coco/annotations/instances_val2017.json",
+    lines += coco_data() + [
         "  subset: 10000",
         "  subset_seed: 0",
         *recipe(SMALLDATA_SIZES, [f"  schedule: {SMALLDATA_SCHEDULE}", "  gamma: 0.02"],
@@ -345,13 +343,7 @@ def render_lsj(norm: str, epochs: int) -> str:
         "  gn_groups: 32",
         "  num_classes: 80",
         "  init: random",
-        "data:",
-        "  train:",
-        "    images: datasets/coco/train2017",
-        "    annotations: datasets/coco/annotations/instances_train2017.json",
-        "  val:",
-        "    images: datasets/coco/val2017",
-        "    annotations: datasets/coco/annotations/instances_val2017.json",
+        *coco_data(),
         "  lsj: true",
         "  lsj_size: 1024",
         "  lsj_scale: [0.1, 2.0]",
