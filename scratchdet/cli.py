@@ -47,11 +47,13 @@ def _train(args: argparse.Namespace) -> int:
                               "start a new run with --out")
         cfg = load_config(args.preset or (str(cfg_file) if cfg_file.exists() else None), args.overrides)
     else:
+        if args.branch_from and not args.out:
+            raise ConfigError("--branch-from needs --out: the branch's own run directory")
         cfg = load_config(args.preset, args.overrides)
         name = Path(args.preset).stem if args.preset else "default"
         run_dir = Path(args.out) if args.out else Path("runs") / f"{name}_{_run_stamp(cfg)}"
     result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, dry_run=args.dry_run,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, keep_at=args.keep_at, branch_from=args.branch_from)
     from . import distributed as dist
 
     if not dist.is_main():
@@ -67,6 +69,17 @@ def _train(args: argparse.Namespace) -> int:
     logging.getLogger("scratchdet").info("done: %s", line if line != "no AP" else "no validation set, no AP")
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _iterations(text: str) -> tuple[int, ...]:
+    """``--keep-at 400,600``: positive iterations."""
+    try:
+        its = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"iterations separated by commas, e.g. 400,600 (got {text!r})") from None
+    if not its or its[0] < 1:
+        raise argparse.ArgumentTypeError(f"iterations of at least 1 (got {text!r})")
+    return its
 
 
 def _run_stamp(cfg: Any) -> str:
@@ -358,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
                        out_help="run directory (default: runs/PRESET_TIMESTAMP)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest valid checkpoint")
     t.add_argument("--dry-run", action="store_true", help="build model, data and schedule, describe them, train nothing")
+    t.add_argument("--keep-at", type=_iterations, default=(), metavar="IT,IT",
+                   help="schedule branching, the trunk: also save the state at these iterations (branch_NNNNNNN.pth, "
+                        "never pruned), the first LR drops of the shorter lengths that branch from this run")
+    t.add_argument("--branch-from", metavar="TRUNK_DIR",
+                   help="schedule branching, a branch: start this run (--out) from TRUNK_DIR's state at this run's "
+                        "first LR drop (the trunk trained with --keep-at it) and train only the tail; resumes it "
+                        "once started. The trunk's config must differ only in the schedule's length")
     t.add_argument("--num-gpus", type=int, default=0, metavar="N",
                    help="train with N processes on this machine (torchrun with DDP; one per GPU, or N CPU processes "
                         "with gloo where there is no GPU); for several machines run torchrun yourself (README)")

@@ -603,6 +603,13 @@ def check_schedule(sched: Schedule) -> None:
                           f"at {sched.steps[0]}; shorten the warmup or move solver.steps")
 
 
+def branch_point(sched: Schedule) -> int:
+    """Where a schedule parts from a longer run of its arm: its first LR drop (its end where it has none).
+
+    Before it the LR is the same warmup and base LR for every length, so the runs are one run."""
+    return sched.steps[0] if sched.steps else sched.max_iter
+
+
 # Table 1 of the paper (R50-FPN GN, COCO val2017 box AP, random init / ImageNet pre-training, by
 # schedule; Sec. 5.1): scratch catches up "if a 5x or 6x schedule is used". The warning fires below 5x.
 TABLE1_R50_GN = {2: (36.8, 40.3), 3: (39.5, 40.8), 4: (40.6, 40.9), 5: (40.7, 40.9), 6: (41.3, 41.1)}

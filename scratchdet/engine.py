@@ -21,7 +21,16 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, check_schedule, resolve_schedule, scale_for_fp32_cpu, short_schedule_warning, to_dict
+from .config import (
+    Config,
+    ConfigError,
+    branch_point,
+    check_schedule,
+    resolve_schedule,
+    scale_for_fp32_cpu,
+    short_schedule_warning,
+    to_dict,
+)
 from .data import (
     CocoDetection,
     TrainSampler,
@@ -41,8 +50,10 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     Preempted,
     RunRecord,
     amp_dtype,
+    branch_name,
     latest_checkpoint,
     load_run_model,
+    on_main,
     pick_device,
     precision_name,
     prepare_on_main,
@@ -50,6 +61,7 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     restore_training_state,
     seed_everything,
     setup_logging,
+    start_branch,
     sync_device,
     use_channels_last,
     use_deterministic,
@@ -189,12 +201,16 @@ def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
           dry_run: bool = False, progress: bool = True, stop_at: int | None = None,
-          keep_at: tuple[int, ...] = ()) -> dict[str, Any]:
+          keep_at: tuple[int, ...] = (), branch_from: str | Path | None = None) -> dict[str, Any]:
     """Train (or, with ``dry_run``, describe) a run; returns the final metrics.
 
     Under ``torchrun`` every rank runs this function: each takes its slice of every global batch,
-    DDP averages the gradients, and rank 0 alone writes the run directory.
+    DDP averages the gradients, and rank 0 alone writes the run directory.  Schedule branching
+    (one trunk, many lengths): ``keep_at`` saves the trunk's state at those iterations
+    (``branch_*.pth``); ``branch_from`` starts this run from such a trunk at its own first LR
+    drop, where the two runs part (the same run at the same LR before it).
     """
+    resume = resume or branch_from is not None
     run_dir = Path(run_dir)
     device = pick_device(cfg.train.device)
     if not dry_run:
@@ -230,8 +246,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     sched = resolve_schedule(cfg.solver, len(train_set) if train_set else None)
     check_schedule(sched)
     summary = describe_run(cfg, model, sched, dtype, train_set)
+    late = [k for k in keep_at if k >= sched.max_iter]
+    if late:  # a branch point the trunk never reaches (or its end, where model_final.pth is the state)
+        raise ConfigError(f"--keep-at {', '.join(map(str, late))}: at or past this run's end ({sched.max_iter} "
+                          "iterations); a trunk keeps the first LR drops of shorter lengths")
     if dry_run:
         return summary
+    if branch_from is not None:
+        on_main(start_branch, branch_from, run_dir, branch_point(sched), config=to_dict(cfg))
     assert train_set is not None
 
     # ---- solver; resume: model, solver, RNG and the sampler's position ----------------------------
@@ -363,7 +385,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
             # A schedule-branching trunk: branch points are saved under a name prune() never matches,
             # and the trunk stops (unfinished, no final eval) at its own first LR drop.
             if done in keep_at and done < sched.max_iter:
-                save(f"branch_{done:07d}.pth", done)
+                save(branch_name(done), done)
             if stop_at is not None and done == stop_at and done < sched.max_iter:
                 save(f"model_{done:07d}.pth", done)
                 return {"stopped_at": done}

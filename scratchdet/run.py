@@ -404,17 +404,76 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
     return model, cfg, meta
 
 
-def prepare_on_main(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Rank 0 prepares the run directory; a refusal stops every rank with the same error."""
+def branch_name(iteration: int) -> str:
+    """A trunk's checkpoint at a branch point (``ckpt.prune`` never matches this name)."""
+    return f"branch_{iteration:07d}.pth"
+
+
+BRANCH_FREE_KEYS = ("solver.schedule", "solver.max_iter", "solver.steps")  # what a branch may change
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def start_branch(trunk_dir: str | Path, run_dir: str | Path, at: int, *, config: dict[str, Any] | None = None) -> bool:
+    """Start ``run_dir`` as a schedule branch of ``trunk_dir`` at iteration ``at``: the trunk's
+    branch checkpoint becomes the run's ``model_{at}.pth`` and the trunk's metrics up to ``at``
+    (each marked ``branched_from``) its ``metrics.jsonl``, so a plain resume trains the tail.
+    Returns False (and changes nothing) when the run has started already: it resumes as it is."""
+    import yaml
+
+    trunk_dir, run_dir = Path(trunk_dir), Path(run_dir)
+    if (run_dir / ckpt.FINAL).exists() or ckpt.periodic_checkpoints(run_dir):
+        return False
+    if config is not None and (trunk_dir / "config.yaml").is_file():
+        # A branch is the trunk's own run up to ``at`` only when nothing but the schedule's length differs.
+        theirs = flatten(yaml.safe_load((trunk_dir / "config.yaml").read_text()) or {})
+        ours = flatten(config)
+        differ = sorted(k for k in set(theirs) | set(ours) if k not in BRANCH_FREE_KEYS and theirs.get(k) != ours.get(k))
+        if differ:
+            raise FileExistsError(f"{run_dir}: cannot branch from {trunk_dir}: its config differs in "
+                                  f"{', '.join(differ[:6])} (a branch may differ only in {', '.join(BRANCH_FREE_KEYS)})")
+    source = trunk_dir / branch_name(at)
+    if (problem := ckpt.verify(source)) is not None:
+        raise FileNotFoundError(f"{source}: {problem}; the trunk {trunk_dir} saves it when it reaches iteration {at} "
+                                f"(train it with --keep-at {at})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / f"model_{at:07d}.pth"
+    ckpt.atomic_write_bytes(target, source.read_bytes())
+    digest = source.with_name(source.name + ".sha256").read_text().split()[0]  # verified above
+    ckpt.atomic_write_bytes(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n".encode())
+    # The curve before the branch point is the trunk's (the same run up to there): copied, marked.
+    records = [{**r, "branched_from": str(trunk_dir.resolve())} for r in read_metrics(trunk_dir)
+               if "iteration" in r and r["iteration"] <= at]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log.info("schedule branch of %s at iteration %d (its first LR drop): %s", trunk_dir, at, run_dir)
+    return True
+
+
+def on_main(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run ``fn`` on rank 0 only; its refusal (FileExistsError, FileNotFoundError) stops every rank."""
     error = None
     if dist.is_main():
         try:
-            prepare_run_dir(run_dir, resume=resume, force=force)
-        except FileExistsError as e:
-            error = str(e)
+            fn(*args, **kwargs)
+        except (FileExistsError, FileNotFoundError) as e:
+            error = (type(e).__name__, str(e))
     error = dist.broadcast(error)
     if error:
-        raise FileExistsError(error)
+        raise (FileExistsError if error[0] == "FileExistsError" else FileNotFoundError)(error[1])
+
+
+def prepare_on_main(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Rank 0 prepares the run directory; a refusal stops every rank with the same error."""
+    on_main(prepare_run_dir, run_dir, resume=resume, force=force)
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:

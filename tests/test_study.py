@@ -85,14 +85,18 @@ def test_grid_expands_into_named_runs_and_emitted_commands_give_the_same_configs
     assert lines[1].startswith("scratchdet pretrain default ")
     train_lines = lines[2:]
     assert len(train_lines) == 8
-    for line, member in zip(train_lines, study.members[1:]):
+    from scratchdet.study import execution_order
+
+    for line, member in zip(train_lines, execution_order(study)[1:]):  # each trunk (1x) before its branch
         words = shlex.split(line)
         assert words[:6] == ["torchrun", "--nproc_per_node=2", "-m", "scratchdet", "train", "default"]
         args = parse_args(words[4:])
         assert Path(args.out) == (study.root / member.name).resolve()
         assert to_dict(load_config(args.preset, args.overrides)) == to_dict(study.config(member))
+        assert (args.branch_from is not None) == (member.trunk is not None)
     scripts = emit_slurm(study, nproc=8, nodes=2)
-    assert "#SBATCH --array=0-7" in scripts["study.sbatch"]
+    assert "#SBATCH --array=0-3" in scripts["study.sbatch"] and "#SBATCH --array=0-3" in scripts["branches.sbatch"]
+    subprocess.run(["bash", "-n"], input=scripts["branches.sbatch"], text=True, check=True)
     assert "srun torchrun --nnodes=\"$SLURM_NNODES\" --nproc_per_node=8" in scripts["study.sbatch"]
     assert "--dependency=afterok" in scripts["study.sbatch"] and "scratchdet pretrain" in scripts["pretrain.sbatch"]
     subprocess.run(["bash", "-n"], input=scripts["study.sbatch"], text=True, check=True)  # valid shell
@@ -245,3 +249,62 @@ def test_branched_run_equals_alone_bitwise(tmp_path):
         a = torch.load(alone / "model_final.pth", weights_only=False)["model"]
         b = torch.load(branch / "model_final.pth", weights_only=False)["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), total
+
+
+def test_schedule_grid_trains_one_trunk_and_branches_equal_alone(tmp_path, monkeypatch, capsys):
+    """Lengths of one arm share a trunk: 18 + (9 - 3) iterations instead of 27, each ending as alone."""
+    import torch
+
+    import scratchdet.engine as engine
+    from scratchdet.engine import train
+    from scratchdet.study import format_status, run_study
+
+    # Unit 9: 1x is 9 iterations, LR drops at 3 and 7; 2x is 18, drops at 12 and 16 (the paper's shape).
+    sched = ["solver.schedule_unit=9", "solver.reference_batch_size=2", "solver.warmup_iters=2",
+             "solver.checkpoint_period=100"]
+    spec = _spec(tmp_path, overrides=TINY + sched, grid={"solver.schedule": ["1x", "2x"], "train.seed": [0, 1]})
+    study = open_study(spec, tmp_path / "s")
+    runs = {m.name: m for m in study.members}
+    assert runs["schedule-2x_seed-0"].keep_at == (3,) and runs["schedule-1x_seed-0"].trunk == "schedule-2x_seed-0"
+    assert runs["schedule-1x_seed-1"].trunk == "schedule-2x_seed-1"  # one trunk per arm: the seed is an arm's key
+    emitted = emit_torchrun(study, nproc=2)
+    assert emitted.index("schedule-2x_seed-0 --keep-at 3") < emitted.index("schedule-1x_seed-0 --branch-from")
+    assert "--dependency=afterok:$runs" in emit_slurm(study, nproc=8, nodes=1)["branches.sbatch"]
+
+    steps = []
+    real_step = engine.train_step
+    monkeypatch.setattr(engine, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    assert set(run_study(study, progress=False).values()) == {"done"}
+    assert len(steps) == 2 * (18 + 6)  # two arms, each one trunk and one 6-iteration tail (alone: 2 x 27)
+    status = format_status(open_study(tmp_path / "s"))
+    assert "branch of schedule-2x_seed-0 at 3" in status and "trunk (branches at 3)" in status
+    assert "iterations: 48 run of 48 planned with branching; 54 trained alone, so branching saves 6 (11%)" in status
+
+    branch = tmp_path / "s" / "schedule-1x_seed-1"
+    copied = [r for r in read_metrics(branch) if "branched_from" in r]
+    own = [r for r in read_metrics(branch) if "branched_from" not in r]
+    assert [r["iteration"] for r in copied] == [2] and min(r["iteration"] for r in own) == 4  # logged every 2
+    assert copied[0]["branched_from"] == str((tmp_path / "s" / "schedule-2x_seed-1").resolve())
+    alone = tmp_path / "alone"
+    train(load_config(None, TINY + sched + ["solver.schedule=1x", "train.seed=1"]), alone, progress=False)
+    a = torch.load(alone / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(branch / "model_final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_branch_refuses_a_trunk_of_another_config_and_a_missing_branch_point(tmp_path):
+    from scratchdet.engine import train
+
+    base = TINY + ["solver.schedule_unit=9", "solver.reference_batch_size=2", "solver.warmup_iters=2",
+                   "solver.checkpoint_period=100"]
+    trunk = tmp_path / "trunk"
+    train(load_config(None, base + ["solver.schedule=2x"]), trunk, progress=False, keep_at=(3,))
+    assert (trunk / "branch_0000003.pth").is_file()
+    with pytest.raises(FileExistsError, match="its config differs in solver.base_lr"):
+        train(load_config(None, base + ["solver.schedule=1x", "solver.base_lr=0.01"]), tmp_path / "b1",
+              progress=False, branch_from=trunk)
+    with pytest.raises(FileNotFoundError, match="branch_0000008.pth"):  # 1.5x: 14 iterations, first drop at 8
+        train(load_config(None, base + ["solver.schedule=1.5x"]), tmp_path / "b2",
+              progress=False, branch_from=trunk)
+    with pytest.raises(ConfigError, match="--keep-at 18"):
+        train(load_config(None, base + ["solver.schedule=2x"]), tmp_path / "t2", progress=False, keep_at=(18,))
