@@ -159,15 +159,17 @@ def render_voc(init: str) -> str:
         "# " + ("ImageNet weights: Detectron's R-101-GN model (Caffe2: BGR means, unit std; stride in the 3x3 conv)."
                 if pretrained else "No ImageNet weights anywhere."),
         "# The paper's PASCAL VOC runs (Sec. 5.2, 'PASCAL VOC'): trained on VOC2007 trainval + VOC2012 train,",
-        "# evaluated on VOC2012 val (VOC2012 trainval would hold the evaluation images) with VOC mAP@0.5",
+        "# evaluated on VOC2012 val (VOC2012 trainval would hold the evaluation images); the paper reports 'mAP'",
+        "# (82.7 pretrained at 18k, 77.6 from scratch at 144k), VOC's metric at IoU 0.5",
         "# (metrics.jsonl: voc/mAP07, the VOC2007 devkit's 11-point metric, and voc/mAP, the area metric;",
         "# per class in voc_eval.txt).",
         f"# {total // 1000}k iterations at 16 images (the paper's: 18k pretrained, 144k from scratch), LR 0.02",
         f"# dropped 10x at {steps[0] // 1000}k and {steps[1] // 1000}k; other batch sizes scale LR and iterations linearly.",
         "# The LR drops are not from the paper: put at 2/3 and 8/9 of the run, as detectron2's PascalVOC-Detection",
         "# schedule (12k and 16k of 18k).",
-        "# Augmentation: the paper's VOC runs use training-time scale augmentation only; here the shorter side is",
-        "# drawn from 640-800 (our choice of range: the paper's COCO scale augmentation, Sec. 5.1), 1333 max,",
+        "# Augmentation: the paper's VOC baseline has 'only training-time augmentation' (none at test time) and",
+        "# states no range; here the shorter side is drawn from 640-800 (our choice, the range of the",
+        "# paper's COCO scale augmentation, Sec. 5.1), 1333 max,",
         "# horizontal flip; tested at 800. detectron2's VOC configs draw 480-800.",
         "# VOC is expected under datasets/VOC2007 and datasets/VOC2012 (as detectron2's); point data.* elsewhere.",
         "model:",
@@ -202,9 +204,11 @@ def voc_expected() -> dict[str, str]:
 
 
 
-# ---- The paper's re-tuned small-data recipe (Sec. 5.2, 10k COCO images): scale augmentation 512-800, LR 0.04,
-# LR decay factor 0.02, and each arm stopped at its own best. Mask R-CNN R50-FPN GN on a 10k-image subset
-# (data.subset), from scratch and pretrained.
+# ---- The paper's re-tuned small-data recipe (Sec. 5.2): scale augmentation 512-800, LR 0.04, LR decay factor
+# 0.02 (vs. 0.1), found by a grid search on the pretrained arm and used for both. The paper publishes these values
+# for its 35k-image subset (a footnote); for 10k it searched again and does not publish them, so this 10k preset
+# uses the 35k recipe. Its 10k arms peak at 60k iterations (pretrained, 26.0 AP) and 220k (scratch, 25.9 AP).
+# Mask R-CNN R50-FPN GN on a 10k-image subset (data.subset), from scratch and pretrained.
 SMALLDATA_SIZES = list(range(512, 801, 32))
 SMALLDATA_SCHEDULE = "2x"  # our choice of length: the paper stops each arm at its own best (evaluate and pick)
 SMALLDATA_EVAL_PERIOD = 5000
@@ -222,13 +226,14 @@ def render_smalldata(init: str) -> str:
         "# Mask R-CNN R50-FPN, GN in backbone, FPN, box head and mask head, " + (
             "fine-tuned from Detectron's R-50-GN ImageNet model (Caffe2: BGR means, unit std)." if pretrained else
             "trained from random initialization."),
-        "# The paper's re-tuned recipe for 10k COCO images (Sec. 5.2): a 10k-image subset of train2017",
-        "# (data.subset, data.subset_seed), scale augmentation (shorter side drawn from 512-800, 1333 max, flip),",
-        "# LR 0.04 at 16 images, LR decay factor 0.02 at each drop (solver.gamma).",
-        "# 'Each arm stopped at its own best': the paper reports each arm at its best iteration, not at a fixed",
-        f"# length. This preset trains {n * 90}k iterations (our choice) and evaluates every {SMALLDATA_EVAL_PERIOD}",
-        "# iterations; report each arm's best evaluation (the AP curve of `scratchdet report`, or the largest",
-        "# bbox/AP among the evaluation records of metrics.jsonl), not its last.",
+        "# The paper's re-tuned small-data recipe (Sec. 5.2) on a 10k-image subset of train2017 (data.subset,",
+        "# data.subset_seed): scale augmentation (shorter side drawn from 512-800, 1333 max, flip), LR 0.04 at 16",
+        "# images, LR decay factor 0.02 at each drop (solver.gamma). The paper gives these values for its 35k subset",
+        "# and re-searched them for 10k without publishing them: this is the 35k recipe on 10k images.",
+        "# The paper reports each arm at its best point (10k: pretrained 26.0 AP at 60k iterations, scratch 25.9 at",
+        f"# 220k). This preset trains {n * 90}k iterations (our choice; solver.schedule=2.5x reaches 225k) and",
+        f"# evaluates every {SMALLDATA_EVAL_PERIOD} iterations; report each arm's best evaluation (the AP curve of",
+        "# `scratchdet report`, or the largest bbox/AP among the evaluation records of metrics.jsonl), not its last.",
         "# COCO is expected under datasets/coco (as detectron2's); point data.* elsewhere if needed.",
         "model:",
         "  depth: 50",
@@ -255,7 +260,7 @@ def smalldata_expected() -> dict[str, str]:
 # ---- Keypoint R-CNN (model.task: keypoints) on COCO person keypoints: the paper's recipe (Sec. 4: 16 images,
 # LR 0.02, warmup, weight decay 1e-4) with the keypoint head of Mask R-CNN (He et al. 2017: 8 3x3 convs of 512
 # channels, 14x14 RoIs, 56x56 heatmaps), GN in it too (our choice: the paper says only "R50-FPN and GN"). The paper's
-# keypoint figure compares 2x and 3x schedules; training sizes are Detectron's keypoint baseline's
+# keypoint figure compares 2x and 3x schedules and states no input size; training sizes are Detectron's keypoint baseline's
 # (configs/12_2017_baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml and _s1x.yaml: TRAIN.SCALES (640, 672, 704, 736,
 # 768, 800), MAX_SIZE 1333; TEST.SCALE 800). tests/test_keypoints.py checks the files.
 KEYPOINT_SCHEDULES = ("2x", "3x")
@@ -278,7 +283,8 @@ def render_keypoints(init: str, schedule: str) -> str:
                 "trained from random initialization."),
         f"# {schedule}: {total}k iterations at 16 images, LR 0.02 dropped 10x at {drops[0]}k and {drops[1]}k (the",
         "# paper's Nx rule); other batch sizes scale LR and iterations linearly. The paper's keypoint figure: 2x, 3x.",
-        "# Shorter side drawn from 640-800, 1333 max, horizontal flip; tested at 800 (Detectron's keypoint baseline,",
+        "# The paper states no keypoint input size (its default: 800, flip only). Shorter side drawn from 640-800,",
+        "# 1333 max, horizontal flip; tested at 800 (Detectron's keypoint baseline,",
         "# e2e_keypoint_rcnn_R-50-FPN_1x.yaml, as detectron2's COCO-Keypoints/Base-Keypoint-RCNN-FPN.yaml). GN in the",
         "# keypoint head is our choice (the paper: 'R50-FPN and GN'). detectron2 keeps 1500 proposals per image after",
         "# NMS in training (2000 here, torchvision's).",
