@@ -263,7 +263,7 @@ def _data_to_voc(args: argparse.Namespace) -> int:
 def _data_synth_cls(args: argparse.Namespace) -> int:
     from .synth import generate_cls
 
-    stats = generate_cls(args.out, seed=args.seed, per_class=args.per_class, size=args.size)
+    stats = generate_cls(args.out, seed=args.seed, per_class=args.per_class, size=args.size, classes=args.classes)
     print(f"wrote {stats.images} crops ({stats.per_class} per class, {stats.size}x{stats.size} px) from "
           f"{stats.source_images} synthetic scenes to {args.out}")
     print(f"pre-train with: scratchdet pretrain pretrain.images={args.out} pretrain.crop_size={args.size} "
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--per-class", type=int, default=300, help="crops per class")
     sc.add_argument("--size", type=int, default=64, help="side of the square crops, in pixels")
+    sc.add_argument("--classes", choices=("target", "other"), default="target",
+                    help="target: the detection set's six shapes (in-domain labelled data); other: eight shapes the "
+                         "detection set never holds (a stand-in for ImageNet: other classes, the same kind of pixels)")
     sc.set_defaults(func=_data_synth_cls)
 
     tv = dsub.add_parser("to-voc", help="write a COCO dataset in Pascal VOC layout (boxes only)", description=(

@@ -68,7 +68,7 @@ SYNTH_CLS_DIR = "synth_cls"
 RESERVED = (PRETRAIN_NAME, SYNTH_CLS_DIR, "report")
 SPEC_KEYS = ("base", "overrides", "grid", "name", "pretrain", "branch")
 PRETRAIN_KEYS = ("overrides", "synth_cls")
-SYNTH_CLS_KEYS = {"seed": 0, "per_class": 300, "size": 64}
+SYNTH_CLS_KEYS = {"seed": 0, "per_class": 300, "size": 64, "classes": "target"}
 
 
 @dataclass
@@ -169,7 +169,10 @@ def load_spec(path: str | Path) -> dict[str, Any]:
             sc = pre["synth_cls"] or {}
             if not isinstance(sc, dict) or set(sc) - set(SYNTH_CLS_KEYS):
                 raise ConfigError(f"{path}: pretrain.synth_cls: a mapping with keys {', '.join(SYNTH_CLS_KEYS)}")
-            pre["synth_cls"] = {k: int(sc.get(k, v)) for k, v in SYNTH_CLS_KEYS.items()}
+            pre["synth_cls"] = {k: type(v)(sc.get(k, v)) for k, v in SYNTH_CLS_KEYS.items()}
+            if pre["synth_cls"]["classes"] not in ("target", "other"):
+                raise ConfigError(f"{path}: pretrain.synth_cls.classes: target or other "
+                                  f"(got {pre['synth_cls']['classes']!r})")
     return spec
 
 
@@ -402,7 +405,7 @@ def _config_drift(run_dir: Path, cfg: Any) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def ensure_synth_cls(root: Path, params: dict[str, int]) -> Path:
+def ensure_synth_cls(root: Path, params: dict[str, Any]) -> Path:
     """Generate the pretrain stage's ImageFolder once (into a temporary folder, then renamed)."""
     from .synth import generate_cls
 
@@ -410,6 +413,7 @@ def ensure_synth_cls(root: Path, params: dict[str, int]) -> Path:
     manifest = out / "synth_cls.json"
     if manifest.is_file():
         done = json.loads(manifest.read_text())
+        done["classes"] = done.get("class_set", "target")  # the manifest's "classes" lists the names
         if all(done.get(k) == v for k, v in params.items()):
             return out
         raise ConfigError(f"{out} was generated with other settings ({manifest}); remove it or restore the study's "
@@ -596,7 +600,8 @@ def _command(*words: str) -> str:
 def _synth_cls_command(study: Study) -> str:
     sc = study.synth_cls or {}
     return _command("scratchdet", "data", "synth-cls", "--out", str((study.root / SYNTH_CLS_DIR).resolve()),
-                    "--seed", str(sc["seed"]), "--per-class", str(sc["per_class"]), "--size", str(sc["size"]))
+                    "--seed", str(sc["seed"]), "--per-class", str(sc["per_class"]), "--size", str(sc["size"]),
+                    "--classes", sc["classes"])
 
 
 def indivisible_batches(study: Study, *, world: int) -> list[str]:

@@ -24,6 +24,10 @@ from PIL import Image, ImageDraw
 
 VERSION = 3  # bump when the drawing changes, so caches are regenerated
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
+# Shapes the detection set never holds: a pre-training corpus of these is to the detector what
+# ImageNet is to COCO (the same kind of pixels, other classes), not extra labelled target data.
+OTHER_CLASSES = ("hexagon", "crescent", "semicircle", "arrow", "lshape", "tshape", "trapezoid", "heart")
+CLASS_SETS = {"target": CLASSES, "other": OTHER_CLASSES}
 MIN_SIZE, MAX_SIZE = 8, 128  # object extent in pixels (see draw_image for the distribution)
 MIN_VISIBLE = 0.4  # an instance hidden more than this is not drawn at all (nobody could label it)
 
@@ -71,6 +75,12 @@ def _shape_polygons(kind: str, cx: float, cy: float, r: float, angle: float, asp
             x, y = x * r * sx, y * r * sy
             poly.append((cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle)))
         return [poly], []
+    if kind in UNIT_POLYGONS:
+        poly = []
+        for x, y in UNIT_POLYGONS[kind]:
+            x, y = x * r * sx, y * r * sy
+            poly.append((cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle)))
+        return [poly], []
     if kind == "ring":
         return [pts(n_round, r, 0, sx, sy)], [pts(n_round, r * 0.55, 0, sx, sy)]
     if kind == "crescent":
@@ -78,6 +88,28 @@ def _shape_polygons(kind: str, cx: float, cy: float, r: float, angle: float, asp
         hole = [(x + d * math.cos(angle), y + d * math.sin(angle)) for x, y in pts(n_round, r * 0.85, 0, sx, sy)]
         return [pts(n_round, r, 0, sx, sy)], [hole]
     raise ValueError(kind)
+
+
+def _heart(n: int = 24) -> list:
+    """The classic parametric heart, scaled to about unit radius (y grows downwards, as in an image)."""
+    out = []
+    for k in range(n):
+        t = 2 * math.pi * k / n
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        out.append((x / 17, -y / 17))
+    return out
+
+
+# Unit-radius outlines (x, y about in [-1, 1]) of the other classes' shapes.
+UNIT_POLYGONS = {
+    "arrow": [(-1, -0.3), (0.2, -0.3), (0.2, -0.75), (1, 0), (0.2, 0.75), (0.2, 0.3), (-1, 0.3)],
+    "lshape": [(-0.8, -1), (-0.2, -1), (-0.2, 0.4), (0.8, 0.4), (0.8, 1), (-0.8, 1)],
+    "tshape": [(-1, -1), (1, -1), (1, -0.4), (0.3, -0.4), (0.3, 1), (-0.3, 1), (-0.3, -0.4), (-1, -0.4)],
+    "trapezoid": [(-1, 0.7), (1, 0.7), (0.45, -0.7), (-0.45, -0.7)],
+    "semicircle": [(math.cos(math.pi * k / 16), 0.45 - math.sin(math.pi * k / 16)) for k in range(17)],
+    "heart": _heart(),
+}
 
 
 def _rasterize(size: int, outer: list, holes: list) -> np.ndarray:
@@ -149,8 +181,8 @@ def _object_texture(rng, size: int, avoid: np.ndarray) -> np.ndarray:
     return tex
 
 
-def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict]]:
-    """One image [H, W, 3] uint8 and its instances (category index, visible mask, occluded flag)."""
+def draw_image(rng: np.random.Generator, size: int, classes: tuple[str, ...] = CLASSES) -> tuple[np.ndarray, list[dict]]:
+    """One image [H, W, 3] uint8 and its instances (index into ``classes``, visible mask, occluded flag)."""
     img = _background(rng, size)
     _draw_distractors(rng, img)
     objects = []
@@ -166,8 +198,8 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
             cx, cy = other["cx"] + dist * math.cos(ang), other["cy"] + dist * math.sin(ang)
         else:
             cx, cy = rng.uniform(0, size), rng.uniform(0, size)
-        cls = int(rng.integers(len(CLASSES)))
-        outer, holes = _shape_polygons(CLASSES[cls], cx, cy, extent / 2, rng.uniform(0, 2 * math.pi),
+        cls = int(rng.integers(len(classes)))
+        outer, holes = _shape_polygons(classes[cls], cx, cy, extent / 2, rng.uniform(0, 2 * math.pi),
                                        rng.uniform(0.75, 1.33), rng)
         full = _rasterize(size, outer, holes)
         if full.sum() < 12:
@@ -330,21 +362,26 @@ class ClsStats:
 
 
 def generate_cls(out: str | Path, *, seed: int = 0, per_class: int = 300, size: int = 64, scene_size: int = 256,
-                 context: float = 1.4) -> ClsStats:
+                 context: float = 1.4, classes: str = "target") -> ClsStats:
     """Write an ImageFolder ``out/<class>/NNNNNN.png`` of square crops around synthetic shapes.
 
     Each crop is an object's box widened by ``context`` (so occluders, clutter and background come
     with it, as an ImageNet photo's do), resized to ``size``; classes are balanced (``per_class``
-    each).  Deterministic for a seed: scene ``i`` is drawn from ``(seed, 2, i)``.
+    each).  ``classes``: ``target`` (the detection set's six shapes: in-domain labelled data) or
+    ``other`` (eight shapes the detection set never holds: an ImageNet stand-in).  Deterministic
+    for a seed: scene ``i`` is drawn from ``(seed, 2, i)``.
     """
+    if classes not in CLASS_SETS:
+        raise ValueError(f"classes: one of {', '.join(CLASS_SETS)} (got {classes!r})")
+    names = CLASS_SETS[classes]
     out = Path(out)
-    for name in CLASSES:
+    for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
-    counts = [0] * len(CLASSES)
+    counts = [0] * len(names)
     scenes = 0
     while min(counts) < per_class:
         rng = np.random.default_rng([seed, CLS_SPLIT_SEED, scenes])
-        pixels, objs = draw_image(rng, scene_size)
+        pixels, objs = draw_image(rng, scene_size, names)
         scenes += 1
         image = Image.fromarray(pixels)
         for obj in objs:
@@ -359,10 +396,10 @@ def generate_cls(out: str | Path, *, seed: int = 0, per_class: int = 300, size: 
             left = int(np.clip(round((x0 + x1 - side) / 2), 0, scene_size - side))
             top = int(np.clip(round((y0 + y1 - side) / 2), 0, scene_size - side))
             crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-            crop.save(out / CLASSES[obj["cls"]] / f"{counts[obj['cls']]:06d}.png")
+            crop.save(out / names[obj["cls"]] / f"{counts[obj['cls']]:06d}.png")
             counts[obj["cls"]] += 1
     stats = ClsStats(images=sum(counts), source_images=scenes, per_class=per_class, size=size)
     with open(out / "synth_cls.json", "w") as f:
         json.dump({"version": VERSION, "seed": seed, "scene_size": scene_size, "context": context,
-                   "classes": list(CLASSES), **vars(stats)}, f, indent=1)
+                   "class_set": classes, "classes": list(names), **vars(stats)}, f, indent=1)
     return stats
