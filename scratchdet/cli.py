@@ -25,15 +25,6 @@ def split_preset(args: argparse.Namespace) -> None:
     args.overrides = [w for w in words if "=" in w]
 
 
-def _add_run_arguments(p: argparse.ArgumentParser, *, preset_help: str, overrides_help: str, out_help: str) -> None:
-    """The positional preset and overrides and the run-directory options that train and pretrain share."""
-    p.add_argument("preset", nargs="?", help=preset_help)
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--out", help=out_help)
-    p.add_argument("--force", action="store_true", help="overwrite a run directory that already holds a run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def _train(args: argparse.Namespace) -> int:
     from .engine import train
 
@@ -350,223 +341,251 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_DOC = (
+    "Train Mask R-CNN. With no arguments: the embedded default (synthetic shapes, a small GroupNorm model "
+    "from scratch, CPU, about 15 minutes on 2 cores). Examples:\n"
+    "  scratchdet train\n"
+    "  scratchdet train mask_rcnn_R50_FPN_GN_scratch_6x solver.ims_per_batch=2 --dry-run\n"
+    "  scratchdet train data.train.images=DIR data.train.annotations=F.json "
+    "data.val.images=DIR data.val.annotations=V.json\n"
+    "  scratchdet train model.task=boxes data.train.format=voc data.train.images=VOC2007,VOC2012 "
+    "data.train.annotations=trainval,train data.val.format=voc data.val.images=VOC2012 data.val.annotations=val\n"
+    "  scratchdet train --resume runs/default_20260101-120000\n"
+    "Options are listed by `scratchdet config`.")
+
+PRETRAIN_DOC = (
+    "ImageNet-style pre-training of the detector's ResNet trunk on an ImageFolder (one sub-folder per class): "
+    "SGD, cosine or step LR, random-resized crop and flip. Writes RUN_DIR/backbone_final.pth for "
+    "`scratchdet train model.init=PATH` (model.init=RUN_DIR works too), periodic checkpoints "
+    "model_NNNNNNN.pth and model_final.pth (the whole classifier and its solver; it marks the run finished). "
+    "SIGTERM/SIGINT checkpoint and stop; --resume continues exactly. Examples:\n"
+    "  scratchdet pretrain pretrain.images=imagenet/train model.depth=50 model.norm=GN solver.max_iter=450000\n"
+    "  scratchdet pretrain --resume runs/pretrain_20260101-120000\n"
+    "Options used:\n"
+    "  pretrain.*            images, crop_size, lr_schedule (cosine, or step: solver.steps and solver.gamma)\n"
+    "  model.*               the trunk: depth, groups, width_per_group, stem_channels, base_width, norm, gn_groups,\n"
+    "                        zero_init_residual, stride_in_1x1, pixel_mean, pixel_std; num_classes must be 0 or\n"
+    "                        the number of class folders\n"
+    "  solver.*              base_lr, momentum, weight_decay, weight_decay_norm, weight_decay_bias, ims_per_batch,\n"
+    "                        max_iter or epochs (passes over the folder), steps, gamma, warmup_iters, warmup_factor,\n"
+    "                        reference_batch_size (linear scaling), skip_nonfinite, checkpoint_period,\n"
+    "                        keep_checkpoints\n"
+    "  train.*               seed, device, amp, channels_last, deterministic, log_period, num_threads\n"
+    "  dataloader.num_workers, data.flip_prob\n"
+    "Refused with an error: solver.schedule (the paper's Nx rule is for detection: use solver.max_iter or\n"
+    "  solver.epochs), model.init other than random (pre-training starts from random weights; so model.freeze_at).\n"
+    "Not used (detection only): the detector's heads (model.fpn_channels, model.anchor_*, model.rpn_*,\n"
+    "  model.roi_*, model.box_head_*, model.mask_head_*, model.*_test, model.detections_per_image), data.* other\n"
+    "  than data.flip_prob (data.train/val/synth, sizes, filter_empty, subset), dataloader.aspect_ratio_grouping,\n"
+    "  test.*, train.dist_timeout (pretrain runs in one process).")
+
+EVAL_DOC = (
+    "Evaluate with COCO AP (faster-coco-eval), or VOC mAP@0.5 (11-point and area) where the run's validation set\n"
+    "is VOC (data.val.format=voc). Either a run's model on its validation set:\n"
+    "  scratchdet eval --run RUN_DIR [key=value ...]\n"
+    "or COCO results files against ground truth (12 numbers per type; a file with boxes and masks is\n"
+    "scored for both, from one reading of each file):\n"
+    "  scratchdet eval --annotations GT.json --results RES.json [RES2.json] [--iou-type bbox segm]")
+
+PREDICT_DOC = (
+    "Write each image with masks, boxes, class names and scores drawn (PNG), and a COCO results JSON:\n"
+    "  scratchdet predict img1.jpg img2.jpg --run RUN_DIR --out predictions/")
+
+SYNTH_DOC = (
+    "Write procedurally drawn shapes with exact masks as a COCO dataset: OUT/{train,val}/*.jpg and "
+    "OUT/annotations/instances_{train,val}.json. Deterministic for a seed.")
+
+STATS_DOC = (
+    "Compute per-channel pixel mean and std (0-255) of a COCO dataset's images, printed as overrides. "
+    "Training from scratch on domain data should not inherit ImageNet's statistics by accident.")
+
+SYNTH_CLS_DOC = (
+    "Write OUT/<class>/NNNNNN.png: square crops around the synthetic shapes (with their context: clutter, "
+    "occluders, background), one sub-folder per shape class, the same number per class; drawn from scenes "
+    "the detection dataset does not contain. Deterministic for a seed. The pretrained arm for the synthetic "
+    "data: scratchdet pretrain pretrain.images=OUT pretrain.crop_size=SIZE --out RUN.")
+
+TO_VOC_DOC = (
+    "Write a COCO instances dataset as Pascal VOC: OUT/Annotations/<id>.xml (1-based inclusive pixel boxes; "
+    "crowd regions as difficult objects), OUT/JPEGImages/<id>.jpg (JPEGs copied, others re-encoded), "
+    "OUT/ImageSets/Main/SPLIT.txt and OUT/labels.txt (class names in COCO's order). Several splits may go "
+    "into one OUT. Example (tiny_coco's train and val, then Faster R-CNN on them with VOC mAP):\n"
+    "  scratchdet data to-voc --annotations A/instances_train2017.json --images train2017 --out voc "
+    "--split train\n"
+    "  scratchdet data to-voc --annotations A/instances_val2017.json --images val2017 --out voc --split val\n"
+    "  scratchdet train model.task=boxes data.train.format=voc data.train.images=voc "
+    "data.train.annotations=train data.val.format=voc data.val.images=voc data.val.annotations=val")
+
+STUDY_DOC = (
+    "A study is a base preset plus a grid over config keys, expanded into named runs under one directory "
+    "(the paper's Table 1 is model.init x solver.schedule). Runs go one after another in this process: a "
+    "finished run is skipped, a started one resumes, a failed one is recorded in STUDY_DIR/study.json and the "
+    "study goes on. Examples:\n"
+    "  scratchdet study studies/mini_rethink.yaml --out runs/mini_rethink\n"
+    "  scratchdet study runs/mini_rethink                 # resume\n"
+    "  scratchdet study runs/mini_rethink --status\n"
+    "  scratchdet study STUDY.yaml --out /shared/study --emit slurm --nproc 8\n"
+    "The study file (a comment per key):\n"
+    "  base: default               # preset name or YAML file (relative to the study file)\n"
+    "  overrides: [k=v, ...]       # applied to every run and to the pretrain stage\n"
+    "  grid: {model.init: [random, \"@pretrain\"], solver.schedule: [...], data.subset: [...]}\n"
+    "                              # the runs: the product, in order; @pretrain = the pretrain stage's backbone\n"
+    "  name: \"{model.init}_{solver.schedule}\"   # optional run-name template ({key}: its grid value)\n"
+    "  pretrain:                   # optional, run first: `scratchdet pretrain` for the pretrained arm\n"
+    "    synth_cls: {seed: 0, per_class: 300, size: 64}   # optional: generate its ImageFolder\n"
+    "    overrides: [k=v, ...]     # after the study's overrides\n"
+    "Each run writes RUN/tensorboard: `tensorboard --logdir STUDY_DIR` shows every run.")
+
+REPORT_DOC = (
+    "Draw the paper's figures and tables from runs (or studies: folders of runs), reading only each run's "
+    "metrics.jsonl and config.yaml: AP vs iteration, box and mask (random init solid, pretrained dashed, LR "
+    "drops dotted; Fig. 1), images/instances/pixels seen with pre-training (Fig. 2), the 12 COCO numbers per "
+    "run, the schedule x init pivot (Table 1) and the data size x init pivot (Sec. 5.2), random init minus "
+    "pretrained; each run's data, model, batch and schedule, and a caption per figure. Writes "
+    "OUT/index.html (self-contained, offline), PNG and SVG figures and tables/*.csv. Examples:\n"
+    "  scratchdet report runs/mini_rethink --out runs/mini_rethink/report\n"
+    "  scratchdet report --compare runs/a runs/b --out cmp/")
+def _arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One row of a command's table: ``add_argument(*flags, **kwargs)``."""
+    return flags, kwargs
+
+
+def _run_args(*, preset_help: str, overrides_help: str, out_help: str) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """The positional preset and overrides and the run-directory options that train and pretrain share."""
+    return [_arg("preset", nargs="?", help=preset_help), _arg("overrides", nargs="*", help=overrides_help),
+            _arg("--out", help=out_help),
+            _arg("--force", action="store_true", help="overwrite a run directory that already holds a run"),
+            _arg("--no-progress", action="store_true", help="no progress bar")]
+
+
+# One table per command: its help line, description, arguments and handler (plain dicts read by
+# build_parser; "commands" nests a command's own subcommands).  "raw": keep the description's lines.
+COMMANDS: dict[str, dict[str, Any]] = {
+    "train": {"help": "train a model", "description": TRAIN_DOC, "raw": True, "func": _train, "args": [
+        *_run_args(preset_help="a preset name (`scratchdet presets`) or a YAML file; default: default",
+                   overrides_help="dotted key=value overrides, e.g. solver.base_lr=0.01",
+                   out_help="run directory (default: runs/PRESET_TIMESTAMP)"),
+        _arg("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest valid checkpoint"),
+        _arg("--dry-run", action="store_true", help="build model, data and schedule, describe them, train nothing"),
+        _arg("--keep-at", type=_iterations, default=(), metavar="IT,IT",
+             help="schedule branching, the trunk: also save the state at these iterations (branch_NNNNNNN.pth, "
+                  "never pruned), the first LR drops of the shorter lengths that branch from this run"),
+        _arg("--branch-from", metavar="TRUNK_DIR",
+             help="schedule branching, a branch: start this run (--out) from TRUNK_DIR's state at this run's "
+                  "first LR drop (the trunk trained with --keep-at it) and train only the tail; resumes it "
+                  "once started. The trunk's config must differ only in the schedule's length"),
+        _arg("--num-gpus", type=int, default=0, metavar="N",
+             help="train with N processes on this machine (torchrun with DDP; one per GPU, or N CPU processes "
+                  "with gloo where there is no GPU); for several machines run torchrun yourself (README)")]},
+    "pretrain": {"help": "classification pre-training of the backbone (the pretrained arm)",
+                 "description": PRETRAIN_DOC, "raw": True, "func": _pretrain, "args": [
+        *_run_args(preset_help="a preset name or YAML file (the options above apply; others are refused or "
+                               "not used, as listed)",
+                   overrides_help="key=value overrides, e.g. pretrain.images=DIR",
+                   out_help="run directory (default: runs/pretrain_TIMESTAMP)"),
+        _arg("--resume", metavar="RUN_DIR",
+             help="continue the pretrain run in RUN_DIR from its newest valid checkpoint, with its config.yaml")]},
+    "eval": {"help": "COCO box and mask AP of a run, or of a results file", "description": EVAL_DOC, "raw": True,
+             "func": _eval, "args": [
+        _arg("overrides", nargs="*", help="overrides of the run's config, e.g. data.val.annotations=F.json"),
+        # --run-dir: under torchrun, whose own parser reads a bare --run as its --run-path option.
+        _arg("--run", "--run-dir", dest="run", help="run directory (--run-dir under torchrun)"),
+        _arg("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)"),
+        _arg("--annotations", help="COCO ground-truth JSON (with --results)"),
+        _arg("--results", nargs="+", help="COCO results JSON file(s)"),
+        _arg("--iou-type", nargs="+", choices=("bbox", "segm", "keypoints"),
+             help="iou type(s) to score; default: every type the results carry (bbox for boxes, segm for masks, "
+                  "keypoints for keypoints)"),
+        _arg("--json", metavar="FILE", help="with --results: also write every number, unrounded (percent), to "
+                                            "FILE as {RES.json: {'bbox/AP': ...}}"),
+        _arg("--device", default="auto")]},
+    "predict": {"help": "draw a run's detections on images", "description": PREDICT_DOC, "raw": True,
+                "func": _predict, "args": [
+        _arg("images", nargs="+", help="image files or folders"),
+        _arg("--run", "--run-dir", dest="run", required=True, help="run directory"),
+        _arg("--out", required=True, help="output folder"),
+        _arg("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)"),
+        _arg("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this"),
+        _arg("--device", default="auto")]},
+    "data": {"help": "datasets: synth, stats, synth-cls, to-voc", "commands": {
+        "synth": {"help": "write the synthetic shapes dataset (COCO format)", "description": SYNTH_DOC,
+                  "func": _data_synth, "args": [
+            _arg("--out", required=True, help="output folder"), _arg("--seed", type=int, default=0),
+            _arg("--num-train", type=int, default=600), _arg("--num-val", type=int, default=100),
+            _arg("--image-size", type=int, default=256)]},
+        "stats": {"help": "RGB mean/std of a dataset, for model.pixel_mean/pixel_std", "description": STATS_DOC,
+                  "func": _data_stats, "args": [
+            _arg("--annotations", required=True, help="COCO JSON"),
+            _arg("--images", required=True, help="image folder"),
+            _arg("--max-images", type=int, default=0, help="use only the first N images (0: all)")]},
+        "synth-cls": {"help": "write a classification ImageFolder of synthetic shape crops (for pretrain)",
+                      "description": SYNTH_CLS_DOC, "func": _data_synth_cls, "args": [
+            _arg("--out", required=True, help="output folder (an ImageFolder)"), _arg("--seed", type=int, default=0),
+            _arg("--per-class", type=int, default=300, help="crops per class"),
+            _arg("--size", type=int, default=64, help="side of the square crops, in pixels"),
+            _arg("--classes", choices=("target", "other"), default="target",
+                 help="target: the detection set's six shapes (in-domain labelled data); other: eight shapes the "
+                      "detection set never holds (a stand-in for ImageNet: other classes, the same kind of pixels)")]},
+        "to-voc": {"help": "write a COCO dataset in Pascal VOC layout (boxes only)", "description": TO_VOC_DOC,
+                   "raw": True, "func": _data_to_voc, "args": [
+            _arg("--annotations", required=True, help="COCO instances JSON"),
+            _arg("--images", required=True, help="image folder (file_name in the JSON is relative to it)"),
+            _arg("--out", required=True, help="VOC root to write (created; may already hold other splits)"),
+            _arg("--split", default="train", help="image set name: writes OUT/ImageSets/Main/SPLIT.txt"),
+            _arg("--overwrite", action="store_true",
+                 help="replace annotation files that exist with other content (else an error)")]}}},
+    "study": {"help": "run a grid of runs (a study), write it out as torchrun/SLURM commands, or show its progress",
+              "description": STUDY_DOC, "raw": True, "func": _study, "args": [
+        _arg("study", help="a study YAML file, or a study directory (to resume it or show its status)"),
+        _arg("--out", help="study directory (default: runs/<study file name>)"),
+        _arg("--status", action="store_true", help="print a table of the runs: status, progress, latest AP"),
+        _arg("--emit", choices=("torchrun", "slurm"),
+             help="print the commands instead of running: one torchrun command per run, or sbatch scripts "
+                  "(a job array with srun torchrun; also written into the study directory)"),
+        _arg("--nproc", type=int, default=8, help="with --emit: processes (GPUs) per node (default 8)"),
+        _arg("--nodes", type=int, default=1, help="with --emit slurm: nodes per run (default 1)"),
+        _arg("--dry-run", action="store_true", help="list the runs and their overrides; check every config"),
+        _arg("--no-progress", action="store_true", help="no progress bars")]},
+    "report": {"help": "figures, tables and an HTML page from runs' metrics.jsonl and config.yaml",
+               "description": REPORT_DOC, "raw": True, "func": _report, "args": [
+        _arg("runs", nargs="*", help="run directories, or study directories (folders of runs)"),
+        _arg("--out", required=True, help="output folder"),
+        _arg("--compare", nargs=2, metavar=("A", "B"),
+             help="a two-run side-by-side (run directories, or names of runs given): config differences, "
+                  "the 24 numbers with B-A, what each saw, their curves"),
+        _arg("--pretrain-offset", action="store_true",
+             help="draw the pretrained runs' pre-training (its images in the run's iterations) as a grey "
+                  "band on an axis of its own, left of each AP panel"),
+        _arg("--title", default="scratchdet report", help="the page's title")]},
+    "presets": {"help": "list the shipped presets", "func": _presets, "args": []},
+    "config": {"help": "list every option with its default and meaning, or print a resolved preset",
+               "func": _config, "args": [_arg("preset", nargs="?", help="print this preset resolved (with overrides)"),
+                                         _arg("overrides", nargs="*")]},
+}
+
+
+def _add_commands(sub: Any, table: dict[str, dict[str, Any]]) -> None:
+    """Add each command of ``table`` (and, nested, its own subcommands) to the subparsers ``sub``."""
+    for name, spec in table.items():
+        extra = {"description": spec["description"]} if "description" in spec else {}
+        if spec.get("raw"):
+            extra["formatter_class"] = argparse.RawDescriptionHelpFormatter
+        p = sub.add_parser(name, help=spec["help"], **extra)
+        if "commands" in spec:
+            _add_commands(p.add_subparsers(dest=f"{name}_command", required=True), spec["commands"])
+            continue
+        for flags, kwargs in spec["args"]:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=spec["func"])
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI, from the command tables above."""
     p = argparse.ArgumentParser(prog="scratchdet", description="Train Mask R-CNN from random initialization (or not) "
                                 "on COCO-format data, and evaluate it with COCO AP.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a model", description=(
-        "Train Mask R-CNN. With no arguments: the embedded default (synthetic shapes, a small GroupNorm model "
-        "from scratch, CPU, about 15 minutes on 2 cores). Examples:\n"
-        "  scratchdet train\n"
-        "  scratchdet train mask_rcnn_R50_FPN_GN_scratch_6x solver.ims_per_batch=2 --dry-run\n"
-        "  scratchdet train data.train.images=DIR data.train.annotations=F.json "
-        "data.val.images=DIR data.val.annotations=V.json\n"
-        "  scratchdet train model.task=boxes data.train.format=voc data.train.images=VOC2007,VOC2012 "
-        "data.train.annotations=trainval data.val.format=voc data.val.images=VOC2007 data.val.annotations=test\n"
-        "  scratchdet train --resume runs/default_20260101-120000\n"
-        "Options are listed by `scratchdet config`."), formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(t, preset_help="a preset name (`scratchdet presets`) or a YAML file; default: default",
-                       overrides_help="dotted key=value overrides, e.g. solver.base_lr=0.01",
-                       out_help="run directory (default: runs/PRESET_TIMESTAMP)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest valid checkpoint")
-    t.add_argument("--dry-run", action="store_true", help="build model, data and schedule, describe them, train nothing")
-    t.add_argument("--keep-at", type=_iterations, default=(), metavar="IT,IT",
-                   help="schedule branching, the trunk: also save the state at these iterations (branch_NNNNNNN.pth, "
-                        "never pruned), the first LR drops of the shorter lengths that branch from this run")
-    t.add_argument("--branch-from", metavar="TRUNK_DIR",
-                   help="schedule branching, a branch: start this run (--out) from TRUNK_DIR's state at this run's "
-                        "first LR drop (the trunk trained with --keep-at it) and train only the tail; resumes it "
-                        "once started. The trunk's config must differ only in the schedule's length")
-    t.add_argument("--num-gpus", type=int, default=0, metavar="N",
-                   help="train with N processes on this machine (torchrun with DDP; one per GPU, or N CPU processes "
-                        "with gloo where there is no GPU); for several machines run torchrun yourself (README)")
-    t.set_defaults(func=_train)
-
-    pt = sub.add_parser("pretrain", help="classification pre-training of the backbone (the pretrained arm)",
-                        description=(
-        "ImageNet-style pre-training of the detector's ResNet trunk on an ImageFolder (one sub-folder per class): "
-        "SGD, cosine or step LR, random-resized crop and flip. Writes RUN_DIR/backbone_final.pth for "
-        "`scratchdet train model.init=PATH` (model.init=RUN_DIR works too), periodic checkpoints "
-        "model_NNNNNNN.pth and model_final.pth (the whole classifier and its solver; it marks the run finished). "
-        "SIGTERM/SIGINT checkpoint and stop; --resume continues exactly. Examples:\n"
-        "  scratchdet pretrain pretrain.images=imagenet/train model.depth=50 model.norm=GN solver.max_iter=450000\n"
-        "  scratchdet pretrain --resume runs/pretrain_20260101-120000\n"
-        "Options used:\n"
-        "  pretrain.*            images, crop_size, lr_schedule (cosine, or step: solver.steps and solver.gamma)\n"
-        "  model.*               the trunk: depth, groups, width_per_group, stem_channels, base_width, norm, gn_groups,\n"
-        "                        zero_init_residual, stride_in_1x1, pixel_mean, pixel_std; num_classes must be 0 or\n"
-        "                        the number of class folders\n"
-        "  solver.*              base_lr, momentum, weight_decay, weight_decay_norm, weight_decay_bias, ims_per_batch,\n"
-        "                        max_iter or epochs (passes over the folder), steps, gamma, warmup_iters, warmup_factor,\n"
-        "                        reference_batch_size (linear scaling), skip_nonfinite, checkpoint_period,\n"
-        "                        keep_checkpoints\n"
-        "  train.*               seed, device, amp, channels_last, deterministic, log_period, num_threads\n"
-        "  dataloader.num_workers, data.flip_prob\n"
-        "Refused with an error: solver.schedule (the paper's Nx rule is for detection: use solver.max_iter or\n"
-        "  solver.epochs), model.init other than random (pre-training starts from random weights; so model.freeze_at).\n"
-        "Not used (detection only): the detector's heads (model.fpn_channels, model.anchor_*, model.rpn_*,\n"
-        "  model.roi_*, model.box_head_*, model.mask_head_*, model.*_test, model.detections_per_image), data.* other\n"
-        "  than data.flip_prob (data.train/val/synth, sizes, filter_empty, subset), dataloader.aspect_ratio_grouping,\n"
-        "  test.*, train.dist_timeout (pretrain runs in one process)."),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(pt, preset_help="a preset name or YAML file (the options above apply; others are refused or "
-                                       "not used, as listed)",
-                       overrides_help="key=value overrides, e.g. pretrain.images=DIR",
-                       out_help="run directory (default: runs/pretrain_TIMESTAMP)")
-    pt.add_argument("--resume", metavar="RUN_DIR",
-                    help="continue the pretrain run in RUN_DIR from its newest valid checkpoint, with its config.yaml")
-    pt.set_defaults(func=_pretrain)
-
-    e = sub.add_parser("eval", help="COCO box and mask AP of a run, or of a results file", description=(
-        "Evaluate with COCO AP (faster-coco-eval), or VOC mAP@0.5 (11-point and area) where the run's validation set\n"
-        "is VOC (data.val.format=voc). Either a run's model on its validation set:\n"
-        "  scratchdet eval --run RUN_DIR [key=value ...]\n"
-        "or COCO results files against ground truth (12 numbers per type; a file with boxes and masks is\n"
-        "scored for both, from one reading of each file):\n"
-        "  scratchdet eval --annotations GT.json --results RES.json [RES2.json] [--iou-type bbox segm]"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("overrides", nargs="*", help="overrides of the run's config, e.g. data.val.annotations=F.json")
-    # --run-dir: under torchrun, whose own parser reads a bare --run as its --run-path option.
-    e.add_argument("--run", "--run-dir", dest="run", help="run directory (--run-dir under torchrun)")
-    e.add_argument("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)")
-    e.add_argument("--annotations", help="COCO ground-truth JSON (with --results)")
-    e.add_argument("--results", nargs="+", help="COCO results JSON file(s)")
-    e.add_argument("--iou-type", nargs="+", choices=("bbox", "segm", "keypoints"),
-                   help="iou type(s) to score; default: every type the results carry (bbox for boxes, segm for masks, "
-                        "keypoints for keypoints)")
-    e.add_argument("--json", metavar="FILE", help="with --results: also write every number, unrounded (percent), to "
-                                                  "FILE as {RES.json: {'bbox/AP': ...}}")
-    e.add_argument("--device", default="auto")
-    e.set_defaults(func=_eval)
-
-    pr = sub.add_parser("predict", help="draw a run's detections on images", description=(
-        "Write each image with masks, boxes, class names and scores drawn (PNG), and a COCO results JSON:\n"
-        "  scratchdet predict img1.jpg img2.jpg --run RUN_DIR --out predictions/"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
-    pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)")
-    pr.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
-    pr.add_argument("--device", default="auto")
-    pr.set_defaults(func=_predict)
-
-    d = sub.add_parser("data", help="datasets: synth, stats, synth-cls, to-voc")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="write the synthetic shapes dataset (COCO format)", description=(
-        "Write procedurally drawn shapes with exact masks as a COCO dataset: OUT/{train,val}/*.jpg and "
-        "OUT/annotations/instances_{train,val}.json. Deterministic for a seed."))
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-train", type=int, default=600)
-    s.add_argument("--num-val", type=int, default=100)
-    s.add_argument("--image-size", type=int, default=256)
-    s.set_defaults(func=_data_synth)
-    st = dsub.add_parser("stats", help="RGB mean/std of a dataset, for model.pixel_mean/pixel_std", description=(
-        "Compute per-channel pixel mean and std (0-255) of a COCO dataset's images, printed as overrides. "
-        "Training from scratch on domain data should not inherit ImageNet's statistics by accident."))
-    st.add_argument("--annotations", required=True, help="COCO JSON")
-    st.add_argument("--images", required=True, help="image folder")
-    st.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
-    st.set_defaults(func=_data_stats)
-
-    sc = dsub.add_parser("synth-cls", help="write a classification ImageFolder of synthetic shape crops (for pretrain)",
-                         description=(
-        "Write OUT/<class>/NNNNNN.png: square crops around the synthetic shapes (with their context: clutter, "
-        "occluders, background), one sub-folder per shape class, the same number per class; drawn from scenes "
-        "the detection dataset does not contain. Deterministic for a seed. The pretrained arm for the synthetic "
-        "data: scratchdet pretrain pretrain.images=OUT pretrain.crop_size=SIZE --out RUN."))
-    sc.add_argument("--out", required=True, help="output folder (an ImageFolder)")
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--per-class", type=int, default=300, help="crops per class")
-    sc.add_argument("--size", type=int, default=64, help="side of the square crops, in pixels")
-    sc.add_argument("--classes", choices=("target", "other"), default="target",
-                    help="target: the detection set's six shapes (in-domain labelled data); other: eight shapes the "
-                         "detection set never holds (a stand-in for ImageNet: other classes, the same kind of pixels)")
-    sc.set_defaults(func=_data_synth_cls)
-
-    tv = dsub.add_parser("to-voc", help="write a COCO dataset in Pascal VOC layout (boxes only)", description=(
-        "Write a COCO instances dataset as Pascal VOC: OUT/Annotations/<id>.xml (1-based inclusive pixel boxes; "
-        "crowd regions as difficult objects), OUT/JPEGImages/<id>.jpg (JPEGs copied, others re-encoded), "
-        "OUT/ImageSets/Main/SPLIT.txt and OUT/labels.txt (class names in COCO's order). Several splits may go "
-        "into one OUT. Example (tiny_coco's train and val, then Faster R-CNN on them with VOC mAP):\n"
-        "  scratchdet data to-voc --annotations A/instances_train2017.json --images train2017 --out voc "
-        "--split train\n"
-        "  scratchdet data to-voc --annotations A/instances_val2017.json --images val2017 --out voc --split val\n"
-        "  scratchdet train model.task=boxes data.train.format=voc data.train.images=voc "
-        "data.train.annotations=train data.val.format=voc data.val.images=voc data.val.annotations=val"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    tv.add_argument("--annotations", required=True, help="COCO instances JSON")
-    tv.add_argument("--images", required=True, help="image folder (file_name in the JSON is relative to it)")
-    tv.add_argument("--out", required=True, help="VOC root to write (created; may already hold other splits)")
-    tv.add_argument("--split", default="train", help="image set name: writes OUT/ImageSets/Main/SPLIT.txt")
-    tv.add_argument("--overwrite", action="store_true",
-                    help="replace annotation files that exist with other content (else an error)")
-    tv.set_defaults(func=_data_to_voc)
-
-    sy = sub.add_parser("study", help="run a grid of runs (a study), write it out as torchrun/SLURM commands, "
-                                      "or show its progress", description=(
-        "A study is a base preset plus a grid over config keys, expanded into named runs under one directory "
-        "(the paper's Table 1 is model.init x solver.schedule). Runs go one after another in this process: a "
-        "finished run is skipped, a started one resumes, a failed one is recorded in STUDY_DIR/study.json and the "
-        "study goes on. Examples:\n"
-        "  scratchdet study studies/mini_rethink.yaml --out runs/mini_rethink\n"
-        "  scratchdet study runs/mini_rethink                 # resume\n"
-        "  scratchdet study runs/mini_rethink --status\n"
-        "  scratchdet study STUDY.yaml --out /shared/study --emit slurm --nproc 8\n"
-        "The study file (a comment per key):\n"
-        "  base: default               # preset name or YAML file (relative to the study file)\n"
-        "  overrides: [k=v, ...]       # applied to every run and to the pretrain stage\n"
-        "  grid: {model.init: [random, \"@pretrain\"], solver.schedule: [...], data.subset: [...]}\n"
-        "                              # the runs: the product, in order; @pretrain = the pretrain stage's backbone\n"
-        "  name: \"{model.init}_{solver.schedule}\"   # optional run-name template ({key}: its grid value)\n"
-        "  pretrain:                   # optional, run first: `scratchdet pretrain` for the pretrained arm\n"
-        "    synth_cls: {seed: 0, per_class: 300, size: 64}   # optional: generate its ImageFolder\n"
-        "    overrides: [k=v, ...]     # after the study's overrides\n"
-        "Each run writes RUN/tensorboard: `tensorboard --logdir STUDY_DIR` shows every run."),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sy.add_argument("study", help="a study YAML file, or a study directory (to resume it or show its status)")
-    sy.add_argument("--out", help="study directory (default: runs/<study file name>)")
-    sy.add_argument("--status", action="store_true", help="print a table of the runs: status, progress, latest AP")
-    sy.add_argument("--emit", choices=("torchrun", "slurm"),
-                    help="print the commands instead of running: one torchrun command per run, or sbatch scripts "
-                         "(a job array with srun torchrun; also written into the study directory)")
-    sy.add_argument("--nproc", type=int, default=8, help="with --emit: processes (GPUs) per node (default 8)")
-    sy.add_argument("--nodes", type=int, default=1, help="with --emit slurm: nodes per run (default 1)")
-    sy.add_argument("--dry-run", action="store_true", help="list the runs and their overrides; check every config")
-    sy.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sy.set_defaults(func=_study)
-
-    rp = sub.add_parser("report", help="figures, tables and an HTML page from runs' metrics.jsonl and config.yaml",
-                        description=(
-        "Draw the paper's figures and tables from runs (or studies: folders of runs), reading only each run's "
-        "metrics.jsonl and config.yaml: AP vs iteration, box and mask (random init solid, pretrained dashed, LR "
-        "drops dotted; Fig. 1), images/instances/pixels seen with pre-training (Fig. 2), the 12 COCO numbers per "
-        "run, the schedule x init pivot (Table 1) and the data size x init pivot (Sec. 5.2), random init minus "
-        "pretrained; each run's data, model, batch and schedule, and a caption per figure. Writes "
-        "OUT/index.html (self-contained, offline), PNG and SVG figures and tables/*.csv. Examples:\n"
-        "  scratchdet report runs/mini_rethink --out runs/mini_rethink/report\n"
-        "  scratchdet report --compare runs/a runs/b --out cmp/"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    rp.add_argument("runs", nargs="*", help="run directories, or study directories (folders of runs)")
-    rp.add_argument("--out", required=True, help="output folder")
-    rp.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                    help="a two-run side-by-side (run directories, or names of runs given): config differences, "
-                         "the 24 numbers with B-A, what each saw, their curves")
-    rp.add_argument("--pretrain-offset", action="store_true",
-                    help="draw the pretrained runs' pre-training (its images in the run's iterations) as a grey "
-                         "band on an axis of its own, left of each AP panel")
-    rp.add_argument("--title", default="scratchdet report", help="the page's title")
-    rp.set_defaults(func=_report)
-
-    ps = sub.add_parser("presets", help="list the shipped presets")
-    ps.set_defaults(func=_presets)
-    c = sub.add_parser("config", help="list every option with its default and meaning, or print a resolved preset")
-    c.add_argument("preset", nargs="?", help="print this preset resolved (with overrides)")
-    c.add_argument("overrides", nargs="*")
-    c.set_defaults(func=_config)
+    _add_commands(p.add_subparsers(dest="command", required=True), COMMANDS)
     return p
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,149 @@
+"""A saturating fit of AP against images seen, to predict where a from-scratch arm levels off (issue 17).
+
+The curve is ``AP(x) = a - b * exp(-(x - x0) / c)`` with ``x0`` the first point's images seen: ``a`` is the
+plateau, ``b`` how far below it the first point lies, ``c`` how many images close the gap by a factor e.
+For a fixed ``c`` it is linear in ``a`` and ``b``, so the fit is exact least squares on a log-spaced grid
+of ``c`` (then a finer grid around the best): no starting point to guess and no scipy.  The plateau's
+interval comes from refitting the fitted curve plus resampled residuals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+# c is searched from 1/300 to 30 times the span of images seen: a c at either end means the points do not
+# show the bend (still straight, or flat from the first point), and the plateau is not identified.
+_C_RANGE = (1 / 300, 30.0)
+_GRID = 400
+_FINE = 40
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """``AP(x) = a - b * exp(-(x - x0) / c)`` fitted to points, with the plateau ``a``'s bootstrap interval."""
+
+    a: float
+    b: float
+    c: float
+    x0: float
+    interval: tuple[float, float]  # of the plateau a, at ``level``
+    level: float
+    rmse: float
+    at_bound: bool  # c ended at its search limit: the plateau is an extrapolation the points do not support
+    boot: np.ndarray  # [B, 3] refitted (a, b, c) per residual resample
+
+    def predict(self, xs: np.ndarray | float) -> np.ndarray:
+        """The fitted AP at images seen ``xs``."""
+        return self.a - self.b * np.exp(-(np.asarray(xs, dtype=float) - self.x0) / self.c)
+
+
+class Reach(NamedTuple):
+    """Images seen where the fitted curve reaches a target AP (inf: never), with its bootstrap interval."""
+
+    images: float
+    low: float
+    high: float
+
+
+def _check_points(xs: np.ndarray, ys: np.ndarray) -> None:
+    if xs.ndim != 1 or xs.shape != ys.shape:
+        raise ValueError(f"xs and ys must be 1-d and of one length; got shapes {xs.shape} and {ys.shape}")
+    if len(np.unique(xs)) < 3:
+        raise ValueError(f"a saturating fit has 3 parameters and needs at least 3 distinct points; got {len(xs)} "
+                         f"point(s) at {len(np.unique(xs))} distinct x")
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        raise ValueError("xs and ys must be finite")
+
+
+def _fit_rows(dx: np.ndarray, ys: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Least-squares (a, b) for each row of ys [B, n] at each c of cs [B, G]; returns a, b, sse, each [B, G]."""
+    e = np.exp(-dx / cs[..., None])  # [B, G, n]
+    n = dx.shape[-1]
+    se, see = e.sum(-1), (e * e).sum(-1)
+    sy, sey = ys.sum(-1)[:, None], np.einsum("bgn,bn->bg", e, ys)
+    det = n * see - se * se
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (n * sey - se * sy) / det  # y = a + slope * e, so b = -slope
+        a = (sy - slope * se) / n
+    sse = ((a[..., None] + slope[..., None] * e - ys[:, None, :]) ** 2).sum(-1)
+    # A c that makes e constant over the points (too small or too large) leaves a and b undetermined.
+    sse = np.where(det > 1e-12 * n * n, sse, np.inf)
+    return a, -slope, sse
+
+
+def _fit_many(dx: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best (a, b, c) per row of ys [B, n], and whether c ended at its search limit."""
+    span = dx.max()
+    grid = np.geomspace(_C_RANGE[0] * span, _C_RANGE[1] * span, _GRID)
+    a, b, sse = _fit_rows(dx, ys, np.broadcast_to(grid, (len(ys), _GRID)))
+    best = np.argmin(sse, axis=1)
+    at_bound = (best == 0) | (best == _GRID - 1)
+    # Refine between the best point's neighbours, three times: the grid's 1.5 % steps in c would show in a.
+    cs = np.broadcast_to(grid, (len(ys), _GRID))
+    for _ in range(3):
+        width = cs.shape[1] - 1
+        lo = np.take_along_axis(cs, np.maximum(best - 1, 0)[:, None], 1)[:, 0]
+        hi = np.take_along_axis(cs, np.minimum(best + 1, width)[:, None], 1)[:, 0]
+        cs = np.geomspace(lo, hi, _FINE, axis=1)  # [B, F]
+        a, b, sse = _fit_rows(dx, ys, cs)
+        best = np.argmin(sse, axis=1)
+    pick = best[:, None]
+    return (np.take_along_axis(a, pick, 1)[:, 0], np.take_along_axis(b, pick, 1)[:, 0],
+            np.take_along_axis(cs, pick, 1)[:, 0], at_bound)
+
+
+def fit_saturating(xs: np.ndarray, ys: np.ndarray, *, resamples: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> CurveFit:
+    """Fit ``a - b * exp(-(x - x0) / c)`` to AP ``ys`` at images seen ``xs``, the plateau's interval by residual bootstrap."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    _check_points(xs, ys)
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must lie between 0 and 1")
+    x0 = float(xs.min())
+    dx = xs - x0
+    a, b, c, at_bound = (v[0] for v in _fit_many(dx, ys[None]))
+    fitted = a - b * np.exp(-dx / c)
+    resid = ys - fitted
+    n = len(xs)
+    # Residuals of a 3-parameter fit are smaller than the noise: inflate them (zero with 3 points: no interval).
+    scaled = resid * math.sqrt(n / (n - 3)) if n > 3 else np.zeros(n)
+    rng = np.random.default_rng(seed)
+    boot_ys = fitted + scaled[rng.integers(0, n, size=(resamples, n))]
+    ba, bb, bc, _ = _fit_many(dx, boot_ys)
+    tails = [(1 - level) / 2, 1 - (1 - level) / 2]
+    lo, hi = np.quantile(ba, tails)
+    return CurveFit(a=float(a), b=float(b), c=float(c), x0=x0, interval=(float(lo), float(hi)),
+                    level=level, rmse=float(np.sqrt(np.mean(resid ** 2))), at_bound=bool(at_bound),
+                    boot=np.stack([ba, bb, bc], axis=1))
+
+
+def _reach(a: np.ndarray, b: np.ndarray, c: np.ndarray, x0: float, target: float) -> np.ndarray:
+    """Images seen where each curve first reaches ``target``: x0 when it starts there, inf when it never does."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = x0 - c * np.log((a - target) / b)
+    return np.where(a - b >= target, x0, np.where((a > target) & (b > 0), x, math.inf))
+
+
+def reach(fit: CurveFit, target: float) -> Reach:
+    """Images seen where the fitted curve reaches AP ``target`` (inf when its plateau is at or below it), with interval."""
+    point = float(_reach(np.array(fit.a), np.array(fit.b), np.array(fit.c), fit.x0, target))
+    boot = _reach(fit.boot[:, 0], fit.boot[:, 1], fit.boot[:, 2], fit.x0, target)
+    tails = [(1 - fit.level) / 2, 1 - (1 - fit.level) / 2]
+    # inverted_cdf picks order statistics: no arithmetic on inf, which interpolation would turn into nan.
+    lo, hi = np.quantile(boot, tails, method="inverted_cdf")
+    return Reach(point, float(lo), float(hi))
+
+
+def holdout_error(xs: np.ndarray, ys: np.ndarray, *, split: float, resamples: int = 200) -> dict:
+    """Fit on the points with x <= split, predict the rest: their xs, errors (predicted - seen), mean absolute error."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    train = xs <= split
+    if train.all():
+        raise ValueError(f"no point lies beyond split={split}: nothing to predict")
+    fit = fit_saturating(xs[train], ys[train], resamples=resamples)
+    errors = fit.predict(xs[~train]) - ys[~train]
+    return {"xs": xs[~train], "errors": errors, "mae": float(np.mean(np.abs(errors))), "fit": fit}

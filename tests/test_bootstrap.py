@@ -1,0 +1,164 @@
+import contextlib
+import io
+import json
+
+import faster_coco_eval.core.mask as mask_utils
+import numpy as np
+import pytest
+from faster_coco_eval import COCO
+
+from scratchdet.bootstrap import ap_from_matches, paired_bootstrap, per_image_matches, verdict
+from scratchdet.evaluation import evaluate_coco
+
+
+def _coco(dataset: dict) -> COCO:
+    gt = COCO()
+    gt.dataset = json.loads(json.dumps(dataset))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _small_case(seed: int = 0, num_images: int = 6) -> tuple[dict, list[dict]]:
+    """A few images with 1-4 boxes of 3 categories, detections near them (some off, some extra), distinct scores."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i + 1, "width": 200, "height": 200, "file_name": f"{i}.jpg"} for i in range(num_images)]
+    anns, results = [], []
+    for im in images:
+        for _ in range(rng.integers(1, 5)):
+            x, y, w, h = rng.uniform(0, 100, 2).tolist() + rng.uniform(10, 90, 2).tolist()
+            cat = int(rng.integers(1, 4))
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            for _ in range(rng.integers(0, 3)):  # 0-2 detections per object, shifted by up to 12 px
+                dx, dy = rng.uniform(-12, 12, 2).tolist()
+                results.append({"image_id": im["id"], "category_id": cat, "bbox": [x + dx, y + dy, w, h],
+                                "score": float(rng.uniform())})
+        for _ in range(rng.integers(0, 3)):  # false positives
+            results.append({"image_id": im["id"], "category_id": int(rng.integers(1, 4)),
+                            "bbox": rng.uniform(0, 100, 4).tolist(), "score": float(rng.uniform())})
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3, 4)]  # category 4 has no ground truth: COCO leaves it out
+    return {"images": images, "annotations": anns, "categories": cats}, results
+
+
+def test_all_weights_one_is_cocos_ap_on_a_small_case():
+    dataset, results = _small_case()
+    stats, _ = evaluate_coco(_coco(dataset), results, "bbox")
+    matches = per_image_matches(_coco(dataset), results, "bbox")
+    assert ap_from_matches(matches) == pytest.approx(stats["AP"], abs=1e-9)
+    assert ap_from_matches(matches, np.ones(len(dataset["images"]))) == pytest.approx(stats["AP"], abs=1e-9)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_all_weights_one_is_cocos_ap_on_cocoapis_fake_results(cocoapi, iou_type):
+    gt = cocoapi / "instances_val2014_100.json"
+    results = cocoapi / f"instances_val2014_fake{iou_type}100_results.json"
+    stats, _ = evaluate_coco(gt, results, iou_type)  # equals cocoapi's printed AP (test_evaluation)
+    matches = per_image_matches(gt, results, iou_type)
+    assert len(matches.img_ids) == 100
+    assert ap_from_matches(matches) / 100 == pytest.approx(stats["AP"] / 100, abs=1e-6)
+
+
+def test_a_weight_counts_an_image_that_many_times():
+    # Weight 2 must equal evaluating a copy of the image (new ids) alongside it; weight 0 leaving the image out.
+    dataset, results = _small_case(seed=1)
+    weights = np.array([2, 0, 1, 3, 1, 0], dtype=float)
+    big = {"images": [], "annotations": [], "categories": dataset["categories"]}
+    big_results = []
+    for i, im in enumerate(dataset["images"]):
+        for copy in range(int(weights[i])):
+            new_id = im["id"] + 100 * copy
+            big["images"].append({**im, "id": new_id})
+            big["annotations"] += [{**a, "id": len(big["annotations"]) + j + 1, "image_id": new_id}
+                                   for j, a in enumerate(a for a in dataset["annotations"] if a["image_id"] == im["id"])]
+            big_results += [{**r, "image_id": new_id} for r in results if r["image_id"] == im["id"]]
+    stats, _ = evaluate_coco(_coco(big), big_results, "bbox")
+    matches = per_image_matches(_coco(dataset), results, "bbox")
+    assert ap_from_matches(matches, weights) == pytest.approx(stats["AP"], abs=1e-9)
+    assert ap_from_matches(matches, weights) != pytest.approx(ap_from_matches(matches), abs=1e-3)
+
+
+def test_no_detections_score_zero():
+    dataset, _ = _small_case()
+    assert ap_from_matches(per_image_matches(_coco(dataset), [], "bbox")) == 0.0
+
+
+def test_identical_runs_differ_by_exactly_zero(cocoapi):
+    gt = cocoapi / "instances_val2014_100.json"
+    results = json.loads((cocoapi / "instances_val2014_fakebbox100_results.json").read_text())
+    a = per_image_matches(gt, results, "bbox")
+    b = per_image_matches(gt, results, "bbox")  # scored again: the same numbers, not the same object
+    out = paired_bootstrap(a, b, resamples=300)
+    assert out["diff"] == 0.0
+    assert out["interval_diff"] == (0.0, 0.0)
+    lo, hi = out["interval_a"]
+    assert lo < out["ap_a"] < hi and hi - lo > 1  # 100 images: AP is uncertain by points
+    assert verdict(out["diff"], *out["interval_diff"], name_a="pretrained", name_b="scratch").startswith(
+        "scratch caught up with pretrained")
+
+
+def _drop_true_positives(gt_path, results: list[dict], share: float, seed: int) -> list[dict]:
+    """Results without ``share`` of the detections that overlap a same-category ground truth box by IoU >= 0.5."""
+    gt = json.loads(gt_path.read_text())
+    boxes: dict[tuple[int, int], list] = {}
+    for a in gt["annotations"]:
+        boxes.setdefault((a["image_id"], a["category_id"]), []).append(a["bbox"])
+    rng = np.random.default_rng(seed)
+    kept = []
+    for r in results:
+        gts = boxes.get((r["image_id"], r["category_id"]))
+        hit = bool(gts) and mask_utils.iou([r["bbox"]], gts, [0] * len(gts)).max() >= 0.5
+        if not (hit and rng.uniform() < share):
+            kept.append(r)
+    assert len(kept) < len(results)
+    return kept
+
+
+def test_a_run_missing_true_positives_is_behind(cocoapi):
+    gt = cocoapi / "instances_val2014_100.json"
+    results = json.loads((cocoapi / "instances_val2014_fakebbox100_results.json").read_text())
+    a = per_image_matches(gt, results, "bbox")
+    b = per_image_matches(gt, _drop_true_positives(gt, results, 0.05, seed=0), "bbox")
+    out = paired_bootstrap(a, b, resamples=500, seed=0)
+    lo, hi = out["interval_diff"]
+    assert out["diff"] < 0 and lo <= out["diff"] <= hi < 0
+    # Pairing is what makes it decisive: the runs' own intervals overlap, the interval of their difference does not
+    # reach 0.
+    assert out["interval_b"][1] > out["interval_a"][0]
+    text = verdict(out["diff"], lo, hi, name_a="pretrained", name_b="scratch")
+    assert text.startswith(f"scratch behind pretrained by {-out['diff']:.2f} AP [")
+    assert verdict(-out["diff"], -hi, -lo, name_a="scratch", name_b="pretrained").startswith(
+        "pretrained ahead of scratch by")
+
+
+def test_seeded_bootstrap_repeats(cocoapi):
+    gt = cocoapi / "instances_val2014_100.json"
+    results = json.loads((cocoapi / "instances_val2014_fakebbox100_results.json").read_text())
+    a = per_image_matches(gt, results, "bbox")
+    b = per_image_matches(gt, [{**r, "score": r["score"] * (1 + 0.5 * (r["image_id"] % 3))} for r in results], "bbox")
+    first, second = paired_bootstrap(a, b, resamples=200, seed=3), paired_bootstrap(a, b, resamples=200, seed=3)
+    assert first == second
+    assert paired_bootstrap(a, b, resamples=200, seed=4)["interval_a"] != first["interval_a"]
+
+
+def test_runs_on_different_images_or_too_few_resamples_are_refused():
+    dataset, results = _small_case()
+    a = per_image_matches(_coco(dataset), results, "bbox")
+    fewer = {**dataset, "images": dataset["images"][:-1],
+             "annotations": [x for x in dataset["annotations"] if x["image_id"] != dataset["images"][-1]["id"]]}
+    b = per_image_matches(_coco(fewer), [r for r in results if r["image_id"] != dataset["images"][-1]["id"]], "bbox")
+    with pytest.raises(ValueError, match="different image sets"):
+        paired_bootstrap(a, b)
+    with pytest.raises(ValueError, match="at least 200"):
+        paired_bootstrap(a, a, resamples=50)
+    with pytest.raises(ValueError, match="one per image"):
+        ap_from_matches(a, np.ones(3))
+
+
+def test_verdict_wording():
+    assert verdict(-0.4, -1.2, 0.35, name_a="pretrained", name_b="scratch") == (
+        "scratch caught up with pretrained (difference within the interval: -0.40 [-1.20, +0.35])")
+    assert verdict(-2.1, -3.0, -1.2, name_a="pretrained", name_b="scratch") == (
+        "scratch behind pretrained by 2.10 AP [-3.00, -1.20]")
+    assert verdict(1.0, 0.2, 1.8, name_a="pretrained", name_b="scratch") == (
+        "scratch ahead of pretrained by 1.00 AP [+0.20, +1.80]")

@@ -1,0 +1,78 @@
+import math
+
+import numpy as np
+import pytest
+
+from scratchdet.curvefit import fit_saturating, holdout_error, reach
+
+# A from-scratch arm's AP against images seen: plateau 40, 30 points below it at the first eval, c = 2M images.
+A, B, C, X0 = 40.0, 30.0, 2.0e6, 1.0e5
+XS = np.linspace(X0, 1.2e7, 12)
+
+
+def _curve(xs):
+    return A - B * np.exp(-(xs - X0) / C)
+
+
+def test_recovers_a_known_plateau_from_noisy_points():
+    ys = _curve(XS) + np.random.default_rng(0).normal(0, 0.2, len(XS))
+    fit = fit_saturating(XS, ys, seed=0)
+    lo, hi = fit.interval
+    assert fit.a == pytest.approx(A, abs=0.5)
+    assert lo < A < hi and lo < fit.a < hi
+    assert hi - lo < 2.0  # 0.2 AP of noise on 12 points pins the plateau to about a point
+    assert fit.c == pytest.approx(C, rel=0.2)
+    assert fit.rmse < 0.3 and not fit.at_bound
+
+
+def test_exact_points_give_the_exact_curve():
+    fit = fit_saturating(XS, _curve(XS), resamples=200)
+    assert (fit.a, fit.b, fit.c) == pytest.approx((A, B, C), rel=1e-5)
+    np.testing.assert_allclose(fit.predict(XS), _curve(XS), atol=1e-4)
+
+
+def test_reach_on_a_known_curve():
+    fit = fit_saturating(XS, _curve(XS), resamples=200)
+    # 40 - 30 exp(-(x - x0) / c) = 37  =>  x = x0 + c ln 10
+    got = reach(fit, 37.0)
+    assert got.images == pytest.approx(X0 + C * math.log(10), rel=1e-3)
+    assert reach(fit, 5.0).images == X0  # below the first point: reached from the start
+    noisy = fit_saturating(XS, _curve(XS) + np.random.default_rng(0).normal(0, 0.2, len(XS)), seed=0)
+    got = reach(noisy, 37.0)
+    assert got.low < got.images < got.high
+    assert got.low < X0 + C * math.log(10) < got.high
+
+
+def test_a_plateau_below_the_target_is_never_reached():
+    ys = _curve(XS) + np.random.default_rng(1).normal(0, 0.2, len(XS))
+    fit = fit_saturating(XS, ys, seed=1)
+    got = reach(fit, 45.0)
+    assert got.images == math.inf and got.high == math.inf
+    assert not math.isnan(got.low)
+
+
+def test_fewer_than_three_points_are_refused():
+    with pytest.raises(ValueError, match="at least 3 distinct points"):
+        fit_saturating([1e5, 2e5], [10.0, 20.0])
+    with pytest.raises(ValueError, match="at least 3 distinct points"):
+        fit_saturating([1e5, 1e5, 2e5], [10.0, 11.0, 20.0])
+    with pytest.raises(ValueError, match="one length"):
+        fit_saturating([1e5, 2e5, 3e5], [10.0, 20.0])
+
+
+def test_a_straight_run_flags_its_plateau_as_unidentified():
+    xs = np.linspace(1e5, 1e6, 6)
+    fit = fit_saturating(xs, 5 + xs / 1e5, resamples=200)
+    assert fit.at_bound
+
+
+def test_holdout_error_predicts_the_later_points():
+    ys = _curve(XS) + np.random.default_rng(2).normal(0, 0.2, len(XS))
+    out = holdout_error(XS, ys, split=6e6)
+    assert len(out["xs"]) == len(out["errors"]) == int((XS > 6e6).sum())
+    assert out["mae"] == pytest.approx(np.mean(np.abs(out["errors"])))
+    assert out["mae"] < 1.0
+    with pytest.raises(ValueError, match="nothing to predict"):
+        holdout_error(XS, ys, split=XS.max())
+    with pytest.raises(ValueError, match="at least 3"):
+        holdout_error(XS, ys, split=XS[1])
