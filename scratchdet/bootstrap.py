@@ -197,3 +197,34 @@ def verdict(diff: float, lo: float, hi: float, *, name_a: str, name_b: str) -> s
     if hi < 0:
         return f"{name_b} behind {name_a} by {-diff:.2f} AP [{lo:+.2f}, {hi:+.2f}]"
     return f"{name_b} ahead of {name_a} by {diff:.2f} AP [{lo:+.2f}, {hi:+.2f}]"
+
+
+def matches_record(matches: Matches) -> dict:
+    """``matches`` as JSON-safe values, for the final evaluation's record in ``metrics.jsonl`` (the run's
+    one record: a report bootstraps from it without the validation set or the results file)."""
+    bits = (1 << np.arange(len(matches.iou_thrs), dtype=np.int64))[:, None]  # a detection's flags per threshold
+
+    def category(c: CategoryMatches) -> dict:
+        return {"image": c.image.tolist(), "score": [round(float(v), 6) for v in c.score],
+                "tp": (c.tp * bits).sum(0).tolist(), "fp": (c.fp * bits).sum(0).tolist()}
+
+    return {"iou_type": matches.iou_type, "img_ids": matches.img_ids.tolist(), "cat_ids": matches.cat_ids.tolist(),
+            "iou_thrs": matches.iou_thrs.tolist(), "rec_thrs": matches.rec_thrs.tolist(),
+            "npig": matches.npig.tolist(), "categories": [category(c) for c in matches.categories]}
+
+
+def matches_from_record(record: dict) -> Matches:
+    """The inverse of ``matches_record`` (the detections keep their stored order: COCO's accumulate order)."""
+    num_t = len(record["iou_thrs"])
+    bits = (1 << np.arange(num_t, dtype=np.int64))[:, None]
+
+    def category(c: dict) -> CategoryMatches:
+        tp, fp = np.asarray(c["tp"], dtype=np.int64), np.asarray(c["fp"], dtype=np.int64)
+        return CategoryMatches(np.asarray(c["image"], dtype=np.int64), np.asarray(c["score"], dtype=np.float64),
+                               (tp[None] & bits) != 0, (fp[None] & bits) != 0)
+
+    return Matches(record["iou_type"], np.asarray(record["img_ids"], dtype=np.int64),
+                   np.asarray(record["cat_ids"], dtype=np.int64), np.asarray(record["iou_thrs"], dtype=np.float64),
+                   np.asarray(record["rec_thrs"], dtype=np.float64),
+                   np.asarray(record["npig"], dtype=np.int64).reshape(len(record["cat_ids"]), len(record["img_ids"])),
+                   tuple(category(c) for c in record["categories"]))

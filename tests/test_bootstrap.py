@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from faster_coco_eval import COCO
 
-from scratchdet.bootstrap import ap_from_matches, paired_bootstrap, per_image_matches, verdict
+from scratchdet.bootstrap import (
+    ap_from_matches,
+    matches_from_record,
+    matches_record,
+    paired_bootstrap,
+    per_image_matches,
+    verdict,
+)
 from scratchdet.evaluation import evaluate_coco
 
 
@@ -162,3 +169,14 @@ def test_verdict_wording():
         "scratch behind pretrained by 2.10 AP [-3.00, -1.20]")
     assert verdict(1.0, 0.2, 1.8, name_a="pretrained", name_b="scratch") == (
         "scratch ahead of pretrained by 1.00 AP [+0.20, +1.80]")
+
+
+def test_matches_survive_the_metrics_record(cocoapi):
+    """Through JSON (metrics.jsonl) and back: the same AP and the same bootstrap."""
+    gt = cocoapi / "instances_val2014_100.json"
+    matches = per_image_matches(gt, cocoapi / "instances_val2014_fakebbox100_results.json", "bbox")
+    back = matches_from_record(json.loads(json.dumps(matches_record(matches))))
+    assert ap_from_matches(back) == ap_from_matches(matches)
+    worse = per_image_matches(gt, _drop_true_positives(gt, json.loads(
+        (cocoapi / "instances_val2014_fakebbox100_results.json").read_text()), 0.05, 0), "bbox")
+    assert paired_bootstrap(back, worse, resamples=200) == paired_bootstrap(matches, worse, resamples=200)
