@@ -12,7 +12,8 @@ The study file::
 
     base: default                 # preset name or YAML file (relative to the study file) every run starts from
     overrides: [train.amp=auto]   # key=value applied to every run and to the pretrain stage, after base
-    grid:                         # the runs are the product of these values, in this order
+    grid:                         # the runs are the product of these values, in this order (or a list of
+                                  # such mappings: each one's product, one after the other)
       model.init: [random, "@pretrain"]    # "@pretrain": the pretrain stage's backbone_final.pth
       solver.schedule: ["0.005x", "0.01x"]
       data.subset: [150, 0]
@@ -152,11 +153,14 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     spec["base"] = base
     spec["overrides"] = _string_list(spec.get("overrides") or [], f"{path}: overrides")
     grid = spec.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise ConfigError(f"{path}: grid: a mapping of config key to a list of values")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: grid.{key}: give a non-empty list of values")
+    for i, part in enumerate(grid if isinstance(grid, list) else [grid]):
+        where = f"grid[{i}]" if isinstance(grid, list) else "grid"
+        if not isinstance(part, dict):
+            raise ConfigError(f"{path}: {where}: a mapping of config key to a list of values (or a list of such "
+                              "mappings: the runs of each, one after the other)")
+        for key, values in part.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: {where}.{key}: give a non-empty list of values")
     spec["grid"] = grid
     if not isinstance(spec.setdefault("branch", True), bool):
         raise ConfigError(f"{path}: branch: true or false (got {spec['branch']!r})")
@@ -185,10 +189,6 @@ def _string_list(values: Any, what: str) -> list[str]:
 def expand(spec: dict[str, Any], root: str | Path, *, name: str) -> Study:
     """The study's members: the pretrain stage (if any), then the grid's product in order."""
     root = Path(root)
-    grid, template = spec["grid"], spec.get("name")
-    if template is None:
-        # Default names: each grid key's last part and the value (init-random_schedule-0.01x_subset-150).
-        template = "_".join(f"{k.rsplit('.', 1)[-1]}-{{{k}}}" for k in grid) or "run"
     pre = spec.get("pretrain")
     backbone = str((root / PRETRAIN_NAME / "backbone_final.pth").resolve())
     members: list[Member] = []
@@ -201,8 +201,12 @@ def expand(spec: dict[str, Any], root: str | Path, *, name: str) -> Study:
         # An override that names the pretrain stage's output (model.init=@pretrain) is the detection runs' only.
         common = [o for o in spec["overrides"] if PRETRAIN_REF not in o]
         members.append(Member(PRETRAIN_NAME, "pretrain", common + images + pre["overrides"]))
-    for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo))
+    combos = []
+    for grid in grid_parts(spec):
+        # Default names: each grid key's last part and the value (init-random_schedule-0.01x_subset-150).
+        template = spec.get("name") or "_".join(f"{k.rsplit('.', 1)[-1]}-{{{k}}}" for k in grid) or "run"
+        combos += [(template, dict(zip(grid, combo))) for combo in itertools.product(*grid.values())]
+    for template, values in combos:
         uses = PRETRAIN_REF in values.values() or PRETRAIN_REF in " ".join(spec["overrides"])
         if uses and pre is None:
             raise ConfigError(f"{PRETRAIN_REF} is used but the study has no pretrain: stage")
@@ -211,7 +215,7 @@ def expand(spec: dict[str, Any], root: str | Path, *, name: str) -> Study:
 
         def field_value(m: re.Match, values: dict[str, Any] = values) -> str:
             if m.group(1) not in values:
-                raise ConfigError(f"name: {{{m.group(1)}}} is not a grid key (grid keys: {', '.join(grid)})")
+                raise ConfigError(f"name: {{{m.group(1)}}} is not a grid key (grid keys: {', '.join(values)})")
             return _safe(values[m.group(1)])
 
         run_name = re.sub(r"[^A-Za-z0-9._+-]+", "-", re.sub(r"\{([^{}]+)\}", field_value, str(template))).strip("-.")
@@ -228,6 +232,17 @@ def expand(spec: dict[str, Any], root: str | Path, *, name: str) -> Study:
 
 
 # --------------------------------------------------------------------------- schedule branching
+
+
+def grid_parts(spec: dict[str, Any]) -> list[dict[str, list[Any]]]:
+    """The study's grids: one mapping, or a list of them whose products run one after the other."""
+    grid = spec["grid"]
+    return grid if isinstance(grid, list) else [grid]
+
+
+def grid_keys(spec: dict[str, Any]) -> set[str]:
+    """Every key any of the study's grids varies."""
+    return {k for part in grid_parts(spec) for k in part}
 
 
 def _schedule_as_run(cfg: Any) -> Any:
@@ -268,7 +283,7 @@ def plan_branches(study: Study) -> None:
         key = json.dumps({k: v for k, v in flatten(to_dict(cfg)).items() if k not in BRANCH_FREE_KEYS},
                          sort_keys=True, default=str)
         arms.setdefault(key, []).append((m, branch_point(sched)))
-    varies = any(k in BRANCH_FREE_KEYS for k in study.spec["grid"])
+    varies = bool(grid_keys(study.spec) & set(BRANCH_FREE_KEYS))
     for arm in arms.values():
         if len(arm) == 1:
             if varies:
@@ -585,7 +600,7 @@ def format_status(study: Study) -> str:
     n = iteration_counts(study)
     counted = (f"iterations: {n['run']:,} run of {n['branched']:,} planned with branching; {n['alone']:,} trained "
                f"alone, so branching saves {n['saved']:,} ({100 * n['saved'] / n['alone']:.0f}%)") \
-        if n["alone"] and any(k in BRANCH_FREE_KEYS for k in study.spec["grid"]) else ""
+        if n["alone"] and grid_keys(study.spec) & set(BRANCH_FREE_KEYS) else ""
     return f"study {study.name} ({study.root}): {len(rows)} runs" + (f", {summary}" if summary else "") + "\n" + \
         "\n".join(lines) + (f"\n{counted}" if counted else "")
 

@@ -308,3 +308,16 @@ def test_branch_refuses_a_trunk_of_another_config_and_a_missing_branch_point(tmp
               progress=False, branch_from=trunk)
     with pytest.raises(ConfigError, match="--keep-at 18"):
         train(load_config(None, base + ["solver.schedule=2x"]), tmp_path / "t2", progress=False, keep_at=(18,))
+
+
+def test_a_list_of_grids_runs_each_product_in_turn(tmp_path):
+    """The catch-up grid on all images and a breakdown grid on a small subset, in one study file."""
+    grids = [{"solver.schedule": ["1x", "2x"], "data.subset": [0]},
+             {"solver.schedule": ["1x"], "data.subset": [4], "solver.schedule_unit": [6]}]
+    study = open_study(_spec(tmp_path, grid=grids, overrides=TINY + ["solver.schedule_unit=9"]), tmp_path / "s")
+    names = [m.name for m in study.members]
+    assert names == ["schedule-1x_subset-0", "schedule-2x_subset-0", "schedule-1x_subset-4_schedule_unit-6"]
+    assert study.config(study.members[2]).solver.schedule_unit == 6
+    assert study.members[0].trunk == "schedule-2x_subset-0" and study.members[2].trunk is None
+    with pytest.raises(ConfigError, match=r"grid\[1\]: a mapping"):
+        load_spec(_spec(tmp_path, filename="bad.yaml", grid=[{"solver.schedule": ["1x"]}, ["x"]]))
