@@ -200,6 +200,24 @@ def test_shipped_mini_study_expands(tmp_path):
     assert "estimate" in (ROOT / "studies" / "mini_rethink.yaml").read_text()
 
 
+def test_shipped_catch_up_study_plans_one_trunk_per_arm_and_other_classes(tmp_path):
+    from scratchdet.config import check_schedule, resolve_schedule
+    from scratchdet.study import check_configs, iteration_counts
+
+    study = open_study(ROOT / "studies" / "rethink_cpu.yaml", tmp_path / "r")
+    check_configs(study)
+    runs = [m for m in study.members if m.kind == "train"]
+    trunks = [m for m in runs if m.keep_at]
+    assert len(runs) == 12 and len(trunks) == 4  # (random, pretrained) x (all images, 30 images)
+    assert all(m.trunk in {t.name for t in trunks} for m in runs if m not in trunks)
+    for m in runs:  # every length's schedule is valid (warmup before the first LR drop)
+        cfg = study.config(m)
+        check_schedule(resolve_schedule(cfg.solver, None))
+    assert study.synth_cls["classes"] == "other"  # the pretraining corpus holds none of the detector's classes
+    n = iteration_counts(study)
+    assert (n["branched"], n["alone"]) == (2 * (3200 + 2 * 533) + 2 * (960 + 2 * 160), 2 * 5600 + 2 * 1680)
+
+
 def test_member_trained_with_fp32_cpu_scale_resumes_without_drift(tmp_path):
     # engine.train records the schedule it ran (scaled once on a CPU without native bf16, the factor
     # then 1): resuming that member is not a config change; any other difference still is.
