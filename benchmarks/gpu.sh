@@ -3,8 +3,10 @@
 # machine, from the checkout as it is (no install, no network):
 #   bash benchmarks/gpu.sh            # results into $OUT (at most 8 files), or benchmarks/out/ when OUT is unset
 # 1. python3 must import torch and see a CUDA GPU, else one line says why and it exits 2.
-# 2. faster-coco-eval (evaluation) comes from the wheels in .whl/ when python3 lacks it (the device
-#    tool's README: carry ".whl"); the checkout is put first on PYTHONPATH, so `scratchdet` is this tree.
+# 2. faster-coco-eval comes from the wheels in .whl/ when python3 lacks it (the device tool's README:
+#    carry ".whl"); the checkout is put first on PYTHONPATH, so `scratchdet` is this tree.  Importing the
+#    training step does not need it (scratchdet.engine imports the evaluation stack when it evaluates),
+#    but the synthetic data's masks are encoded and decoded by its RLE library, and step 4 evaluates.
 # 3. The training step of R50-FPN GN Mask R-CNN on 800x800 synthetic squares (the paper's 800 px
 #    shorter side; not COCO's 800x1333 frames), 2 and 8 images, bf16 and fp32, NCHW and channels-last,
 #    scratchdet's step against the torchvision-reference loop in the same precision and memory format;

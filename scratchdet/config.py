@@ -224,6 +224,9 @@ class PretrainConfig:
 class Config:
     # What load_config did beyond the layers (a moved schedule), for the run's log; not a field, not dumped.
     load_notes: typing.ClassVar[tuple[str, ...]] = ()
+    # The keys the user set (command-line overrides, and every key of a YAML file that is not a built-in preset),
+    # as against the defaults and a built-in preset's values: a dry run checks the data the user named.
+    given_keys: typing.ClassVar[frozenset[str]] = frozenset()
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and input sizes"})
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig, metadata={"help": "data loading"})
@@ -361,6 +364,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         merge_dict(cfg, values)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    builtin = path.resolve().parent == PRESET_DIR.resolve()
+    user_keys = set() if builtin else _dotted_keys(values)
     # The schedule as it stood before the last solver.max_iter override, and the keys given after it:
     # steps and warmup set before a new length (by the preset or an earlier override) move with it.
     before = (cfg.solver.max_iter, list(cfg.solver.steps), cfg.solver.warmup_iters)
@@ -373,9 +378,19 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             before, given = (cfg.solver.max_iter, list(cfg.solver.steps), cfg.solver.warmup_iters), set()
         set_key(cfg, key, value)
         given.add(key)
+        user_keys.add(key)
     cfg.load_notes = tuple(notes) + follow_length(cfg, before, given)
+    cfg.given_keys = frozenset(user_keys)
     validate(cfg)
     return cfg
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
+    """The leaf keys of a nested YAML mapping, dotted (``data.train.images``)."""
+    keys: set[str] = set()
+    for k, v in values.items():
+        keys |= _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys
 
 
 def follow_length(cfg: Config, before: tuple[int, list[int], int], given: set[str]) -> tuple[str, ...]:

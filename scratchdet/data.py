@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faster_coco_eval.core.mask as mask_utils
-import faster_coco_eval.mask_api_new_cpp as _mask_api
 import numpy as np
 import torch
 from PIL import Image
@@ -360,6 +358,11 @@ def _rle_runs(counts: Any) -> list[int] | None:
 def _mask_runs(ann: dict, height: int, width: int, where: str) -> np.ndarray:
     """An annotation's segmentation (polygons, RLE or compressed RLE) as uncompressed RLE: run lengths
     over the column-major [H, W] mask, alternating background and foreground, starting with background."""
+    # faster-coco-eval's C mask library, imported where masks are decoded: a module that imports
+    # the data pipeline (the training step's benchmarks) runs where it is absent until masks are read.
+    import faster_coco_eval.core.mask as mask_utils
+    import faster_coco_eval.mask_api_new_cpp as _mask_api
+
     seg = ann.get("segmentation")
     try:
         if isinstance(seg, list):
@@ -790,10 +793,14 @@ class CocoDetection(Dataset):
         wanted = set(image_ids)
         self.records = [r for r in self.records if r.id in wanted]
 
+    def image_file(self, rec: ImageRecord) -> tuple[Path, str]:
+        """The record's image file, and how an error names the image."""
+        return self.images / rec.file_name, f"image id {rec.id} in {self.annotations}"
+
     def load_image(self, rec: ImageRecord) -> Image.Image:
         """The record's image as 8-bit RGB of the JSON's size (``read_image``)."""
-        return read_image(self.images / rec.file_name, expected_size=(rec.width, rec.height),
-                          where=f"image id {rec.id} in {self.annotations}")
+        path, where = self.image_file(rec)
+        return read_image(path, expected_size=(rec.width, rec.height), where=where)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -881,15 +888,53 @@ def read_image(path: str | Path, *, expected_size: tuple[int, int] | None = None
         # A free image (scratchdet predict) is taken as a viewer shows it: a phone stores a portrait
         # photo sideways with an EXIF orientation, and its user expects detections on the upright picture.
         return _apply_orientation(rgb, orientation)
-    expected = tuple(expected_size)
+    if _needs_orientation(path, rgb.size, orientation, tuple(expected_size), where):
+        rgb = _apply_orientation(rgb, orientation)
+    return rgb
+
+
+def _needs_orientation(path: Path, size: tuple[int, int], orientation: int, expected: tuple[int, int],
+                       where: str) -> bool:
+    """Whether stored pixels of ``size`` are turned upright to the annotations' ``expected`` size; DataError where
+    neither fits."""
     # COCO's width/height (and cocoapi) describe the stored pixels, so EXIF is ignored where they
     # match; where the JSON has the rotated size, the annotations were made on the displayed image.
-    if rgb.size != expected and orientation in (5, 6, 7, 8) and rgb.size == expected[::-1]:
-        rgb = _apply_orientation(rgb, orientation)
-    if rgb.size != expected:
-        raise DataError(f"{path} is {rgb.size[0]}x{rgb.size[1]} but {where or 'its annotations'} says "
-                        f"{expected[0]}x{expected[1]}")
-    return rgb
+    if size == expected:
+        return False
+    if orientation in (5, 6, 7, 8) and size == expected[::-1]:
+        return True
+    raise DataError(f"{path} is {size[0]}x{size[1]} but {where or 'its annotations'} says "
+                    f"{expected[0]}x{expected[1]}")
+
+
+def check_image(path: str | Path, *, expected_size: tuple[int, int], where: str) -> None:
+    """What ``read_image`` checks, from the file's header (cheap: no pixels decoded): the file opens as an
+    image, PIL's ``verify`` passes (PNG chunks; a truncated JPEG passes, found only when the loader decodes it)
+    and its size fits the annotations'."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()  # first: verify refuses an image read since it was opened
+        orientation = 1
+        if size != tuple(expected_size):  # the EXIF orientation matters only where the size differs
+            with Image.open(path) as im:
+                orientation = im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found ({where})") from None
+    # verify() reports a broken PNG chunk as SyntaxError.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read {where}: {e}") from None
+    _needs_orientation(path, size, orientation, tuple(expected_size), where)
+
+
+def check_images(dataset: Any, indices: Sequence[int] | None = None) -> int:
+    """``check_image`` on the images of a CocoDetection or VocDetection (at ``indices``, or all); the number checked."""
+    records = dataset.records if indices is None else [dataset.records[i] for i in indices]
+    for rec in records:
+        path, where = dataset.image_file(rec)
+        check_image(path, expected_size=(rec.width, rec.height), where=where)
+    return len(records)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -917,6 +962,70 @@ def _clamp(boxes: torch.Tensor, h: int, w: int) -> tv_tensors.BoundingBoxes:
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     return tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+
+
+# input_size_report's thresholds: images the training resize shrinks more than 2x on median, and boxes outside
+# [smallest anchor / 2, largest anchor * 2], where a box's best anchor (centred squares) overlaps it by IoU 1/4 at
+# most, under the RPN's 0.3 for a negative: such boxes are learned only through the low-quality-match rule.
+SHRINK_LIMIT = 2.0
+ANCHOR_REACH = 2.0
+
+
+def input_size_report(dataset: Any, *, min_sizes: Sequence[int], max_size: int, anchor_sizes: Sequence[int],
+                      lsj_size: int = 0, lsj_scale: Sequence[float] = (0.1, 2.0)) -> tuple[str, list[str]]:
+    """The training images and boxes at the training input size, from the annotations alone (no image opened):
+    a summary line, and warnings where the resize shrinks the images more than 2x on median, or where more than
+    half the boxes lie outside the anchors' reach (under half the smallest anchor or over twice the largest)."""
+    recs = dataset.records
+    wh = np.array([(r.width, r.height) for r in recs], dtype=np.float64).reshape(-1, 2)
+    if not len(wh):
+        return "", []
+    short, long = wh.min(1), wh.max(1)
+    if lsj_size:
+        # LargeScaleJitter at its mean factor: the image fitted into a square of lsj_size * s.
+        scale = lsj_size * (lsj_scale[0] + lsj_scale[-1]) / 2 / long
+        keys = "data.lsj_size / data.lsj_scale"
+    else:
+        mid = sorted(min_sizes)[len(min_sizes) // 2]  # the middle size of a multi-scale draw
+        scale = np.minimum(mid / short, max_size / long)
+        keys = "data.min_size_train / data.max_size_train (and data.min_size_test / data.max_size_test)"
+    sides: list[float] = []
+    owner: list[int] = []
+    for i, r in enumerate(recs):
+        if isinstance(r, ImageRecord):
+            s = [math.sqrt(a["bbox"][2] * a["bbox"][3]) for a in r.anns if not a.get("iscrowd", 0)]
+        else:  # a VocRecord: corners in 1-based inclusive pixels
+            b = r.boxes
+            s = np.sqrt((b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)).tolist()
+        sides += s
+        owner += [i] * len(s)
+    boxes = np.asarray(sides, dtype=np.float64) * scale[np.asarray(owner, dtype=np.int64)]
+    s, ln, k = float(np.median(short)), float(np.median(long)), float(np.median(scale))
+    lo, hi = min(anchor_sizes), max(anchor_sizes)
+    sides_text = f"shorter side {s:.0f} px, longer {ln:.0f} (medians) to about {s * k:.0f} and {ln * k:.0f}"
+    summary = f"training set at the input size: images resized x{k:.2f} on median, {sides_text}"
+    if len(boxes):
+        p10, med, p90 = np.percentile(boxes, [10, 50, 90])
+        summary += (f"; {len(boxes)} boxes, sqrt(area) then median {med:.0f} px (10-90%: {p10:.0f}-{p90:.0f}), "
+                    f"anchors {lo}-{hi} px")
+    warnings = []
+    if k < 1 / SHRINK_LIMIT:
+        warnings.append(
+            f"training images are shrunk {1 / k:.1f}x on median by the training resize, {sides_text}, and their "
+            f"objects with them; to train nearer the images' own size raise {keys} (e.g. the small_real preset: "
+            "shorter side 512-640, for photos on a CPU), with model.anchor_sizes to match")
+    if len(boxes):
+        below, above = float(np.mean(boxes < lo / ANCHOR_REACH)), float(np.mean(boxes > hi * ANCHOR_REACH))
+        if below + above > 0.5:
+            start = 2 ** max(2, round(math.log2(max(float(np.percentile(boxes, 10)), 1.0))))
+            warnings.append(
+                f"the boxes fall outside the anchors' reach: at the training input size {below:.0%} of the "
+                f"{len(boxes)} training boxes are under {lo / ANCHOR_REACH:g} px (half the smallest anchor) and "
+                f"{above:.0%} over {hi * ANCHOR_REACH:g} px (twice the largest), sqrt of box area (median "
+                f"{np.median(boxes):.0f} px); their best anchor overlaps them by IoU 1/4 at most. Set "
+                f"model.anchor_sizes (now {list(anchor_sizes)}) to span the boxes, e.g. "
+                f"{[start * 2 ** i for i in range(len(anchor_sizes))]}, or change the input size ({keys})")
+    return summary, warnings
 
 
 def draw_subset(image_ids: Sequence[int], size: float, seed: int) -> list[int]:

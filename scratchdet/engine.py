@@ -42,7 +42,6 @@ from .data import (
     test_loader,
     train_loader,
 )
-from .evaluation import TASK_IOU_TYPES, ap_line, evaluate_model, load_gt
 from .model import build_model, count_parameters, model_kwargs, norm_layers, sampling_seeds
 from .run import (  # noqa: F401 - read_metrics and load_run_model are part of this module's public face
     LossWindow,
@@ -79,14 +78,62 @@ def build_data(cfg: Config, *, dry_run: bool) -> tuple[CocoDetection | None, tup
         resolve_datasets(cfg.data)  # rank 0 generates the synthetic data (when used) while the others wait
     dist.barrier()
     train_paths, val_paths = resolve_datasets(cfg.data)
-    voc = cfg.data.train.format == "voc" and cfg.data.train.annotations
-    if dry_run and not (voc_present(*train_paths) if voc else Path(train_paths[1]).is_file()):
-        # A dry run describes a preset before its data is in place (COCO and VOC presets, say).
-        what = f"image set {train_paths[1]} of {train_paths[0]}" if voc else train_paths[1]
-        log.info("training data: %s not found; the model is built for model.num_classes=%d", what,
+    if not dry_run:
+        return build_train_set(cfg, train_paths), val_paths
+    missing = preset_data_missing(cfg, "train", train_paths)
+    if missing:
+        if not cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes: unknown without the training set ({missing} not found); set it "
+                              "(80 for COCO) to describe the model without the data")
+        log.info("not checked: training data %s not found (the preset's own path; give data.train.images and "
+                 "data.train.annotations to check yours); the model is built for model.num_classes=%d", missing,
                  cfg.model.num_classes)
         return None, val_paths
-    return build_train_set(cfg, train_paths), val_paths
+    train_set = build_train_set(cfg, train_paths)
+    check_data(cfg, train_set, val_paths)
+    return train_set, val_paths
+
+
+def preset_data_missing(cfg: Config, split: str, paths: tuple[str, str]) -> str | None:
+    """For a dry run: what of the split's data is missing where a built-in preset (not the user) named it; else None.
+
+    Our choice (issue 15): a dry run reads what the run reads, and a file it cannot read is an error there as in
+    the run, for every path the user gave (a data.* override, or a YAML file of their own). The one exception is
+    a built-in preset's own path (COCO or VOC under datasets/): any preset dry-runs on a machine without its
+    dataset, saying "not checked: ... not found", so that a preset can be described before its data is in place.
+    """
+    ds = getattr(cfg.data, split)
+    if not ds.annotations or {f"data.{split}.images", f"data.{split}.annotations"} & cfg.given_keys:
+        return None  # the synthetic data (generated), or the user's own files (checked)
+    if ds.format == "voc":
+        return None if voc_present(*paths) else f"image set {paths[1]} of {paths[0]}"
+    return None if Path(paths[1]).is_file() else paths[1]
+
+
+def check_data(cfg: Config, train_set: CocoDetection, val_paths: tuple[str, str] | None) -> None:
+    """A dry run's checks of the data (the training set read, the run's own loading code): the validation set
+    read as evaluation reads it, its categories against the training set's, and every image either set would
+    load opened (header and size; ``data.check_images``). A failure raises DataError naming the file and image."""
+    from .data import check_images
+
+    log.info("check passed: training set read; %d images open as images of their annotated size", check_images(train_set))
+    if val_paths is None:
+        log.info("no validation set (data.val.*): nothing evaluated")
+        return
+    missing = preset_data_missing(cfg, "val", val_paths)
+    if missing:
+        log.info("not checked: validation data %s not found (the preset's own path; give data.val.images and "
+                 "data.val.annotations to check yours)", missing)
+        return
+    loader, _ = build_eval(cfg, val_paths, class_names=train_set.class_names)
+    voc = cfg.data.val.format == "voc"
+    if not voc:
+        check_categories(train_set.label_to_cat_id, val_paths[1], what="validation set")
+    subset = loader.dataset
+    n = check_images(subset.dataset, subset.indices)
+    log.info("check passed: validation set %s read (%d images%s); %d images open as images of their annotated "
+             "size", val_paths[1] if not voc else f"{val_paths[1]} of {val_paths[0]}", len(subset.dataset),
+             "" if voc else ", the training set's categories", n)
 
 
 def build_detector(cfg: Config, train_set: CocoDetection | None, device: torch.device, *,
@@ -149,7 +196,12 @@ def build_eval(cfg: Config, val: tuple[str, str] | None, *, rank: int = 0, world
         CocoDetection(images=val[0], annotations=val[1], transforms=transforms, task=cfg.model.task)
     loader = test_loader(dataset, batch_size=cfg.test.ims_per_batch, num_workers=cfg.dataloader.num_workers,
                          max_images=cfg.test.max_images, rank=rank, world_size=world_size)
-    gt = dataset if voc else load_gt(val[1])
+    if voc:
+        gt = dataset
+    else:
+        from .evaluation import load_gt  # imported where evaluation is set up: see train's evaluate
+
+        gt = load_gt(val[1])
     if cfg.test.aug:
         # Test-time augmentation resizes each original image itself; evaluation.run_inference predicts through it.
         from .tta import TestTimeAug, keypoint_flip_map
@@ -289,6 +341,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
 
     def evaluate(iteration: int) -> dict[str, Any]:
         """COCO AP on the validation set for the task's types (each rank its shard), logged by rank 0."""
+        # The evaluation stack (faster-coco-eval's COCOeval) is imported here, not at the top: what
+        # imports the training step (benchmarks/train_throughput.py on a GPU machine without
+        # faster-coco-eval) does not need it.
+        from .evaluation import TASK_IOU_TYPES, ap_line, evaluate_model
+
         dist.broadcast_buffers(model)  # every shard scored with the statistics the checkpoint holds
         with tqdm(total=len(eval_loader.dataset), desc="eval", leave=False, file=sys.stderr,
                   disable=not progress or not dist.is_main()) as bar:
@@ -308,6 +365,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                     iou_types=TASK_IOU_TYPES[cfg.model.task])}
         record.write(result)
         log.info("iteration %d: %s", iteration, ap_line(result))
+        if iteration == sched.max_iter and not voc_val and dist.is_main():
+            # The final evaluation's per-image matches, in the run's one record: a report computes paired
+            # bootstrap intervals of AP from them (scratchdet/bootstrap.py) without the data or results file.
+            from .bootstrap import matches_record, per_image_matches
+
+            results = run_dir / "coco_instances_results.json"
+            record.write({"iteration": iteration, "matches": {
+                t: matches_record(per_image_matches(gt, results, t)) for t in TASK_IOU_TYPES[cfg.model.task]}})
         return result
 
     def check_nonfinite(iteration: int) -> None:
@@ -429,6 +494,7 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
              sched.max_iter, cfg.solver.ims_per_batch,
              f" ({cfg.solver.ims_per_batch // dist.world_size()} on each of {dist.world_size()} processes)"
              if dist.world_size() > 1 else "", sched.base_lr, list(sched.steps), sched.warmup_iters)
+    describe_input(cfg, train_set)
     return {"parameters": n_params, "trainable_parameters": n_trainable, "max_iter": sched.max_iter,
             "base_lr": sched.base_lr, "steps": list(sched.steps), "warmup_iters": sched.warmup_iters,
             "ims_per_batch": cfg.solver.ims_per_batch, "world_size": dist.world_size(),
@@ -436,3 +502,34 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
             "num_classes": model.roi_heads.box_predictor[-1].cls_score.out_features - 1 if cfg.model.roi_head == "cascade"
             else model.roi_heads.box_predictor.cls_score.out_features - 1, "precision": precision_name(dtype),
             "norm_layers": sorted({type(m).__name__ for _, m in norm_layers(model)})}
+
+
+def describe_input(cfg: Config, train_set: CocoDetection | None) -> None:
+    """Log the input size and the anchors, and warn where the training set's images or boxes (its annotations'
+    sizes, at that input size) are far from them (``data.input_size_report``)."""
+    from .data import input_size_report
+
+    d, m = cfg.data, cfg.model
+    if d.lsj:
+        train_in = (f"large-scale jitter, fitted into a {d.lsj_size} px square x {d.lsj_scale[0]:g}-{d.lsj_scale[-1]:g} "
+                    f"then cropped or padded to {d.lsj_size}x{d.lsj_size} (data.lsj_size, data.lsj_scale)")
+    else:
+        sizes = sorted(d.min_size_train)
+        train_in = (f"shorter side {sizes[0]}" if len(sizes) == 1 else
+                    f"shorter side drawn from {len(sizes)} sizes {sizes[0]}-{sizes[-1]} (multi-scale)")
+        train_in += f", longer side at most {d.max_size_train} (data.min_size_train, data.max_size_train)"
+    test_in = f"shorter side {d.min_size_test}, longer at most {d.max_size_test} (data.min_size_test, data.max_size_test)"
+    if cfg.test.aug:
+        test_in += f"; test-time augmentation at {list(cfg.test.aug_min_sizes)}, longer at most {cfg.test.aug_max_size}"
+    log.info("input size: training %s, flip %g; test %s", train_in, d.flip_prob, test_in)
+    log.info("anchors: %s px on P2-P6, aspect ratios %s (model.anchor_sizes, model.anchor_aspect_ratios)",
+             list(m.anchor_sizes), list(m.anchor_aspect_ratios))
+    if train_set is None:
+        return
+    summary, warnings = input_size_report(train_set, min_sizes=d.min_size_train, max_size=d.max_size_train,
+                                          anchor_sizes=m.anchor_sizes, lsj_size=d.lsj_size if d.lsj else 0,
+                                          lsj_scale=d.lsj_scale)
+    if summary:
+        log.info("%s", summary)
+    for warning in warnings if dist.is_main() else ():  # one warning per run, not one per rank
+        log.warning("%s", warning)

@@ -416,10 +416,14 @@ class VocDetection(Dataset):
         # JPEGImages/<id>.jpg, as the devkit, torchvision and detectron2 find it (the XML's <filename> is not read).
         return (rec.root or self.root) / "JPEGImages" / f"{rec.name}.jpg"
 
+    def image_file(self, rec: VocRecord) -> tuple[Path, str]:
+        """The record's image file, and how an error names the image."""
+        return self.image_path(rec), f"image {rec.name!r} of {rec.root or self.root}"
+
     def load_image(self, rec: VocRecord) -> Image.Image:
         """The record's image as 8-bit RGB of the XML's size (``read_image``)."""
-        return read_image(self.image_path(rec), expected_size=(rec.width, rec.height),
-                          where=f"image {rec.name!r} of {rec.root or self.root}")
+        path, where = self.image_file(rec)
+        return read_image(path, expected_size=(rec.width, rec.height), where=where)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = key if isinstance(key, tuple) else (key, None)

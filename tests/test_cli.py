@@ -139,3 +139,62 @@ def test_a_run_that_failed_at_its_start_can_be_retried_without_force(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"iteration": 20, "loss": 1.0}) + "\n")
     with pytest.raises(FileExistsError, match="already holds a run"):
         prepare_run_dir(run, resume=False, force=False)
+
+
+def test_dry_run_of_a_missing_annotations_file_is_a_clean_error(tmp_path):
+    typo = tmp_path / "instances_trian2017.json"
+    p = subprocess.run([sys.executable, "-m", "scratchdet.cli", "train", f"data.train.images={tmp_path}",
+                        f"data.train.annotations={typo}", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"scratchdet: error: {typo}: annotation file not found"]
+
+
+def _coco_set(root, text_image=None):
+    """A 2-image COCO set in ``root`` (images 40x32); ``text_image`` names a file written as text instead."""
+    from PIL import Image
+
+    root.mkdir()
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 32, "width": 40} for i in (1, 2)]
+    anns = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [4, 4, 16, 16], "area": 256, "iscrowd": 0,
+             "segmentation": [[4, 4, 20, 4, 20, 20, 4, 20]]} for i in (1, 2)]
+    for im in images:
+        if im["file_name"] == text_image:
+            (root / im["file_name"]).write_text("a text file posing as a JPEG\n")
+        else:
+            Image.new("RGB", (40, 32), (200, 40, 40)).save(root / im["file_name"])
+    ann = root / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
+    return [f"data.train.images={root}", f"data.train.annotations={ann}"]
+
+
+def test_dry_run_of_a_text_file_posing_as_a_jpeg_names_the_file_and_image_id(tmp_path, capsys):
+    data = _coco_set(tmp_path / "d", text_image="2.jpg")
+    assert main(["train", *data, *TINY_MODEL, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"scratchdet: error: {tmp_path / 'd' / '2.jpg'}: cannot read image id 2 in {tmp_path / 'd' / 'ann.json'}" in err
+    assert "Traceback" not in err
+
+
+def test_dry_run_of_a_good_set_lists_the_checks_passed(tmp_path, capsys):
+    data = _coco_set(tmp_path / "d")
+    assert main(["train", *data, *[d.replace("train", "val") for d in data], *TINY_MODEL, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "check passed: training set read; 2 images open as images of their annotated size" in out
+    assert f"check passed: validation set {tmp_path / 'd' / 'ann.json'} read (2 images, the training set's " \
+           "categories); 2 images open" in out
+
+
+def test_dry_run_on_tiny_coco_at_the_default_size_says_the_input_size_and_warns(tiny_coco, capsys):
+    # Real photos (COCO's 640 px) under the default preset, which trains at 256 px for its synthetic shapes.
+    t, a = tiny_coco, tiny_coco / "annotations"
+    assert main(["train", f"data.train.images={t / 'train2017'}", f"data.train.annotations={a / 'instances_train2017.json'}",
+                 f"data.val.images={t / 'val2017'}", f"data.val.annotations={a / 'instances_val2017.json'}",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "check passed: training set read; 49 images open" in out and "50 images open" in out
+    assert "input size: training shorter side 256, longer side at most 256 (data.min_size_train, " \
+           "data.max_size_train), flip 0.5; test shorter side 256, longer at most 256" in out
+    assert "anchors: [12, 24, 48, 96, 192] px on P2-P6" in out
+    assert "training images are shrunk 2.5x on median by the training resize, shorter side 427 px, longer 640" in out
+    assert "raise data.min_size_train / data.max_size_train" in out and "small_real" in out

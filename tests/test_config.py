@@ -283,3 +283,30 @@ def test_readme_max_iter_example_moves_the_steps_inside_the_run():
     twice = load_config(None, ["solver.max_iter=20000", "solver.max_iter=40"])
     assert twice.solver.steps == [33, 38] and len(twice.load_notes) == 2
     assert "does not set the length" in load_config(None, ["solver.schedule=2x", "solver.max_iter=10"]).load_notes[0]
+
+
+def test_given_keys_are_the_users_overrides_and_own_files(tmp_path):
+    # A dry run checks the data the user named (issue 15); a built-in preset's own paths are not the user's.
+    assert load_config("mask_rcnn_R50_FPN_GN_scratch_3x").given_keys == frozenset()
+    cfg = load_config("mask_rcnn_R50_FPN_GN_scratch_3x", ["data.train.images=x", "solver.max_iter=5"])
+    assert cfg.given_keys == {"data.train.images", "solver.max_iter"}
+    own = tmp_path / "mine.yaml"
+    own.write_text("data:\n  train:\n    images: a\n    annotations: a.json\nsolver:\n  base_lr: 0.01\n")
+    assert load_config(str(own)).given_keys == {"data.train.images", "data.train.annotations", "solver.base_lr"}
+
+
+def test_small_real_preset_is_generated_and_keeps_the_default_model():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_presets", Path(__file__).parents[1] / "tools/make_presets.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (gen.CONFIGS / "small_real.yaml").read_text() == gen.small_real_expected()["small_real"]
+    cfg, default = load_config("small_real"), load_config("default")
+    assert cfg.data.min_size_train == [512, 544, 576, 608, 640] and cfg.data.min_size_test == 640
+    assert cfg.model.anchor_sizes == [32, 64, 128, 256, 512]
+    # The default's small model, but for the anchors.
+    assert {**to_dict(cfg)["model"], "anchor_sizes": None} == {**to_dict(default)["model"], "anchor_sizes": None}
+    s = resolve_schedule(cfg.solver, 49)  # tiny_coco's training set: 24 epochs of 49 images at 8
+    assert (s.max_iter, s.steps, s.warmup_iters) == (147, (122, 140), 50)

@@ -405,3 +405,61 @@ def test_sample_rng_is_restored_and_accelerators_untouched(tiny_coco, monkeypatc
     state = torch.get_rng_state()
     ds[(0, 5)]
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_check_image_reads_the_header_and_names_the_file_and_image_id(tmp_path):
+    from PIL import Image
+
+    from scratchdet.data import check_image
+
+    where = "image id 7 in ann.json"
+    Image.new("RGB", (40, 32)).save(tmp_path / "good.jpg")
+    check_image(tmp_path / "good.jpg", expected_size=(40, 32), where=where)
+    (tmp_path / "text.jpg").write_text("not a JPEG, a text file\n")
+    with pytest.raises(DataError, match=r"text\.jpg: cannot read image id 7 in ann\.json"):
+        check_image(tmp_path / "text.jpg", expected_size=(40, 32), where=where)
+    # A PNG cut short opens (its header is whole); PIL's verify finds the missing chunks without decoding.
+    Image.new("RGB", (40, 32)).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:60])
+    with pytest.raises(DataError, match=r"cut\.png: cannot read image id 7 in ann\.json"):
+        check_image(tmp_path / "cut.png", expected_size=(40, 32), where=where)
+    with pytest.raises(DataError, match=r"good\.jpg is 40x32 but image id 7 in ann\.json says 41x32"):
+        check_image(tmp_path / "good.jpg", expected_size=(41, 32), where=where)
+    with pytest.raises(DataError, match=r"nope\.jpg: image file not found \(image id 7"):
+        check_image(tmp_path / "nope.jpg", expected_size=(40, 32), where=where)
+    # Stored sideways with an EXIF orientation, annotated upright: fits, as read_image turns it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 32)).save(tmp_path / "turned.jpg", exif=exif)
+    check_image(tmp_path / "turned.jpg", expected_size=(32, 40), where=where)
+
+
+def _records(sizes, box_side):
+    from types import SimpleNamespace
+
+    from scratchdet.data import ImageRecord
+
+    recs = [ImageRecord(i, f"{i}.jpg", h, w, [{"bbox": [0, 0, box_side, box_side], "iscrowd": 0}])
+            for i, (w, h) in enumerate(sizes)]
+    return SimpleNamespace(records=recs)
+
+
+def test_input_size_report_warns_where_images_shrink_or_boxes_miss_the_anchors():
+    from scratchdet.data import input_size_report
+
+    photos = _records([(640, 480)] * 3, 100)
+    summary, warnings = input_size_report(photos, min_sizes=[256], max_size=256, anchor_sizes=[12, 24, 48, 96, 192])
+    assert "resized x0.40 on median" in summary and "median 40 px" in summary
+    assert len(warnings) == 1 and "shrunk 2.5x" in warnings[0] and "data.min_size_train" in warnings[0]
+    # At 512-640 (the middle size, 576, is drawn on median) the photos are enlarged, not shrunk: no warning.
+    assert input_size_report(photos, min_sizes=[512, 576, 640], max_size=1066,
+                             anchor_sizes=[32, 64, 128, 256, 512])[1] == []
+    # 4 px boxes against anchors from 32 px: under half the smallest anchor, all of them.
+    small = _records([(640, 480)] * 3, 4)
+    _, warnings = input_size_report(small, min_sizes=[480], max_size=640, anchor_sizes=[32, 64, 128, 256, 512])
+    assert len(warnings) == 1 and "100% of the 3 training boxes are under 16 px" in warnings[0]
+    assert "model.anchor_sizes (now [32, 64, 128, 256, 512])" in warnings[0]
+    # Large scale jitter at its mean factor: a 1024 px square x 1.05 fits the 640 px side to 1075 px.
+    summary, _ = input_size_report(photos, min_sizes=[800], max_size=1333, anchor_sizes=[32, 64, 128, 256, 512],
+                                   lsj_size=1024, lsj_scale=[0.1, 2.0])
+    assert "resized x1.68 on median" in summary

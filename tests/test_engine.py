@@ -2,7 +2,10 @@ import json
 import logging
 import math
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,13 +134,14 @@ def test_bf16_autocast_trains_and_evaluates(tmp_path, monkeypatch):
 
 
 def test_images_per_sec_leaves_out_evaluation_and_checkpoints(tmp_path, monkeypatch):
-    import scratchdet.engine as engine
+    import scratchdet.evaluation as evaluation
 
     # Evaluation and checkpointing made slow (1 s each): had they counted, every window of 2
     # iterations would last over 2 s; the tiny model's iterations take a fraction of that.
     import scratchdet.run as run
 
-    for module, name in ((engine, "evaluate_model"), (run, "save_training_state")):
+    # evaluate_model is patched where it lives: engine imports it when it evaluates.
+    for module, name in ((evaluation, "evaluate_model"), (run, "save_training_state")):
         slow = getattr(module, name)
 
         def slowed(*a, _f=slow, **k):
@@ -201,7 +205,7 @@ def test_syncbn_in_one_process_says_so(tmp_path, caplog):
 
 
 def test_deterministic_by_default_on_cpu_and_not_on_cuda(tmp_path):
-    from scratchdet.run import use_deterministic
+    from scratchdet.run import seed_everything, use_deterministic
 
     assert load_config(None).train.deterministic == "auto"
     assert use_deterministic("auto", torch.device("cpu")) and not use_deterministic("auto", torch.device("cuda"))
@@ -210,8 +214,13 @@ def test_deterministic_by_default_on_cpu_and_not_on_cuda(tmp_path):
     try:
         train(_cfg("solver.max_iter=1"), tmp_path / "run", progress=False)
         assert torch.are_deterministic_algorithms_enabled()
+        # auto: no NaN fill of new memory (10% of the default step); strict mode keeps it.
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+        seed_everything(0, True, strict=True)
+        assert torch.utils.deterministic.fill_uninitialized_memory
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True  # torch's default
 
 
 def test_subset_tensorboard_and_channels_last_in_a_run(tmp_path, monkeypatch):
@@ -293,3 +302,63 @@ def test_fp32_cpu_scale_run_records_the_schedule_it_ran(tmp_path, monkeypatch):
     assert max(r["iteration"] for r in read_metrics(tmp_path / "run")) == 4
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert re.search(r"max_iter: 4\b", saved) and re.search(r"fp32_cpu_scale: 1\.0\b", saved)
+
+
+def test_the_training_step_imports_without_the_evaluation_stack():
+    # The GPU machine's python lacks faster-coco-eval: the training benchmarks and what they import
+    # from scratchdet (engine, data, model, ...) must load without it, and without scratchdet.evaluation.
+    code = ("import sys; sys.modules['faster_coco_eval'] = None; sys.path.insert(0, 'benchmarks'); "
+            "import scratchdet.engine, train_throughput, profile_train_step; "
+            "assert 'scratchdet.evaluation' not in sys.modules, 'scratchdet.evaluation was imported'")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_final_evaluation_records_its_per_image_matches(tmp_path):
+    """metrics.jsonl alone holds what a paired bootstrap needs: the matches give the logged AP back."""
+    import json
+
+    from scratchdet.bootstrap import ap_from_matches, matches_from_record
+    from scratchdet.config import load_config
+    from scratchdet.engine import train
+
+    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+
+    final = train(load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + ["model.score_thresh_test=0.0"]),
+                  tmp_path / "run", progress=False)
+    records = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (matches,) = [r for r in records if "matches" in r]
+    assert matches["iteration"] == 6 and set(matches["matches"]) == {"bbox", "segm"}
+    for iou_type, rec in matches["matches"].items():
+        assert ap_from_matches(matches_from_record(rec)) == pytest.approx(final[f"{iou_type}/AP"], abs=1e-3)
+
+
+def test_dry_run_notes_a_presets_missing_data_and_refuses_the_users(tmp_path, caplog):
+    from scratchdet.data import DataError
+
+    # A built-in preset's own COCO path, absent here: described, with the data said to be unchecked.
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        summary = train(load_config("mask_rcnn_R50_FPN_GN_scratch_3x"), tmp_path / "run", dry_run=True, progress=False)
+    assert summary["num_classes"] == 80
+    assert "not checked: training data datasets/coco/annotations/instances_train2017.json not found" in caplog.text
+    # The same preset with a path the user gave (an override, or a YAML file of their own): checked, as the run.
+    typo = str(tmp_path / "instances_trian2017.json")
+    with pytest.raises(DataError, match="instances_trian2017.json: annotation file not found"):
+        train(load_config("mask_rcnn_R50_FPN_GN_scratch_3x", ["data.train.images=.", f"data.train.annotations={typo}"]),
+              tmp_path / "run", dry_run=True, progress=False)
+    own = tmp_path / "mine.yaml"
+    own.write_text((Path(__file__).parents[1] / "scratchdet/configs/mask_rcnn_R50_FPN_GN_scratch_3x.yaml").read_text())
+    with pytest.raises(DataError, match="datasets/coco/annotations/instances_train2017.json: annotation file not found"):
+        train(load_config(str(own)), tmp_path / "run", dry_run=True, progress=False)
+
+
+def test_run_logs_input_size_and_anchors(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        train(_cfg("solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=0", "data.min_size_train=[80,88,96]"),
+              tmp_path / "run", progress=False)
+    assert "input size: training shorter side drawn from 3 sizes 80-96 (multi-scale), longer side at most 96" in caplog.text
+    assert "anchors: [12, 24, 48, 96, 192] px on P2-P6" in caplog.text
+    assert "training set at the input size: images resized x0.92 on median" in caplog.text
+    log_txt = (tmp_path / "run" / "log.txt").read_text()
+    assert "input size: training" in log_txt and "anchors: " in log_txt

@@ -222,14 +222,15 @@ def _boxes(seed, n):
     return torch.cat([torch.cat([xy, xy + wh], 1), big])
 
 
+@pytest.mark.parametrize("ratio", [2, 0])  # gathers (a fixed ratio), torchvision's kernel in threads (adaptive)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_parallel_roi_pool_matches_torchvision(dtype):
+def test_parallel_roi_pool_matches_torchvision(dtype, ratio):
     from torchvision.ops import MultiScaleRoIAlign
 
     from scratchdet.model import ParallelRoIPool
 
     torch.set_num_threads(2)  # the parallel path needs at least 2 threads
-    ours, stock = (cls(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    ours, stock = (cls(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=ratio)
                    for cls in (ParallelRoIPool, MultiScaleRoIAlign))
     shapes = [(256, 320), (256, 320)]
     boxes = [_boxes(1, 37), _boxes(2, 23)]
@@ -241,15 +242,84 @@ def test_parallel_roi_pool_matches_torchvision(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         a, b = ours(feats[0], boxes, shapes), stock(feats[1], boxes, shapes)
     assert a.dtype == b.dtype == dtype
-    assert torch.equal(a, b)  # the forward is the same kernel on the same RoIs: bit for bit
+    assert torch.equal(a, b)  # the forward is the same arithmetic on the same RoIs: bit for bit
     (a.float() * grad_out).sum().backward()
     (b.float() * grad_out).sum().backward()
     reached = 0
-    for k in feats[0]:  # the input gradient sums two chunks' partial gradients: float order only
+    for k in feats[0]:  # the adaptive path sums two chunks' partial gradients: float order only
         got, want = (f[k].grad if f[k].grad is not None else torch.zeros_like(f[k]) for f in feats)
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-6)
         reached += bool(want.abs().sum() > 0)
     assert reached == 4  # RoIs on every level
+
+
+def _edge_rois(seed: int, n: int, image_hw: tuple[int, int]) -> torch.Tensor:
+    """[n + 8, 5] RoIs over 2 images: random boxes spilling past every border, and edge cases."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 1.4, h * 1.4]) - torch.tensor([w * 0.2, h * 0.2])
+    wh = torch.rand(n, 2, generator=g) ** 2 * torch.tensor([w * 0.8, h * 0.8])  # down to a fraction of a pixel
+    edge = torch.tensor([
+        [0.0, 0, w, h],  # the whole image: samples on the last row and column (clamped)
+        [-3 * w, -3 * h, -w, -h],  # wholly outside, above and left: every sample counts for nothing
+        [w + 5, h + 5, 3 * w, 3 * h],  # wholly outside, below and right
+        [-40, -40, w / 2, h / 2],  # samples more than one cell before the map's start
+        [w - 2, h - 2, w + 60, h + 60],  # ... and past its end
+        [5, 5, 5, 5],  # empty: RoIAlign's minimum size of one cell
+        [w - 1e-3, 3, w, 9],  # a sliver at the right border
+        [-4, -4, 0, 0],  # within one cell before the start: clamped to row and column 0
+    ])
+    boxes = torch.cat([torch.cat([xy, xy + wh], 1), edge])
+    batch = torch.arange(len(boxes)).remainder(2).float()[:, None]
+    return torch.cat([batch, boxes], 1)
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_gather_roi_align_equals_torchvision_roi_align(ratio, channels_last, chunk_bytes, monkeypatch):
+    import platform
+
+    from torchvision.ops import roi_align
+
+    from scratchdet import model as m
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(m, "_GATHER_CHUNK_BYTES", chunk_bytes)  # one RoI per chunk: every chunk boundary
+    g = torch.Generator().manual_seed(ratio)
+    image_hw, size, scales = (96, 80), (7, 5), (1 / 4, 1 / 8, 1 / 32)
+    feats = [torch.randn(2, 6, 96 // round(1 / s), 80 // round(1 / s), generator=g) for s in scales]  # 24x20 .. 3x2
+    if channels_last:
+        feats = [f.to(memory_format=torch.channels_last) for f in feats]
+    rois = _edge_rois(ratio, 60, image_hw)
+    levels = torch.randint(0, len(feats), (len(rois),), generator=g)
+    grad_out = torch.randn(len(rois), 6, *size, generator=g)
+    grad_out[len(rois) - 7:len(rois) - 5] = float("inf")  # RoIs wholly outside: their gradient reaches no pixel
+
+    ours_in = [f.clone().requires_grad_(True) for f in feats]
+    ours = m._GatherRoIAlign.apply(rois, levels, scales, size, ratio, *ours_in)
+    ours.backward(grad_out)
+    stock_in = [f.clone().requires_grad_(True) for f in feats]
+    stock = torch.zeros_like(ours)
+    for level, (f, scale) in enumerate(zip(stock_in, scales)):
+        idx = torch.where(levels == level)[0]
+        stock[idx] = roi_align(f, rois[idx], size, scale, ratio, aligned=False)
+    stock.backward(grad_out)
+
+    assert ours.shape == stock.shape and ours.dtype == stock.dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert (ours == 0).all(1).flatten(1).all(1)[len(rois) - 7:len(rois) - 5].all()  # the two RoIs wholly outside
+    torch.testing.assert_close(ours, stock)
+    for a, b in zip(ours_in, stock_in):
+        torch.testing.assert_close(a.grad, b.grad)
+        assert a.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if platform.machine() in ("x86_64", "AMD64"):
+        # The kernel's fp32 operations in its order: the same bits (where its build contracts no FMAs).
+        assert torch.equal(ours, stock)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours_in, stock_in))
+
+    one = m._GatherRoIAlign.apply(rois, None, scales[:1], size, ratio, feats[0])  # one level: no level index
+    torch.testing.assert_close(one, roi_align(feats[0], rois, size, scales[0], ratio, aligned=False))
 
 
 def test_parallel_rpn_filters_proposals_like_torchvision():

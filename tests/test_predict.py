@@ -1,8 +1,11 @@
 """Reading free images (``scratchdet predict``): one reader with the dataset loader's conversions."""
 
+import json
+
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw
 
 from scratchdet import data, predict
 from scratchdet.data import DataError, read_image
@@ -80,3 +83,71 @@ def test_an_unfinished_runs_checkpoint_is_named_not_taken_silently(tmp_path, cap
     with caplog.at_level(logging.INFO, logger="scratchdet"):
         load_run_model(run)
     assert "unfinished run): using model_0000003.pth, iteration 3" in caplog.text
+
+
+@pytest.fixture
+def drawn_text(monkeypatch):
+    """The strings drawn with PIL's ImageDraw.text, in order."""
+    seen: list[str] = []
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, s, *a, **k: seen.append(s) or text(self, xy, s, *a, **k))
+    return seen
+
+
+def test_overlapping_instances_of_one_class_get_their_own_colours():
+    pixels = torch.full((3, 200, 300), 100, dtype=torch.uint8)
+    masks = torch.zeros(2, 200, 300, dtype=torch.bool)
+    masks[0, 80:160, 40:160] = True
+    masks[1, 110:190, 100:240] = True  # overlaps the first at rows 110-159, columns 100-159
+    det = {"boxes": torch.tensor([[40.0, 80, 159, 159], [100, 110, 239, 189]]), "labels": torch.tensor([1, 1]),
+           "scores": torch.tensor([0.9, 0.8]), "masks": masks}
+    out = predict.draw_detections(pixels, det, ["circle"], score_thresh=0.5).int()
+    first, second = out[:, 100, 60], out[:, 180, 200]  # each instance's own part
+    assert first.tolist() != second.tolist()
+    for got, color in ((first, predict.PALETTE[0]), (second, predict.PALETTE[1])):
+        blend = [100 * (1 - predict.MASK_ALPHA) + c * predict.MASK_ALPHA for c in color]
+        assert got.tolist() == pytest.approx(blend, abs=1)
+    assert out[:, 130, 120].tolist() == first.tolist()  # the better-scoring instance on top where they overlap
+
+
+def test_labels_sit_on_a_filled_box_sized_to_the_image(drawn_text):
+    assert predict.label_font(96, 96).size == 12  # the floor
+    assert predict.label_font(800, 1200).size == 20  # 1/40 of the shorter side
+    # Noise: a background where bare text of any one colour would be unreadable.
+    pixels = torch.randint(0, 256, (3, 800, 1200), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    det = {"boxes": torch.tensor([[100.0, 200, 300, 350]]), "labels": torch.tensor([2]), "scores": torch.tensor([0.87])}
+    out = predict.draw_detections(pixels, det, ["circle", "square"], score_thresh=0.5)
+    assert drawn_text == ["square 0.87"]
+    left, top, right, bottom = predict.label_font(800, 1200).getbbox("square 0.87")
+    pad = max(2, (bottom - top) // 5)
+    label = out[:, 200 - (bottom - top + 2 * pad):200, 100:100 + right - left + 2 * pad]  # above the box's corner
+    color = torch.tensor(predict.PALETTE[0]).view(3, 1, 1)
+    assert label.shape[1] >= 20 and (label == color).all(0).float().mean() > 0.5  # the filled box
+    assert predict.text_color(predict.PALETTE[0]) == (255, 255, 255)
+    assert (label == 255).all(0).sum() > 20  # white text on it
+    assert (out[:, 200:202, 100:301] == color).all()  # the box's top edge, in the instance's colour
+
+
+def test_predict_names_the_checkpoints_classes_in_labels_and_json(tmp_path, caplog, drawn_text):
+    import logging
+
+    from scratchdet.config import load_config
+    from scratchdet.data import resolve_datasets
+    from scratchdet.engine import train
+    from scratchdet.run import load_run_model
+
+    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+
+    run = tmp_path / "run"
+    cfg = load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + ["model.score_thresh_test=0.0"])
+    train(cfg, run, stop_at=3, progress=False)
+    meta = load_run_model(run)[2]
+    names, label_of = meta["class_names"], {int(c): int(lab) for lab, c in meta["label_to_cat_id"].items()}
+    _, (val_images, _) = resolve_datasets(cfg.data)
+    with caplog.at_level(logging.INFO, logger="scratchdet"):
+        written = predict.predict([val_images], run_dir=str(run), out_dir=str(tmp_path / "pred"), score_thresh=0.0,
+                                  device="cpu")
+    assert len(written) == 4 and "using model_0000003.pth" in caplog.text  # the checkpoint it used, logged
+    results = json.loads((tmp_path / "pred" / "coco_results.json").read_text())
+    assert results and all(r["category_name"] == names[label_of[r["category_id"]] - 1] for r in results)
+    assert drawn_text and {t.rsplit(" ", 1)[0] for t in drawn_text} <= set(names)

@@ -159,6 +159,70 @@ def test_syncbn_feeds_torchs_kernel_fp32_on_an_empty_batch(monkeypatch):
     assert seen[-1] == torch.bfloat16  # a batch with data keeps its dtype (batch_norm_stats returns fp32)
 
 
+# ATen's CUDA kernels of torch's SyncBN forward, in Python, for the CPU (Normalization.cuh:
+# batch_norm_reduce_statistics_kernel is batch_norm_gather_stats_with_counts, loop and all).
+def _bn_stats(x, eps):
+    return x.mean((0, 2, 3)), torch.rsqrt(x.var((0, 2, 3), unbiased=False) + eps)
+
+
+def _bn_gather(x, mean_all, invstd_all, running_mean, running_var, momentum, eps, counts):
+    avg, var_n, n = torch.zeros(x.shape[1]), torch.zeros(x.shape[1]), torch.zeros(())
+    for m, invstd, c in zip(mean_all, invstd_all, counts):
+        factor = 1.0 / (n + c)
+        var_n = var_n + (1.0 / invstd**2 - eps) * c + (avg - m) ** 2 * n * c * factor
+        avg = n * factor * avg + c * factor * m
+        n = n + c
+    running_mean.mul_(1 - momentum).add_(momentum * avg)  # with no counts: mean 0 ...
+    running_var.mul_(1 - momentum).add_(momentum * var_n / (n - 1))  # ... and variance 0 / (0 - 1)
+    return avg, torch.rsqrt(var_n / n + eps)
+
+
+def _bn_elemt(x, weight, bias, mean, invstd, eps):
+    return (x - mean.view(1, -1, 1, 1)) * (invstd * weight).view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def _torch_syncbn_worker(rank, world, init_file, sizes, out):
+    from scratchdet.model import SyncBatchNorm
+
+    from .test_distributed import _join
+
+    _join(rank, world, init_file)
+    # torch's own nn.SyncBatchNorm.forward and autograd function run (the all-gather, here over gloo;
+    # the empty ranks' counts filtered out; what it saves for backward): only the kernels are the
+    # Python above, and the CPU passes torch's device check as a backend of its own would.
+    torch._C._get_privateuse1_backend_name = lambda: "cpu"
+    torch.batch_norm_stats, torch.batch_norm_gather_stats_with_counts = _bn_stats, _bn_gather
+    torch.batch_norm_elemt = _bn_elemt
+    bn = SyncBatchNorm(4).train()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    x = torch.randn(7, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    y = bn._torch_forward(x[:sizes[rank]])  # forward's CUDA branch, on CPU tensors
+    torch.save({"y": y.detach(), "mean": bn.running_mean, "var": bn.running_var,
+                "tracked": bn.num_batches_tracked}, f"{out}/{rank}.pt")
+    dist.shutdown()
+
+
+@pytest.mark.parametrize("sizes", [(0, 0), (3, 0)], ids=["all-empty", "one-rank-empty"])
+def test_torchs_syncbn_path_leaves_running_stats_alone_when_every_rank_is_empty(tmp_path, sizes):
+    from .test_distributed import _spawn
+
+    _spawn(_torch_syncbn_worker, tmp_path, list(sizes), str(tmp_path))
+    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    ref = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ref.running_mean.fill_(0.5)
+        ref.running_var.fill_(2.0)
+    if sum(sizes):  # BatchNorm over the one batch there is; torch's kernels as written above give it too
+        ref(torch.randn(7, 4, 3, 3, generator=torch.Generator().manual_seed(0))[:sum(sizes)] * 3 + 1)
+    for rank, p in enumerate(parts):
+        assert p["y"].shape == (sizes[rank], 4, 3, 3)
+        torch.testing.assert_close(p["mean"], ref.running_mean)
+        torch.testing.assert_close(p["var"], ref.running_var)
+        assert int(p["tracked"]) == int(ref.num_batches_tracked) == (1 if sum(sizes) else 0)
+
+
 # --------------------------------------------------------------------------- 4. channels-last: auto
 
 
