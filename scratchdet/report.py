@@ -13,6 +13,9 @@ cluster as those two files is reportable.  What it draws:
   (``data.subset`` x init, the paper's Sec. 5.2, Figs. 7-8), each with random init minus pretrained;
 - what each run had (data, model, batch, schedule) and a caption per figure, so the page stands alone;
   run names, never machine paths, on the page;
+- the findings (scratchdet/findings.py: catch-up with paired bootstrap intervals, plateau check, a saturating-fit
+  prediction, the small-data breakdown, AP against images / pixels seen with pre-training counted), each saying on
+  the page what the runs lack where they cannot answer, and as text in ``findings.txt``;
 - one self-contained HTML page (figures inlined as base64 PNG, no script, no network), CSV tables,
   PNG and SVG figures; ``--compare A B`` adds a two-run side-by-side.
 """
@@ -612,6 +615,54 @@ def curves_caption(runs: list[Run], pretrain_offset: bool) -> str:
     return text + "Data, model, batch and schedule of every run: the table 'Runs' below."
 
 
+def study_points(runs: list[Run]) -> list[Any]:
+    """The runs as ``findings.Point`` s: paired by ``pair_key`` (twins share it), grouped by it less the schedule."""
+    from .findings import Point
+
+    all_dims = dims(runs)
+    shown = [d for d in _color_dims(runs) if d.title != SCHEDULE_DIM.title]
+    points = []
+    for r in runs:
+        key = pair_key(r, all_dims)
+        last = r.last_eval or {}
+        # The final evaluation's own matches record: a schedule branch's copied trunk records are not its own.
+        matches = next((x["matches"] for x in reversed(r.records) if "matches" in x and "branched_from" not in x
+                        and x.get("iteration") == last.get("iteration")), None)
+        s = r.seen
+        images = s["images_seen"] or ((r.max_iter or 0) * r.ims_per_batch if r.finished else 0)
+        points.append(Point(
+            name=r.name, pretrained=r.pretrained, pair=key, group=key[1:],
+            group_label=", ".join(f"{d.title}: {d.label(r)}" for d in shown), schedule=schedule_label(r),
+            subset=float(r.flat.get("data.subset", 0) or 0), subset_label=subset_label(r), images=images,
+            pixels=s["pixels_seen"],
+            pretrain_images=s["pretrain_images_seen"] if _logged(r, "pretrain_images_seen") else None,
+            pretrain_pixels=s["pretrain_pixels_seen"] if _logged(r, "pretrain_pixels_seen") else None,
+            ap={t: v for t in IOU_TYPES if (v := r.metric(t)) is not None}, finished=r.finished, matches=matches,
+            losses=[(int(x["iteration"]), float(x["loss"])) for x in r.records if "loss" in x and "iteration" in x],
+            evals=[(int(x["iteration"]), {t: float(x[f"{t}/AP"]) for t in IOU_TYPES if f"{t}/AP" in x})
+                   for x in r.evals]))
+    return points
+
+
+def _logged(run: Run, key: str) -> bool:
+    return any(key in x for x in run.records)
+
+
+def findings_section(sections: list[Any], pngs: dict[str, bytes]) -> str:
+    """The findings on the page: per answer its statements, what it lacks, its figure and tables."""
+    e = html.escape
+    parts = ["<h2>Findings: the paper's questions, as these runs answer them</h2>"]
+    for sec in sections:
+        parts.append(f"<h3>{e(sec.title)}</h3>")
+        if sec.lines:
+            parts.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in sec.lines) + "</ul>")
+        parts += [f'<p class="note">Not answered: {e(m)}</p>' for m in sec.missing]
+        if sec.figure is not None:
+            parts.append(_figure(pngs[sec.stem], sec.title, sec.caption))
+        parts += [table_html(Table(*t)) for t in sec.tables]
+    return "\n".join(parts)
+
+
 def _img(png: bytes, alt: str) -> str:
     return (f'<img alt="{html.escape(alt)}" width="1100" '
             f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
@@ -620,6 +671,7 @@ def _img(png: bytes, alt: str) -> str:
 STYLE = f"""
 body {{ font-family: sans-serif; margin: 16px 24px; color: #222; max-width: 1140px; }}
 h1 {{ font-size: 22px; margin: 0 0 4px; }} h2 {{ font-size: 16px; margin: 22px 0 6px; }}
+h3 {{ font-size: 14px; margin: 14px 0 4px; }} li {{ font-size: 13px; }}
 table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 4px; }}
 th {{ background: {HEADER_BG}; text-align: left; }}
 th, td {{ border: 1px solid #bbb; padding: 3px 7px; }}
@@ -631,7 +683,8 @@ img {{ display: block; max-width: 100%; height: auto; }}
 
 
 def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str, str] | None = None,
-                 pretrain_offset: bool = False, title: str = "scratchdet report") -> dict[str, Any]:
+                 pretrain_offset: bool = False, title: str = "scratchdet report", resamples: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
     """Write the report into ``out``; returns what was written and the tables (for the CLI to print)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -659,6 +712,18 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
     written += [out / "ap_curves.png", out / "ap_curves.svg"]
     sections.append("<h2>AP vs iteration (Fig. 1)</h2>" +
                     _figure(png, "AP vs iteration", curves_caption(runs, pretrain_offset)))
+    # The paper's questions answered (catch-up with intervals, plateau, prediction, breakdown, Fig. 2's argument).
+    from .findings import analyze, findings_text
+
+    found = analyze(study_points(runs), resamples=resamples, seed=seed)
+    pngs = {}
+    for sec in found:
+        if sec.figure is not None:
+            pngs[sec.stem] = save_figure(sec.figure, out, sec.stem)
+            written += [out / f"{sec.stem}.png", out / f"{sec.stem}.svg"]
+    sections.append(findings_section(found, pngs))
+    (out / "findings.txt").write_text(findings_text(found, lambda t: table_text(Table(*t))), encoding="utf-8")
+    written.append(out / "findings.txt")
     t1 = pivot(runs, primary=SCHEDULE_DIM, title="Table 1: schedule x init", csv_name="table1_schedule.csv",
                note=f"Final AP (%); '{RANDOM} - {PRETRAINED}' is the difference the paper's Table 1 compares.")
     ts = pivot(runs, primary=SUBSET_DIM, title="Data size x init (Sec. 5.2, Figs. 7-8)", csv_name="table_data_size.csv",
@@ -675,6 +740,7 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
                  table_html(seen),
                  table_html(runs_table(runs))]
     tables += [t1, ts, cb, cs, seen, runs_table(runs)]
+    tables += [Table(*t) for sec in found for t in sec.tables]
     for t in tables:
         write_csv(t, out / "tables" / t.csv_name)
         written.append(out / "tables" / t.csv_name)
@@ -686,7 +752,7 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
             "metrics.jsonl and config.yaml.</p>\n" + "\n".join(sections) + "\n</body></html>\n")
     (out / "index.html").write_text(page, encoding="utf-8")
     written.insert(0, out / "index.html")
-    return {"runs": runs, "tables": tables, "written": written, "compare": pair}
+    return {"runs": runs, "tables": tables, "written": written, "compare": pair, "findings": found}
 
 
 def _pick(runs: list[Run], ref: str) -> Run:

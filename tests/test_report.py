@@ -248,3 +248,19 @@ def test_random_init_is_one_wording_in_every_table(grid, tmp_path):
             assert {r[header.index("init")].split(" (")[0] for r in rows} == {"random init", "pretrained"}, name
     header = next(csv.reader(open(out / "tables" / "table1_schedule.csv")))
     assert "box AP random init" in header and "box AP random init - pretrained" in header
+
+
+def test_findings_on_runs_without_matches_or_pretrain_pixels_say_what_they_lack(grid, tmp_path):
+    """Runs from before the matches records and the pre-training pixel counts: the findings say so, and no figure."""
+    out = tmp_path / "report"
+    build_report([grid], out, resamples=200)
+    page = (out / "index.html").read_text()
+    assert "Findings: the paper's questions" in page
+    assert "no per-image matches in run rand_360_150 (trained before they were recorded): no intervals" in page
+    assert "no pre-training counts (pretrain_images_seen and pretrain_pixels_seen)" in page
+    assert "2 schedule length(s); a saturating fit needs 3: no prediction" in page
+    # The plateau check needs no intervals: 360 -> 720 it at 600 images adds 3.6 AP.
+    assert "data size: 600 images, box AP: NOT plateaued (last doubling adds 3.60" in page
+    assert page.count("data:image/png;base64,") == 2  # Fig. 1 and the seen bars only
+    assert (out / "findings.txt").read_text().startswith("== Catch-up")
+    assert (out / "tables" / "catch_up.csv").is_file() and (out / "tables" / "plateau.csv").is_file()

@@ -1,0 +1,579 @@
+"""The study's answers to "Rethinking ImageNet Pre-training"'s questions, from each run's final records.
+
+``scratchdet report`` turns its runs into ``Point`` s (one per run: the pairing is report.py's ``dims`` and
+``pair_key``; this module imports nothing of report.py, which imports it) and ``analyze`` answers:
+
+1. catch-up (Table 1): random init against its pretrained twin per schedule length, AP with paired
+   bootstrap intervals from the final evaluation's per-image matches (``bootstrap.py``);
+2. plateau: does the last doubling of the random-init arm's schedule (largest data size) still add >= 1 AP?
+3. prediction (an extrapolation): a saturating fit of final AP against images seen (``curvefit.py``), the
+   random-init plateau, where it reaches the pretrained arm's best, and a holdout check of the fit;
+4. breakdown (Sec. 5.2, Figs. 7-8): on the smallest data subset, does random init overfit (training loss as
+   low as pretrained's, val AP lower by more than its interval)?
+5. AP against images and pixels seen, pre-training counted (Fig. 2's argument).
+
+Each answer says what it lacks when the runs do not have it, instead of guessing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter
+
+from .bootstrap import Matches, matches_from_record, paired_bootstrap, verdict
+from .curvefit import CurveFit, fit_saturating, holdout_error, reach
+
+IOU_TYPES = ("bbox", "segm")
+TYPE_TITLES = {"bbox": "box AP", "segm": "mask AP"}
+RANDOM, PRETRAINED = "random init", "pretrained"  # report.py's wording of the two arms
+ARM_COLORS = {False: "#1f77b4", True: "#ff7f0e"}
+GROUP_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+PLATEAU_GAIN = 1.0  # AP points: a last doubling adding less is a plateau (the paper's curves flatten to ~0.5)
+END_SHARE = 0.1  # "training loss at the end": the mean over the log lines of the last 10 % of iterations
+
+
+@dataclass
+class Point:
+    """One run as the findings read it: what it is, what it saw, where it ended."""
+
+    name: str
+    pretrained: bool
+    pair: tuple[str, ...]  # equal for a random-init run and its pretrained twin (report.pair_key)
+    group: tuple[str, ...]  # ``pair`` without the schedule: the arm, init aside
+    group_label: str  # the group in words ("data size: 150 images"), "" when there is one group
+    schedule: str
+    subset: float  # data.subset: 0 all, a count, or a fraction
+    subset_label: str
+    images: int  # images seen in detection training
+    pixels: int
+    pretrain_images: int | None  # None: the run's records carry no pre-training counts
+    pretrain_pixels: int | None
+    ap: dict[str, float]  # final AP per iou type
+    finished: bool | None
+    matches: dict[str, Any] | None  # the final evaluation's matches record per iou type, None when not recorded
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training loss) per log line
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (iteration, AP per type)
+
+    @property
+    def arm(self) -> str:
+        return PRETRAINED if self.pretrained else RANDOM
+
+    @property
+    def size_rank(self) -> tuple[bool, float]:
+        """Sorts data sizes small to large ("all", subset 0, last)."""
+        return (self.subset == 0, self.subset)
+
+
+class TableData(NamedTuple):
+    """A table as report.py's ``Table`` takes it."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str
+    csv_name: str
+
+
+@dataclass
+class Section:
+    """One answer: its statements, tables and (optionally) a figure with its caption."""
+
+    title: str
+    lines: list[str] = field(default_factory=list)
+    tables: list[TableData] = field(default_factory=list)
+    figure: Figure | None = None
+    stem: str = ""
+    caption: str = ""
+    missing: list[str] = field(default_factory=list)  # what the runs lack for this answer
+
+
+def _count(x: float) -> str:
+    if math.isinf(x):
+        return "never"
+    return f"{x:,.0f}"
+
+
+def _level(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+def _pairs(points: list[Point]) -> list[tuple[Point, Point]]:
+    """(random init, pretrained twin) per pair key, first of each where a key holds several."""
+    by: dict[tuple[str, ...], dict[bool, Point]] = {}
+    for p in points:
+        by.setdefault(p.pair, {}).setdefault(p.pretrained, p)
+    return [(v[False], v[True]) for v in by.values() if False in v and True in v]
+
+
+def _arms(points: list[Point]) -> dict[tuple[tuple[str, ...], bool], list[Point]]:
+    """(group, pretrained) -> the arm's finished runs, shortest first (one per schedule length)."""
+    out: dict[tuple[tuple[str, ...], bool], list[Point]] = {}
+    for p in points:
+        if p.finished is not False:  # an unfinished run's AP is not its length's final AP
+            out.setdefault((p.group, p.pretrained), []).append(p)
+    return {k: sorted(v, key=lambda p: p.images) for k, v in out.items()}
+
+
+def _missing_matches(p: Point) -> str:
+    if p.finished is False:
+        return f"run {p.name} is unfinished (no final evaluation): no intervals"
+    return f"no per-image matches in run {p.name} (trained before they were recorded): no intervals"
+
+
+class Paired:
+    """Paired bootstraps of (random init, pretrained) at their final evaluations, computed once per pair and type."""
+
+    def __init__(self, *, resamples: int, seed: int, level: float) -> None:
+        self.resamples, self.seed, self.level = resamples, seed, level
+        self._cache: dict[tuple[str, str, str], dict | list[str]] = {}
+        self._decoded: dict[tuple[str, str], Matches] = {}
+
+    def _matches(self, p: Point, iou_type: str) -> Matches | None:
+        if not p.matches or iou_type not in p.matches:
+            return None
+        key = (p.name, iou_type)
+        if key not in self._decoded:
+            self._decoded[key] = matches_from_record(p.matches[iou_type])
+        return self._decoded[key]
+
+    def get(self, scratch: Point, pre: Point, iou_type: str) -> dict | list[str]:
+        """The bootstrap (a = pretrained, b = random init: diff is random init - pretrained), or why there is none."""
+        key = (scratch.name, pre.name, iou_type)
+        if key not in self._cache:
+            ms, mp = self._matches(scratch, iou_type), self._matches(pre, iou_type)
+            if ms is None or mp is None:
+                self._cache[key] = [_missing_matches(q) for q, m in ((scratch, ms), (pre, mp)) if m is None]
+            else:
+                try:
+                    self._cache[key] = paired_bootstrap(mp, ms, resamples=self.resamples, seed=self.seed,
+                                                        level=self.level)
+                except ValueError as e:  # different validation sets: no pairing to be had
+                    self._cache[key] = [f"{scratch.name} vs {pre.name}: {e}"]
+        return self._cache[key]
+
+
+# --------------------------------------------------------------------------- 1. catch-up
+
+
+def catch_up(points: list[Point], paired: Paired) -> Section:
+    """Table 1 with intervals: per schedule length (and data size), random init, pretrained and their difference."""
+    sec = Section("Catch-up: random init vs pretrained, with intervals (Table 1)")
+    pairs = sorted(_pairs(points), key=lambda sp: (sp[0].size_rank, sp[0].group, sp[0].images))
+    if not pairs:
+        sec.missing.append("no random-init run with a pretrained twin (same config but model.init): no catch-up table")
+        return sec
+    lv = _level(paired.level)
+    several_groups = len({s.group for s, _ in pairs}) > 1
+    columns = ["schedule", *(["arm"] if several_groups else []), "AP", f"{RANDOM}", f"{RANDOM} {lv} lo",
+               f"{RANDOM} {lv} hi", PRETRAINED, f"{PRETRAINED} {lv} lo", f"{PRETRAINED} {lv} hi",
+               f"{RANDOM} - {PRETRAINED}", "difference lo", "difference hi", "verdict", "runs"]
+    rows = []
+    for s, p in pairs:
+        for t in IOU_TYPES:
+            if t not in s.ap or t not in p.ap:
+                continue
+            got = paired.get(s, p, t)
+            head = [s.schedule, *([s.group_label] if several_groups else []), TYPE_TITLES[t]]
+            if isinstance(got, list):
+                for m in got:
+                    _note(sec, m)
+                rows.append([*head, s.ap[t], None, None, p.ap[t], None, None, round(s.ap[t] - p.ap[t], 4), None, None,
+                             "no interval (no per-image matches)", f"{s.name} / {p.name}"])
+                continue
+            (slo, shi), (plo, phi), (dlo, dhi) = got["interval_b"], got["interval_a"], got["interval_diff"]
+            text = verdict(got["diff"], dlo, dhi, name_a=PRETRAINED, name_b=RANDOM)
+            rows.append([*head, got["ap_b"], slo, shi, got["ap_a"], plo, phi, got["diff"], dlo, dhi, text,
+                         f"{s.name} / {p.name}"])
+            where = f"{s.schedule}{', ' + s.group_label if s.group_label else ''}, {TYPE_TITLES[t]}"
+            sec.lines.append(f"{where}: {text}")
+    note = ("Final AP (%)." if all(r[-2].startswith("no interval") for r in rows) else
+            f"Final AP (%) with {lv} percentile intervals of a paired bootstrap over validation images "
+            f"({paired.resamples} resamples, seed {paired.seed}): both runs scored on the same resampled image sets, "
+            "so the difference's interval leaves out what they share. Caught up: the interval of the difference "
+            "holds 0.")
+    sec.tables.append(TableData("Catch-up: random init vs pretrained, with intervals", columns, rows, note,
+                                "catch_up.csv"))
+    return sec
+
+
+# --------------------------------------------------------------------------- 2. plateau
+
+
+def last_doubling(arm: list[Point], iou_type: str) -> tuple[Point, Point] | None:
+    """(shorter, longest): the longest run and the one with half its images seen, else the nearest shorter than
+    half, else the nearest shorter at all; None with fewer than two lengths."""
+    runs = sorted((p for p in arm if iou_type in p.ap), key=lambda p: p.images)
+    if len(runs) < 2:
+        return None
+    longest = runs[-1]
+    shorter = [p for p in runs[:-1] if p.images < longest.images]
+    if not shorter:
+        return None
+    half = [p for p in shorter if p.images <= longest.images / 2]
+    # At most half: a span of a doubling or more, so a small gain over it is a plateau all the more.
+    return (half[-1] if half else shorter[-1]), longest
+
+
+def plateau_statement(gain: float) -> str:
+    """The plateau check's words for the last doubling's gain in AP points."""
+    if gain < PLATEAU_GAIN:
+        return f"plateaued (last doubling adds {gain:.2f} < {PLATEAU_GAIN:g} AP)"
+    return (f"NOT plateaued (last doubling adds {gain:.2f} >= {PLATEAU_GAIN:g} AP): the longest schedule is too short "
+            "to answer")
+
+
+def plateau_check(points: list[Point]) -> Section:
+    """The random-init arm at the largest data size: what its last doubling of the schedule adds."""
+    sec = Section("Plateau check: the random-init arm's last doubling")
+    arms = {k: v for k, v in _arms(points).items() if not k[1]}
+    if not arms:
+        sec.missing.append("no finished random-init run: no plateau check")
+        return sec
+    largest = max(v[0].size_rank for v in arms.values())
+    rows = []
+    for arm in arms.values():
+        if arm[0].size_rank != largest:
+            continue
+        label = arm[0].group_label
+        for t in IOU_TYPES:
+            pair = last_doubling(arm, t)
+            if pair is None:
+                sec.missing.append(f"{RANDOM}{', ' + label if label else ''}: one schedule length only: no doubling "
+                                   "to check")
+                break
+            short, long_ = pair
+            gain = long_.ap[t] - short.ap[t]
+            text = plateau_statement(gain)
+            ratio = long_.images / max(short.images, 1)
+            span = "" if abs(ratio - 2) < 0.05 else f" (from {short.schedule} to {long_.schedule}: {ratio:.3g}x images)"
+            sec.lines.append(f"{RANDOM}{', ' + label if label else ''}, {TYPE_TITLES[t]}: {text}{span}")
+            rows.append([label or short.subset_label, TYPE_TITLES[t], long_.name, long_.images, long_.ap[t], short.name,
+                         short.images, short.ap[t], round(gain, 4), text])
+    if rows:
+        sec.tables.append(TableData(
+            "Plateau check", ["arm", "AP", "longest run", "its images", "its AP", "shorter run", "its images", "its AP",
+                              "gain", "statement"], rows,
+            f"The {RANDOM} arm at the largest data size: the longest schedule against the one with half its images "
+            f"(or the nearest shorter). A gain under {PLATEAU_GAIN:g} AP: the arm has levelled off; more: the study "
+            "cannot say whether it would catch up.", "plateau.csv"))
+    return sec
+
+
+# --------------------------------------------------------------------------- 3. prediction
+
+
+def _fit_line(fit: CurveFit, n: int) -> str:
+    lo, hi = fit.interval
+    text = f"plateau {fit.a:.2f} [{lo:.2f}, {hi:.2f}] from {n} lengths (rmse {fit.rmse:.2f})"
+    if n == 3:
+        text += "; 3 points: the 3-parameter curve passes through them, so the interval is no interval"
+    if fit.at_bound:
+        text += "; the points do not show the bend (c at its search limit): the plateau is not identified"
+    return text
+
+
+def _note(sec: Section, text: str) -> None:
+    if text not in sec.missing:
+        sec.missing.append(text)
+
+
+def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: str, *, where: str, label: str,
+                     fits: list[list[Any]], hold: list[list[Any]], resamples: int, seed: int, level: float) -> None:
+    """The random-init arm's fit, where it reaches the pretrained arm's best, and the fit's holdout check."""
+    xs, ys = np.array([p.images for p in s_pts], float), np.array([p.ap[t] for p in s_pts])
+    fit = fit_saturating(xs, ys, resamples=resamples, seed=seed, level=level)
+    lo, hi = fit.interval
+    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted {_fit_line(fit, len(xs))}")
+    fits.append([label, RANDOM, "own images", TYPE_TITLES[t], len(xs), fit.a, lo, hi, fit.rmse, fit.at_bound])
+    if p_pts:
+        best = max(p_pts, key=lambda p: p.ap[t])
+        r = reach(fit, best.ap[t])
+        times = "" if math.isinf(r.images) else f", {r.images / xs.max():.3g}x its longest run's images"
+        sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: reaches the {PRETRAINED} arm's best "
+                         f"{best.ap[t]:.2f} ({best.name}) at {_count(r.images)} images seen [{_count(r.low)}, "
+                         f"{_count(r.high)}]{times}")
+        fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {best.ap[t]:.2f}", TYPE_TITLES[t], len(xs),
+                     r.images, r.low, r.high, None, fit.at_bound])
+    # Validate on the study itself: fit the lengths up to half the longest, predict the longer ones.
+    split = float(xs.max()) / 2
+    n_train = len({x for x in xs if x <= split})
+    if n_train < 3:
+        _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: {n_train} length(s) up to half the longest; validating the "
+              "fit needs 3: not validated")
+        return
+    out = holdout_error(xs, ys, split=split, resamples=min(resamples, 200))
+    rows = []
+    for x, err in zip(out["xs"], out["errors"]):
+        p = next(q for q in s_pts if q.images == x)
+        rows.append([label, RANDOM, TYPE_TITLES[t], p.name, p.images, p.ap[t], p.ap[t] + float(err), float(err)])
+    hold += rows
+    sec.lines.append(f"validation, {RANDOM}{where}, {TYPE_TITLES[t]}: fitted on the {n_train} lengths up to "
+                     f"{_count(split)} images, the {len(rows)} longer predicted with mean absolute error "
+                     f"{out['mae']:.2f} AP (" + ", ".join(f"{r[3]}: {r[7]:+.2f}" for r in rows) + ")")
+
+
+def prediction(points: list[Point], *, resamples: int, seed: int, level: float) -> Section:
+    """Saturating fits of final AP against images seen per arm, the random-init plateau, its reach, a holdout check."""
+    sec = Section("Prediction (an extrapolation, not a measurement)")
+    arms = _arms(points)
+    fits, hold = [], []
+    for group in sorted({g for g, _ in arms}, key=lambda g: arms.get((g, False), arms.get((g, True)))[0].size_rank):
+        scratch, pre = arms.get((group, False), []), arms.get((group, True), [])
+        label = (scratch or pre)[0].group_label
+        where = f", {label}" if label else ""
+        for t in IOU_TYPES:
+            s_pts = [p for p in scratch if t in p.ap]
+            p_pts = [p for p in pre if t in p.ap]
+            if len({p.images for p in s_pts}) < 3:
+                _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: {len(s_pts)} schedule length(s); a saturating fit "
+                      "needs 3: no prediction")
+            else:
+                _predict_scratch(sec, s_pts, p_pts, t, where=where, label=label, fits=fits, hold=hold,
+                                 resamples=resamples, seed=seed, level=level)
+            for counted in (False, True):
+                if len({p.images for p in p_pts}) < 3:
+                    _note(sec, f"{PRETRAINED}{where}, {TYPE_TITLES[t]}: {len(p_pts)} schedule length(s); a saturating "
+                          "fit needs 3: no fit")
+                    break
+                if counted and any(p.pretrain_images is None for p in p_pts):
+                    _note(sec, f"{PRETRAINED}{where}: no pretrain_images_seen in its records: no fit with pre-training "
+                          "counted")
+                    break
+                pxs = np.array([p.images + (p.pretrain_images or 0) * counted for p in p_pts], float)
+                pys = np.array([p.ap[t] for p in p_pts])
+                pf = fit_saturating(pxs, pys, resamples=resamples, seed=seed, level=level)
+                axis = "images incl. pre-training" if counted else "own images"
+                sec.lines.append(f"EXTRAPOLATION, {PRETRAINED}{where}, {TYPE_TITLES[t]} ({axis}): "
+                                 f"{_fit_line(pf, len(pxs))}")
+                fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], len(pxs), pf.a, *pf.interval, pf.rmse,
+                             pf.at_bound])
+    lv = _level(level)
+    if fits:
+        sec.tables.append(TableData(
+            "Prediction: saturating fits of final AP against images seen (extrapolation)",
+            ["arm", "init", "x / target", "AP", "lengths", "plateau (AP) or images to reach", f"{lv} lo", f"{lv} hi",
+             "rmse", "c at search limit"], fits,
+            "AP(x) = a - b exp(-(x - x0) / c) fitted to each length's final AP; intervals by residual bootstrap. An "
+            "extrapolation beyond the longest run: a model's guess, not a measurement.", "prediction.csv"))
+    if hold:
+        sec.tables.append(TableData(
+            "Prediction, validated: fitted up to half the longest length, the longer lengths predicted",
+            ["arm", "init", "AP", "run", "images", "seen AP", "predicted AP", "error"], hold,
+            "Error = predicted - seen, AP points.", "prediction_holdout.csv"))
+    return sec
+
+
+# --------------------------------------------------------------------------- 4. breakdown
+
+
+def end_loss(p: Point) -> float | None:
+    """Mean training loss over the log lines of the last ``END_SHARE`` of the run's iterations (one line at least)."""
+    if not p.losses:
+        return None
+    last = max(it for it, _ in p.losses)
+    tail = [v for it, v in p.losses if it >= last * (1 - END_SHARE)]
+    return float(np.mean(tail))
+
+
+def best_ap(p: Point, iou_type: str) -> float | None:
+    vals = [ap[iou_type] for _, ap in p.evals if iou_type in ap]
+    return max(vals) if vals else None
+
+
+def overfit_statement(scratch: Point, pre: Point, iou_type: str, paired: Paired) -> str:
+    """Whether random init overfits: training loss at the end as low as pretrained's or lower while its best val AP
+    is lower by more than its interval (the final evaluation's paired interval, moved to the gap of the bests)."""
+    head = f"{scratch.subset_label}, {scratch.schedule}, {TYPE_TITLES[iou_type]}: "
+    ls, lp = end_loss(scratch), end_loss(pre)
+    bs, bp = best_ap(scratch, iou_type), best_ap(pre, iou_type)
+    if ls is None or lp is None:
+        return head + f"not shown: no training loss logged in {scratch.name if ls is None else pre.name}"
+    if bs is None or bp is None:
+        return head + f"not shown: no validation AP in {scratch.name if bs is None else pre.name}"
+    got = paired.get(scratch, pre, iou_type)
+    gap = bs - bp
+    if isinstance(got, list):
+        return head + f"not shown: {'; '.join(got)} (best val AP {RANDOM} - {PRETRAINED}: {gap:+.2f})"
+    d, (lo, hi) = got["diff"], got["interval_diff"]
+    glo, ghi = gap + lo - d, gap + hi - d
+    losses = f"training loss at the end {ls:.3f} vs {PRETRAINED}'s {lp:.3f}"
+    gap_text = f"best val {TYPE_TITLES[iou_type]} {RANDOM} - {PRETRAINED}: {gap:+.2f} [{glo:+.2f}, {ghi:+.2f}]"
+    if ls <= lp and ghi < 0:
+        return head + f"{RANDOM} overfits: {losses} (as low or lower), while its {gap_text} (lower beyond the interval)"
+    why = "its training loss stays higher" if ls > lp else "its val AP is not lower beyond the interval"
+    return head + f"overfitting not shown ({why}): {losses}; {gap_text}"
+
+
+def breakdown_figure(pairs: list[tuple[Point, Point]]) -> Figure:
+    """Per pair: training loss (left) and val box / mask AP (right) against iteration, one colour per arm."""
+    fig = Figure(figsize=(11, 0.6 + 3.2 * len(pairs)), dpi=100)
+    axes = np.atleast_2d(fig.subplots(len(pairs), 2, squeeze=False))
+    for row, (s, p) in zip(axes, pairs):
+        for q in (s, p):
+            ls = "--" if q.pretrained else "-"
+            c = ARM_COLORS[q.pretrained]
+            if q.losses:
+                row[0].plot(*zip(*q.losses), color=c, ls=ls, lw=1.8)
+            for t, marker, alpha in (("bbox", "o", 1.0), ("segm", "s", 0.55)):
+                pts = [(it, ap[t]) for it, ap in q.evals if t in ap]
+                if pts:
+                    row[1].plot(*zip(*pts), color=c, ls=ls, lw=1.8, marker=marker, ms=4, alpha=alpha)
+        row[0].set_ylabel("training loss")
+        row[1].set_ylabel("val AP (%)")
+        for ax, name in zip(row, ("training loss", "validation AP")):
+            ax.set_title(f"{name}: {s.subset_label}, {s.schedule}", fontsize=10)
+            ax.set_xlabel("iterations of detection training")
+            ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color=ARM_COLORS[False], lw=2, ls="-", label=RANDOM),
+               Line2D([], [], color=ARM_COLORS[True], lw=2, ls="--", label=PRETRAINED),
+               Line2D([], [], color="k", marker="o", ls="", label="box AP"),
+               Line2D([], [], color="k", marker="s", ls="", alpha=0.55, label="mask AP")]
+    fig.legend(handles, [h.get_label() for h in handles], loc="upper center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (0.6 + 3.2 * len(pairs))))
+    return fig
+
+
+def breakdown(points: list[Point], paired: Paired) -> Section:
+    """The smallest data subset: training loss and val AP per arm, and whether random init overfits."""
+    sec = Section("Breakdown regime: the smallest data subset (Sec. 5.2, Figs. 7-8)")
+    subsets = sorted({p.subset for p in points if p.subset > 0})
+    if not subsets:
+        sec.missing.append("no run trains on a data.subset: no breakdown check")
+        return sec
+    # Fractions and counts do not compare; the smallest of either kind is the one to look at.
+    small = min(subsets, key=lambda x: (x >= 1, x))
+    pairs = [(s, p) for s, p in _pairs(points) if s.subset == small]
+    if not pairs:
+        sec.missing.append(f"no random-init run with a pretrained twin at data.subset {small:g}: no breakdown check")
+        return sec
+    longest: dict[tuple[str, ...], tuple[Point, Point]] = {}
+    for s, p in pairs:  # the longest schedule per arm: its curves hold the shorter ones' (schedule branching)
+        if s.group not in longest or s.images > longest[s.group][0].images:
+            longest[s.group] = (s, p)
+    chosen = list(longest.values())[:4]
+    for s, p in chosen:
+        for t in IOU_TYPES:
+            if t in s.ap and t in p.ap:
+                sec.lines.append(overfit_statement(s, p, t, paired))
+    if any(s.losses or p.losses for s, p in chosen):
+        sec.figure = breakdown_figure(chosen)
+        sec.stem = "breakdown"
+        sec.caption = (f"Training loss (left; the log lines' total loss) and validation AP (right; box AP circles, mask "
+                       f"AP squares, faint) against iterations of detection training, on the smallest data subset "
+                       f"({chosen[0][0].subset_label}): {RANDOM} solid blue, {PRETRAINED} dashed orange. Overfitting "
+                       "shows as a training loss as low as the pretrained arm's with a lower val AP.")
+    else:
+        sec.missing.append("no training loss ('loss') in the log records: no breakdown figure")
+    return sec
+
+
+# --------------------------------------------------------------------------- 5. AP against what was seen
+
+
+def seen_figure(arms: dict[tuple[tuple[str, ...], bool], list[Point]]) -> Figure:
+    """Final box and mask AP per length against images and pixels seen (log x), pre-training counted for pretrained."""
+    fig = Figure(figsize=(11, 7.2), dpi=100)
+    axes = fig.subplots(2, 2)
+    groups = list(dict.fromkeys(g for g, _ in arms))
+    for (group, pre), arm in arms.items():
+        # One group: colour tells the arms apart (as in the breakdown figure); several: colour is the group.
+        color = GROUP_COLORS[groups.index(group) % len(GROUP_COLORS)] if len(groups) > 1 else ARM_COLORS[pre]
+        for i, t in enumerate(IOU_TYPES):
+            pts = [p for p in arm if t in p.ap]
+            for j, (own, extra) in enumerate((("images", "pretrain_images"), ("pixels", "pretrain_pixels"))):
+                ax = axes[i, j]
+                xs = [getattr(p, own) + (getattr(p, extra) or 0) * pre for p in pts]
+                ax.plot(xs, [p.ap[t] for p in pts], color=color, ls="--" if pre else "-", marker="s" if pre else "o",
+                        lw=2, ms=4)
+                if pre:  # the same runs at their detection training alone: what the counted pre-training moves
+                    ax.plot([getattr(p, own) for p in pts], [p.ap[t] for p in pts], color=color, ls=":", lw=1,
+                            marker="s", ms=3, alpha=0.45)
+    for i, t in enumerate(IOU_TYPES):
+        for j, what in enumerate(("images", "pixels")):
+            ax = axes[i, j]
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.set_xlabel(f"{what} seen (pretrained: pre-training + detection training)")
+            ax.set_ylabel(f"final {TYPE_TITLES[t]} (%)")
+            ax.grid(True, alpha=0.3, which="both")
+    handles = [Line2D([], [], color="k", lw=2, ls="-", marker="o", label=RANDOM),
+               Line2D([], [], color="k", lw=2, ls="--", marker="s", label=f"{PRETRAINED}, pre-training counted"),
+               Line2D([], [], color="k", lw=1, ls=":", marker="s", alpha=0.45, label=f"{PRETRAINED}, detection only")]
+    if len(groups) > 1:
+        for k, g in enumerate(groups):
+            first = arms[(g, False) if (g, False) in arms else (g, True)][0]
+            handles.append(Line2D([], [], color=GROUP_COLORS[k % len(GROUP_COLORS)], lw=6, label=first.group_label))
+    fig.legend(handles, [h.get_label() for h in handles], loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9 if len(groups) > 1 else 0.94))
+    return fig
+
+
+def ap_vs_seen(points: list[Point]) -> Section:
+    """Fig. 2's argument: each arm's final AP per length against images and pixels seen, pre-training counted."""
+    sec = Section("AP against images and pixels seen, pre-training counted (Fig. 2)")
+    arms = _arms(points)
+    if not any(pre for _, pre in arms):
+        sec.missing.append("no finished pretrained run: no AP-vs-seen comparison")
+        return sec
+    lacking = sorted({p.name for (_, pre), arm in arms.items() if pre for p in arm
+                      if p.pretrain_images is None or p.pretrain_pixels is None})
+    if lacking:
+        # Without its pre-training the pretrained arm would sit at its fine-tuning counts: the comparison Fig. 2 refutes.
+        sec.missing.append(f"no pre-training counts (pretrain_images_seen and pretrain_pixels_seen) in the records of "
+                           f"{', '.join(lacking)}: no AP-vs-seen figure")
+        return sec
+    if all(len({p.images for p in arm}) < 2 for arm in arms.values()):
+        # One point per arm is no curve: the counts alone are the seen figure's and table's (Fig. 2 section).
+        sec.missing.append("one schedule length per arm: no AP-vs-seen curve (the counts: 'Images, instances and "
+                           "pixels seen')")
+        return sec
+    if any(p.images <= 0 or p.pixels <= 0 for arm in arms.values() for p in arm):
+        sec.missing.append("some runs log no images_seen / pixels_seen: no AP-vs-seen figure")
+        return sec
+    sec.figure = seen_figure(arms)
+    sec.stem = "ap_vs_seen"
+    sec.caption = (f"Final box AP (top) and mask AP (bottom) of each schedule length against images seen (left) and "
+                   f"pixels seen (right), log scale: {RANDOM} solid circles; {PRETRAINED} dashed squares with its "
+                   "pre-training's images and pixels added (as the paper's Fig. 2 counts them), dotted faint squares "
+                   "at its detection training alone." + (" Colour: the arm (data size and what else differs)."
+                                                          if len({g for g, _ in arms}) > 1 else
+                                                          f" Blue: {RANDOM}; orange: {PRETRAINED}."))
+    for (_, pre), arm in arms.items():
+        if pre:
+            p = arm[-1]
+            sec.lines.append(f"{PRETRAINED}{', ' + p.group_label if p.group_label else ''}: its longest run "
+                             f"{p.name} saw {_count(p.images + (p.pretrain_images or 0))} images with pre-training "
+                             f"({_count(p.images)} in detection training)")
+    return sec
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+def analyze(points: list[Point], *, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[Section]:
+    """The five answers, each saying what it lacks where the runs do not have it."""
+    if resamples < 200:
+        raise ValueError(f"resamples={resamples}: percentile intervals need at least 200 resamples")
+    paired = Paired(resamples=resamples, seed=seed, level=level)
+    return [catch_up(points, paired), plateau_check(points),
+            prediction(points, resamples=resamples, seed=seed, level=level), breakdown(points, paired),
+            ap_vs_seen(points)]
+
+
+def findings_text(sections: list[Section], table_text: Callable[[Any], str]) -> str:
+    """The text summary (``findings.txt``): each answer's statements, what it lacks, and its tables."""
+    out = []
+    for sec in sections:
+        out.append(f"== {sec.title}")
+        out += [f"- {line}" for line in sec.lines]
+        out += [f"- (not answered) {m}" for m in sec.missing]
+        out += ["", *[table_text(t) + "\n" for t in sec.tables]] if sec.tables else []
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

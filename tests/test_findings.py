@@ -1,0 +1,279 @@
+"""The study's answers (scratchdet/findings.py) on runs written as their two files: no training."""
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from faster_coco_eval import COCO
+
+from scratchdet.bootstrap import ap_from_matches, matches_record, per_image_matches
+from scratchdet.findings import Paired, analyze, breakdown, catch_up, plateau_check, plateau_statement, prediction
+from scratchdet.report import build_report, load_runs, study_points
+
+IMS = 4  # images per batch of every fake run
+
+
+def _coco(dataset: dict) -> COCO:
+    gt = COCO()
+    gt.dataset = json.loads(json.dumps(dataset))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _case(num_images: int = 30, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Images with 1-4 boxes of 3 categories, a near detection per box and a false positive per image (distinct scores)."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i + 1, "width": 200, "height": 200, "file_name": f"{i}.jpg"} for i in range(num_images)]
+    anns, results = [], []
+    for im in images:
+        for _ in range(rng.integers(1, 5)):
+            x, y, w, h = rng.uniform(0, 100, 2).tolist() + rng.uniform(20, 90, 2).tolist()
+            cat = int(rng.integers(1, 4))
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            dx, dy = rng.uniform(-3, 3, 2).tolist()
+            results.append({"image_id": im["id"], "category_id": cat, "bbox": [x + dx, y + dy, w, h],
+                            "score": float(rng.uniform(0.3, 1))})
+        results.append({"image_id": im["id"], "category_id": int(rng.integers(1, 4)),
+                        "bbox": rng.uniform(0, 100, 4).tolist(), "score": float(rng.uniform(0, 0.6))})
+    return {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]}, results
+
+
+def _worse(results: list[dict], share: float, seed: int = 1) -> list[dict]:
+    """``share`` of the true detections moved off their objects (IoU < 0.5): a run that finds less."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, r in enumerate(results):
+        if k % 5 != 4 and rng.uniform() < share:  # every 5th is a false positive already: leave it
+            x, y, w, h = r["bbox"]
+            r = {**r, "bbox": [x + w * 0.8, y + h * 0.8, w, h]}
+        out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def case() -> dict:
+    """Matches records of a good run and a worse one on the same 30 validation images (box; mask reuses them)."""
+    dataset, results = _case()
+    good = per_image_matches(_coco(dataset), results, "bbox")
+    bad = per_image_matches(_coco(dataset), _worse(results, 0.5), "bbox")
+    return {"good": good, "bad": bad}
+
+
+def _record(matches) -> dict:
+    """A final evaluation's matches record, box and mask (the mask one the box's, under its own iou type)."""
+    rec = matches_record(matches)
+    return {"bbox": rec, "segm": {**rec, "iou_type": "segm"}}
+
+
+def _run(root: Path, name: str, *, pretrained: bool, max_iter: int, ap: float | None = None, matches=None,
+         subset: float = 0, losses: tuple[float, float] = (2.0, 1.0), pretrain_images: int = 50_000,
+         best: float | None = None) -> Path:
+    """A finished run as its two files: log lines with loss and seen counts, evaluations at half and end, and
+    (given ``matches``) the final evaluation's matches record; AP from the matches when given."""
+    d = root / name
+    d.mkdir(parents=True)
+    config = {"model": {"init": "/somewhere/pretrain/backbone_final.pth" if pretrained else "random"},
+              "solver": {"max_iter": max_iter, "steps": [max_iter * 3 // 4], "ims_per_batch": IMS, "warmup_iters": 1},
+              "data": {"subset": subset}}
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    final = ap_from_matches(matches) if matches is not None else ap
+    lines = []
+    for k in (1, 2, 3, 4):
+        it = max_iter * k // 4
+        line = {"iteration": it, "loss": losses[0] + (losses[1] - losses[0]) * k / 4, "lr": 0.02,
+                "images_seen": IMS * it, "instances_seen": 5 * IMS * it, "pixels_seen": 10_000 * IMS * it}
+        if pretrained:
+            line.update(pretrain_images_seen=pretrain_images, pretrain_pixels_seen=pretrain_images * 4_000)
+        lines.append(line)
+        if k in (2, 4):
+            v = final if k == 4 else (best if best is not None else final - 2)
+            lines.append({"iteration": it, "bbox/AP": v, "segm/AP": v})
+    if matches is not None:
+        lines.append({"iteration": max_iter, "matches": _record(matches)})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+def _points(*roots: Path):
+    return study_points(load_runs(list(roots)))
+
+
+def _paired() -> Paired:
+    """A fresh one per test: it caches by run name, and the tests reuse names."""
+    return Paired(resamples=300, seed=0, level=0.95)
+
+
+def test_identical_matches_caught_up(tmp_path, case):
+    _run(tmp_path, "rand", pretrained=False, max_iter=40, matches=case["good"])
+    _run(tmp_path, "pre", pretrained=True, max_iter=40, matches=case["good"])
+    sec = catch_up(_points(tmp_path), _paired())
+    assert not sec.missing
+    assert len(sec.lines) == 2 and all("random init caught up with pretrained" in x for x in sec.lines)
+    row = sec.tables[0].rows[0]
+    cols = sec.tables[0].columns
+    assert row[cols.index("random init - pretrained")] == 0.0
+    lo, hi = row[cols.index("random init 95% lo")], row[cols.index("random init 95% hi")]
+    assert lo < row[cols.index("random init")] < hi
+
+
+def test_worse_scratch_is_behind_and_pairing_is_by_config(tmp_path, case):
+    # Two schedules: each random-init run must meet its own twin (the 80 it one is worse, the 40 it one equal).
+    _run(tmp_path, "rand_40", pretrained=False, max_iter=40, matches=case["good"])
+    _run(tmp_path, "pre_40", pretrained=True, max_iter=40, matches=case["good"])
+    _run(tmp_path, "rand_80", pretrained=False, max_iter=80, matches=case["bad"])
+    _run(tmp_path, "pre_80", pretrained=True, max_iter=80, matches=case["good"])
+    sec = catch_up(_points(tmp_path), _paired())
+    rows = {(r[0], r[1]): r for r in sec.tables[0].rows}
+    cols = sec.tables[0].columns
+    assert rows[("40 it", "box AP")][cols.index("runs")] == "rand_40 / pre_40"
+    assert rows[("40 it", "box AP")][cols.index("verdict")].startswith("random init caught up with pretrained")
+    behind = rows[("80 it", "box AP")]
+    assert behind[cols.index("runs")] == "rand_80 / pre_80"
+    assert behind[cols.index("verdict")].startswith("random init behind pretrained by")
+    assert behind[cols.index("difference hi")] < 0
+    assert behind[cols.index("random init")] == pytest.approx(ap_from_matches(case["bad"]))
+
+
+def _arm(root: Path, aps: list[float], *, pretrained: bool = False, unit: int = 50, subset: float = 0) -> None:
+    for k, ap in enumerate(aps):
+        n = unit * 2 ** k
+        _run(root, f"{'pre' if pretrained else 'rand'}_{n}", pretrained=pretrained, max_iter=n, ap=ap, subset=subset)
+
+
+@pytest.mark.parametrize(("aps", "plateaued"), [([20.0, 30.0, 34.5, 35.0], True), ([20.0, 26.0, 29.0, 32.0], False)])
+def test_plateau_check_reads_the_last_doubling(tmp_path, aps, plateaued):
+    _arm(tmp_path, aps)
+    sec = plateau_check(_points(tmp_path))
+    gain = aps[-1] - aps[-2]
+    assert sec.lines[0] == f"random init, box AP: {plateau_statement(gain)}"
+    assert sec.lines[0].startswith("random init, box AP: plateaued (last doubling adds 0.50 < 1 AP)" if plateaued else
+                                   "random init, box AP: NOT plateaued (last doubling adds 3.00 >= 1 AP): the longest")
+    row = sec.tables[0].rows[0]
+    assert (row[2], row[5]) == ("rand_400", "rand_200")
+
+
+def test_plateau_check_takes_the_largest_data_size(tmp_path):
+    _arm(tmp_path / "all", [20.0, 26.0, 29.0])  # all images: still climbing
+    _arm(tmp_path / "small", [20.0, 20.1, 20.2], subset=100)  # 100 images: flat, and not the question
+    sec = plateau_check(_points(tmp_path / "all", tmp_path / "small"))
+    assert len(sec.lines) == 2 and all("NOT plateaued" in x and "data size: all" in x for x in sec.lines)
+
+
+A, B = 40.0, 30.0
+
+
+def _saturating(images: float, *, c: float, x0: float) -> float:
+    return A - B * np.exp(-(images - x0) / c)
+
+
+def test_prediction_recovers_a_known_plateau_and_validates(tmp_path):
+    unit = 50
+    images = [IMS * unit * 2 ** k for k in range(5)]
+    c = 2.0 * images[2]
+    _arm(tmp_path, [_saturating(x, c=c, x0=images[0]) for x in images], unit=unit)
+    _arm(tmp_path, [38.0, 39.0, 39.5], pretrained=True, unit=unit)
+    sec = prediction(_points(tmp_path), resamples=200, seed=0, level=0.95)
+    fits = {(r[1], r[2], r[3]): r for r in sec.tables[0].rows}
+    box = fits[("random init", "own images", "box AP")]
+    assert box[5] == pytest.approx(A, abs=0.05)
+    reached = fits[("random init", "reaches pretrained's best 39.50", "box AP")]
+    # 40 - 30 exp(-(x - x0) / c) = 39.5  =>  x = x0 + c ln 60
+    assert reached[5] == pytest.approx(images[0] + c * np.log(60), rel=0.02)
+    assert any(x.startswith("EXTRAPOLATION, random init, box AP: predicted plateau 40.00") for x in sec.lines)
+    holdout = sec.tables[1].rows
+    assert [r[3] for r in holdout if r[2] == "box AP"] == ["rand_800"]  # fitted on 50-400 it, predicts 800 it
+    assert all(abs(r[7]) < 0.05 for r in holdout)
+    assert any(x.startswith("validation, random init, box AP: fitted on the 4 lengths") and "mean absolute error 0.0"
+               in x for x in sec.lines)
+    # Pretrained has 3 lengths: fitted (exactly), with and without its pre-training counted.
+    assert ("pretrained", "images incl. pre-training", "box AP") in fits
+
+
+def test_prediction_with_too_few_lengths_says_so(tmp_path):
+    _arm(tmp_path, [20.0, 26.0])
+    sec = prediction(_points(tmp_path), resamples=200, seed=0, level=0.95)
+    assert not sec.tables and not sec.lines
+    assert "random init, box AP: 2 schedule length(s); a saturating fit needs 3: no prediction" in sec.missing
+
+
+def test_breakdown_says_whether_scratch_overfits(tmp_path, case):
+    # 100 images: random init ends with a lower training loss than pretrained and a val AP lower beyond its interval.
+    _run(tmp_path, "rand", pretrained=False, max_iter=40, matches=case["bad"], subset=100, losses=(2.0, 0.2))
+    _run(tmp_path, "pre", pretrained=True, max_iter=40, matches=case["good"], subset=100, losses=(1.5, 0.6))
+    _run(tmp_path, "rand_all", pretrained=False, max_iter=40, matches=case["bad"], losses=(2.0, 1.2))
+    _run(tmp_path, "pre_all", pretrained=True, max_iter=40, matches=case["good"], losses=(1.5, 0.6))
+    _run(tmp_path, "rand_1k", pretrained=False, max_iter=40, matches=case["bad"], subset=1000, losses=(2.0, 1.2))
+    _run(tmp_path, "pre_1k", pretrained=True, max_iter=40, matches=case["good"], subset=1000, losses=(1.5, 0.6))
+    sec = breakdown(_points(tmp_path), _paired())
+    assert len(sec.lines) == 2 and all(x.startswith("100 images, 40 it, ") for x in sec.lines)
+    assert "random init overfits: training loss at the end 0.200 vs pretrained's 0.600" in sec.lines[0]
+    assert sec.figure is not None and sec.stem == "breakdown"
+
+
+def test_breakdown_not_shown_when_scratch_loss_stays_higher(tmp_path, case):
+    _run(tmp_path, "rand", pretrained=False, max_iter=40, matches=case["bad"], subset=100, losses=(2.0, 0.9))
+    _run(tmp_path, "pre", pretrained=True, max_iter=40, matches=case["good"], subset=100, losses=(1.5, 0.6))
+    sec = breakdown(_points(tmp_path), _paired())
+    assert all("overfitting not shown (its training loss stays higher)" in x for x in sec.lines)
+
+
+def test_report_page_holds_the_catch_up_table_and_verdicts(tmp_path, case):
+    root = tmp_path / "study"
+    for n, scratch in ((40, "good"), (80, "bad")):
+        _run(root, f"rand_{n}", pretrained=False, max_iter=n, matches=case[scratch], subset=100, losses=(2.0, 0.3))
+        _run(root, f"pre_{n}", pretrained=True, max_iter=n, matches=case["good"], subset=100, losses=(1.5, 0.6))
+    out = tmp_path / "report"
+    result = build_report([root], out, resamples=200)
+    page = (out / "index.html").read_text()
+    assert "<h2>Catch-up: random init vs pretrained, with intervals</h2>" in page
+    assert "random init caught up with pretrained (difference within the interval" in page
+    assert "random init behind pretrained by" in page
+    assert "last doubling adds" in page and "Breakdown regime" in page
+    # Every figure inlined, captioned: Fig. 1, the breakdown, AP vs seen (pre-training counted), Fig. 2's bars.
+    assert page.count("<figure>") == page.count("<figcaption>") == page.count("data:image/png;base64,") == 4
+    with open(out / "tables" / "catch_up.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["AP"] for r in rows} == {"box AP", "mask AP"}
+    text = (out / "findings.txt").read_text()
+    assert "random init behind pretrained by" in text and "== Plateau check" in text
+    assert (out / "breakdown.png").is_file() and (out / "ap_vs_seen.png").is_file()
+    assert any(t.csv_name == "catch_up.csv" for t in result["tables"])
+
+
+def test_report_of_old_runs_without_matches_still_builds(tmp_path):
+    root = tmp_path / "study"
+    for n in (40, 80):
+        _run(root, f"rand_{n}", pretrained=False, max_iter=n, ap=20.0 + n / 10)
+        _run(root, f"pre_{n}", pretrained=True, max_iter=n, ap=30.0 + n / 10)
+    out = tmp_path / "report"
+    build_report([root], out, resamples=200)
+    page = (out / "index.html").read_text()
+    assert "no per-image matches in run rand_40 (trained before they were recorded): no intervals" in page
+    with open(out / "tables" / "catch_up.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["verdict"] == "no interval (no per-image matches)" and float(rows[0]["random init"]) == 24.0
+    assert rows[0]["random init 95% lo"] == ""
+    assert "NOT plateaued (last doubling adds 4.00 &gt;= 1 AP)" in page  # escaped on the page
+
+
+def test_analyze_refuses_too_few_resamples():
+    with pytest.raises(ValueError, match="at least 200"):
+        analyze([], resamples=50)
+
+
+def test_stale_matches_of_an_earlier_final_evaluation_are_not_used(tmp_path, case):
+    # A run extended from 40 to 80 iterations: its 40 it matches record scored another model than its final AP's.
+    d = _run(tmp_path, "rand", pretrained=False, max_iter=80, matches=case["bad"])
+    _run(tmp_path, "pre", pretrained=True, max_iter=80, matches=case["good"])
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    lines = [{**x, "iteration": 40} if "matches" in x else x for x in lines]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    sec = catch_up(_points(tmp_path), _paired())
+    assert sec.missing == ["no per-image matches in run rand (trained before they were recorded): no intervals"]
