@@ -343,7 +343,7 @@ def _config(args: argparse.Namespace) -> int:
 
 TRAIN_DOC = (
     "Train Mask R-CNN. With no arguments: the embedded default (synthetic shapes, a small GroupNorm model "
-    "from scratch, CPU, about 15 minutes on 2 cores). Examples:\n"
+    "from scratch, CPU, about 10-14 minutes on 2 cores). Examples:\n"
     "  scratchdet train\n"
     "  scratchdet train mask_rcnn_R50_FPN_GN_scratch_6x solver.ims_per_batch=2 --dry-run\n"
     "  scratchdet train data.train.images=DIR data.train.annotations=F.json "

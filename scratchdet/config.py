@@ -217,6 +217,8 @@ class TrainConfig:
 class PretrainConfig:
     images: str = opt("", "ImageFolder root for `scratchdet pretrain` (one sub-folder of images per class)")
     crop_size: int = opt(224, "random-resized-crop size")
+    crop_scale: float = opt(0.08, "smallest area fraction a random-resized crop keeps (ImageNet's 0.08; "
+                            "raise it where the object fills the image, so a crop still shows it)")
     lr_schedule: str = opt("cosine", "cosine or step (the solver's steps and gamma)")
 
 

@@ -305,7 +305,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     if dry_run:
         return summary
     if branch_from is not None:
-        on_main(start_branch, branch_from, run_dir, branch_point(sched), config=to_dict(cfg))
+        on_main(start_branch, branch_from, run_dir, branch_point(sched), config=to_dict(cfg),
+                num_images=len(train_set) if train_set else None, end=sched.max_iter)
     assert train_set is not None
 
     # ---- solver; resume: model, solver, RNG and the sampler's position ----------------------------
@@ -447,8 +448,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                     save(f"model_{done:07d}.pth", done)
                 sync_device(device)
                 t_other += time.perf_counter() - t_pause
-            # A schedule-branching trunk: branch points are saved under a name prune() never matches,
-            # and the trunk stops (unfinished, no final eval) at its own first LR drop.
+            # A schedule-branching trunk saves its branch points under a name prune() never matches;
+            # stop_at ends a run there unfinished (a checkpoint, no final evaluation), as a kill would.
             if done in keep_at and done < sched.max_iter:
                 save(branch_name(done), done)
             if stop_at is not None and done == stop_at and done < sched.max_iter:
@@ -461,6 +462,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                 raise Preempted(f"received signal {stop['signal'] or 'on another rank'}: checkpoint written at "
                                 f"iteration {done}; continue with: scratchdet train --resume {run_dir}")
         bar.close()
+        if start_iter == sched.max_iter and window is not None and sched.max_iter % cfg.train.log_period \
+                and not dist.broadcast(dist.is_main() and any(r.get("iteration") == sched.max_iter and "loss" in r
+                                                              for r in read_metrics(run_dir))):
+            # A branch whose branch point is its end (a schedule without LR drops) runs no step here;
+            # its last log line (the trunk's steps since its last line) is the one a run alone writes
+            # (once: a branch killed before model_final.pth kept it).
+            means, steps = window.read()
+            if steps:
+                record.write({"iteration": sched.max_iter, **means, "lr": optimizer.param_groups[0]["lr"],
+                              **record.reduce_seen(), **pretrain_seen})
         # ---- the end: final weights, final evaluation ------------------------------------------
         save(ckpt.FINAL, sched.max_iter)
         if eval_loader is not None:

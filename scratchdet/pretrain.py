@@ -113,10 +113,11 @@ class SeededImageFolder(Dataset):
     """An ImageFolder whose item ``(index, seed)`` is the image cropped and flipped with its own RNG:
     the same key gives the same tensor in any worker, before or after a resume."""
 
-    def __init__(self, root: str, *, crop_size: int, flip_prob: float) -> None:
+    def __init__(self, root: str, *, crop_size: int, flip_prob: float, crop_scale: float = 0.08) -> None:
         self.folder = datasets.ImageFolder(root)
         self.classes: list[str] = list(self.folder.classes)
-        self.transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(crop_size, antialias=True),
+        self.transform = v2.Compose([v2.PILToTensor(),
+                                     v2.RandomResizedCrop(crop_size, scale=(crop_scale, 1.0), antialias=True),
                                      v2.RandomHorizontalFlip(flip_prob)])
 
     def __len__(self) -> int:
@@ -150,11 +151,14 @@ def check_options(cfg: Config) -> None:
                        ("pretrain.crop_size", cfg.pretrain.crop_size)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not 0 < cfg.pretrain.crop_scale <= 1:
+        raise ConfigError(f"pretrain.crop_scale: an area fraction in (0, 1], got {cfg.pretrain.crop_scale}")
 
 
 def build_dataset(cfg: Config) -> SeededImageFolder:
     """The ImageFolder of ``pretrain.images`` with random-resized crop and flip (``data.flip_prob``)."""
-    data = SeededImageFolder(cfg.pretrain.images, crop_size=cfg.pretrain.crop_size, flip_prob=cfg.data.flip_prob)
+    data = SeededImageFolder(cfg.pretrain.images, crop_size=cfg.pretrain.crop_size, flip_prob=cfg.data.flip_prob,
+                            crop_scale=cfg.pretrain.crop_scale)
     if cfg.model.num_classes and cfg.model.num_classes != len(data.classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes}, but {cfg.pretrain.images} has "
                           f"{len(data.classes)} class folders; set model.num_classes=0 (the folders decide)")

@@ -414,7 +414,9 @@ def branch_name(iteration: int) -> str:
     return f"branch_{iteration:07d}.pth"
 
 
-BRANCH_FREE_KEYS = ("solver.schedule", "solver.max_iter", "solver.steps")  # what a branch may change
+# What a branch may change: the length and where its LR drops (start_branch checks the trunk is at its
+# base LR up to the branch point, whichever rule placed the drops).
+BRANCH_FREE_KEYS = ("solver.schedule", "solver.max_iter", "solver.steps", "solver.epochs")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -428,37 +430,53 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_branch(trunk_dir: str | Path, run_dir: str | Path, at: int, *, config: dict[str, Any] | None = None) -> bool:
+def start_branch(trunk_dir: str | Path, run_dir: str | Path, at: int, *, config: dict[str, Any] | None = None,
+                 num_images: int | None = None, end: int | None = None) -> bool:
     """Start ``run_dir`` as a schedule branch of ``trunk_dir`` at iteration ``at``: the trunk's
     branch checkpoint becomes the run's ``model_{at}.pth`` and the trunk's metrics up to ``at``
     (each marked ``branched_from``) its ``metrics.jsonl``, so a plain resume trains the tail.
     Returns False (and changes nothing) when the run has started already: it resumes as it is."""
     import yaml
 
+    from .config import from_dict, resolve_schedule
+
     trunk_dir, run_dir = Path(trunk_dir), Path(run_dir)
     if (run_dir / ckpt.FINAL).exists() or ckpt.periodic_checkpoints(run_dir):
         return False
     if config is not None and (trunk_dir / "config.yaml").is_file():
         # A branch is the trunk's own run up to ``at`` only when nothing but the schedule's length differs.
-        theirs = flatten(yaml.safe_load((trunk_dir / "config.yaml").read_text()) or {})
-        ours = flatten(config)
+        raw = yaml.safe_load((trunk_dir / "config.yaml").read_text()) or {}
+        theirs, ours = flatten(raw), flatten(config)
         differ = sorted(k for k in set(theirs) | set(ours) if k not in BRANCH_FREE_KEYS and theirs.get(k) != ours.get(k))
         if differ:
             raise FileExistsError(f"{run_dir}: cannot branch from {trunk_dir}: its config differs in "
                                   f"{', '.join(differ[:6])} (a branch may differ only in {', '.join(BRANCH_FREE_KEYS)})")
+        # ... and only when the trunk was still at its base LR up to ``at``: a trunk whose LR dropped
+        # earlier (a shorter length, or solver.steps of its own) is another run before the branch point.
+        trunk = resolve_schedule(from_dict(raw).solver, num_images)
+        if trunk.steps and trunk.steps[0] < at:
+            raise FileExistsError(f"{run_dir}: cannot branch from {trunk_dir} at iteration {at}: the trunk's LR "
+                                  f"dropped at iteration {trunk.steps[0]}, before the branch point (LR drops "
+                                  f"{list(trunk.steps)}); the trunk must be the arm's length with the latest "
+                                  "first drop")
     source = trunk_dir / branch_name(at)
     if (problem := ckpt.verify(source)) is not None:
         raise FileNotFoundError(f"{source}: {problem}; the trunk {trunk_dir} saves it when it reaches iteration {at} "
                                 f"(train it with --keep-at {at})")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The curve before the branch point is the trunk's (the same run up to there): copied, marked.
+    # Written before the checkpoint, which marks the branch as started: a branch killed in between
+    # starts again rather than resuming without the trunk's curve.
+    # A branch point at the branch's end (``end``): the trunk's evaluation there is the branch's final one,
+    # which the branch runs itself (a run alone evaluates once at its end).
+    records = [{**r, "branched_from": str(trunk_dir.resolve())} for r in read_metrics(trunk_dir)
+               if "iteration" in r and r["iteration"] <= at
+               and not (r["iteration"] == at == end and ("matches" in r or any("/" in k for k in r)))]
+    ckpt.atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     target = run_dir / f"model_{at:07d}.pth"
     ckpt.atomic_write_bytes(target, source.read_bytes())
     digest = source.with_name(source.name + ".sha256").read_text().split()[0]  # verified above
     ckpt.atomic_write_bytes(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n".encode())
-    # The curve before the branch point is the trunk's (the same run up to there): copied, marked.
-    records = [{**r, "branched_from": str(trunk_dir.resolve())} for r in read_metrics(trunk_dir)
-               if "iteration" in r and r["iteration"] <= at]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     log.info("schedule branch of %s at iteration %d (its first LR drop): %s", trunk_dir, at, run_dir)
     return True
 

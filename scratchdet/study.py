@@ -259,6 +259,19 @@ def _schedule_as_run(cfg: Any) -> Any:
     return cfg, resolve_schedule(cfg.solver, int(subset) if subset >= 1 else None)
 
 
+def _nearest_arm(name: str, keys: dict[str, dict[str, Any]]) -> str:
+    """Why a run has no other length to share a trunk with: the keys in which it differs from the closest run."""
+    ours = keys[name]
+    diffs = {other: sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+             for other, theirs in keys.items() if other != name}
+    if not diffs:
+        return "no other run in the study to share a trunk with"
+    other, differ = min(diffs.items(), key=lambda x: (len(x[1]), x[0]))
+    return (f"no other length of its arm: the closest run, {other}, differs in {', '.join(differ[:4])}"
+            + (f" and {len(differ) - 4} more" if len(differ) > 4 else "") + " (a trunk is shared only by runs "
+            "that differ in the schedule's length alone)")
+
+
 def plan_branches(study: Study) -> None:
     """Group the runs into arms (configs equal but for the schedule's length) and make the run with
     the latest first LR drop of each arm its trunk, the others its branches (``Member`` fields)."""
@@ -266,6 +279,7 @@ def plan_branches(study: Study) -> None:
 
     runs = [m for m in study.members if m.kind == "train"]
     arms: dict[str, list[tuple[Member, int]]] = {}
+    keys: dict[str, dict[str, Any]] = {}  # each run's config without the schedule's length
     for m in runs:
         try:
             cfg = study.config(m)
@@ -274,20 +288,23 @@ def plan_branches(study: Study) -> None:
         try:
             cfg, sched = _schedule_as_run(cfg)
         except ConfigError as e:
-            m.alone_reason = f"its schedule's length is not known before the data loads ({e})"
+            subset = "without data.subset" if not cfg.data.subset else f"with data.subset={cfg.data.subset:g} a fraction"
+            m.alone_reason = (f"solver.epochs {subset}: its length depends on the training set's size, known only "
+                              "when the data loads (give data.subset as a count of images, or solver.schedule, to branch)"
+                              if cfg.solver.epochs else f"its schedule cannot be resolved before the data loads ({e})")
             continue
         m.max_iter = sched.max_iter
         if not study.spec.get("branch", True):
             m.alone_reason = "branch: false in the study file"
             continue
-        key = json.dumps({k: v for k, v in flatten(to_dict(cfg)).items() if k not in BRANCH_FREE_KEYS},
-                         sort_keys=True, default=str)
-        arms.setdefault(key, []).append((m, branch_point(sched)))
+        fixed = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in BRANCH_FREE_KEYS}
+        keys[m.name] = fixed
+        arms.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append((m, branch_point(sched)))
     varies = bool(grid_keys(study.spec) & set(BRANCH_FREE_KEYS))
     for arm in arms.values():
         if len(arm) == 1:
             if varies:
-                arm[0][0].alone_reason = "no other length of its arm (its other keys differ from every other run's)"
+                arm[0][0].alone_reason = _nearest_arm(arm[0][0].name, keys)
             continue
         trunk, last = max(arm, key=lambda x: (x[1], x[0].max_iter or 0))
         trunk.keep_at = tuple(sorted({at for m, at in arm if m is not trunk}))
@@ -658,9 +675,9 @@ def _branch_args(study: Study, m: Member) -> list[str]:
 def emit_slurm(study: Study, *, nproc: int, nodes: int) -> dict[str, str]:
     """sbatch scripts: ``pretrain.sbatch`` (when there is a pretrain stage), ``study.sbatch``, a job
     array with one task per trunk or run alone (``srun torchrun``, the README's multi-node pattern),
-    and ``branches.sbatch`` (when runs branch), one task per schedule branch, submitted to start
-    after ``study.sbatch`` succeeded (``--dependency=afterok``).  A task skips a finished run and
-    resumes a started one, so an array can be resubmitted after a failure."""
+    and ``branches.sbatch`` (when runs branch), one task per schedule branch, each submitted to start
+    after its own trunk's task of ``study.sbatch`` succeeded (``--dependency=afterok:JOB_TASK``).  A task
+    skips a finished run and resumes a started one, so an array can be resubmitted after a failure."""
     root = str(study.root.resolve())
     runs = [m for m in study.members if m.kind == "train"]
     scripts: dict[str, str] = {}
@@ -681,12 +698,20 @@ def emit_slurm(study: Study, *, nproc: int, nodes: int) -> dict[str, str]:
     trunks = [m for m in runs if m.trunk is None]  # trunks and runs alone, then the branches after them
     branches = [m for m in runs if m.trunk is not None]
     after_pre = "--dependency=afterok:$pre " if pre is not None else ""
-    submit = f"sbatch {after_pre}{root}/study.sbatch"
+    q = shlex.quote(root)
+    submit = f"sbatch {after_pre}{q}/study.sbatch"
     if branches:
-        submit = f"runs=$(sbatch --parsable {after_pre}{root}/study.sbatch) && " \
-                 f"sbatch --dependency=afterok:$runs {root}/branches.sbatch"
+        # Each branch waits for its own trunk's array task only (afterok:JOB_TASK), not the whole array.
+        index = {m.name: i for i, m in enumerate(trunks)}
+        waits: dict[int, list[int]] = {}
+        for j, m in enumerate(branches):
+            waits.setdefault(index[m.trunk], []).append(j)
+        # --parsable prints JOB or JOB;CLUSTER: the dependency takes the job id alone.
+        submit = f"runs=$(sbatch --parsable {after_pre}{q}/study.sbatch) && runs=${{runs%%;*}} && " + " && ".join(
+            f"sbatch --dependency=afterok:${{runs}}_{i} --array={','.join(map(str, js))} {q}/branches.sbatch"
+            for i, js in sorted(waits.items()))
     if pre is not None:
-        submit = f"pre=$(sbatch --parsable {root}/pretrain.sbatch) && {submit}"
+        submit = f"pre=$(sbatch --parsable {q}/pretrain.sbatch) && pre=${{pre%%;*}} && {submit}"
     for file, members, what in (("study.sbatch", trunks, "run"), ("branches.sbatch", branches, "schedule branch")):
         if not members:
             continue
@@ -698,7 +723,8 @@ def emit_slurm(study: Study, *, nproc: int, nodes: int) -> dict[str, str]:
         scripts[file] = "\n".join([
             "#!/bin/bash",
             f"# study {study.name}: one array task per {what}"
-            + (" (each starts from its trunk's state: submit after study.sbatch)" if what == "schedule branch" else "")
+            + (" (each starts from its trunk's state: submitted per trunk, after that trunk's task of "
+               "study.sbatch)" if what == "schedule branch" else "")
             + ". Submit with:",
             f"#   {submit}",
             f"#SBATCH --job-name={study.name}" + ("-branches" if what == "schedule branch" else ""),

@@ -108,6 +108,16 @@ def test_the_image_stream_is_a_pure_function_of_seed_and_position(folder):
     assert not torch.equal(plain[(3, 1235)][0], a[0])
 
 
+def test_crop_scale_sets_the_smallest_area_a_random_resized_crop_keeps(folder):
+    from scratchdet.pretrain import build_dataset
+
+    def crop(scale):
+        return next(t for t in build_dataset(load_config(None, _args(folder, f"pretrain.crop_scale={scale}")))
+                    .transform.transforms if type(t).__name__ == "RandomResizedCrop")
+
+    assert crop(0.08).scale == (0.08, 1.0) and crop(0.35).scale == (0.35, 1.0)
+
+
 @pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("off", torch.float32)])
 def test_train_amp_autocasts_the_trunk(folder, tmp_path, amp, dtype):
     seen = []
@@ -169,6 +179,7 @@ def test_epochs_and_reference_batch_size(folder, tmp_path):
     ("pretrain.lr_schedule=linear", r"pretrain.lr_schedule: 'linear' is not one of cosine, step"),
     ("model.num_classes=5", r"model.num_classes=5, but .* has 2 class folders"),
     ("solver.checkpoint_period=0", r"solver.checkpoint_period: must be at least 1"),
+    ("pretrain.crop_scale=0", r"pretrain.crop_scale: an area fraction in \(0, 1\], got 0"),
 ])
 def test_options_without_a_meaning_for_pretraining_are_refused(folder, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

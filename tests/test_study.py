@@ -208,14 +208,14 @@ def test_shipped_catch_up_study_plans_one_trunk_per_arm_and_other_classes(tmp_pa
     check_configs(study)
     runs = [m for m in study.members if m.kind == "train"]
     trunks = [m for m in runs if m.keep_at]
-    assert len(runs) == 12 and len(trunks) == 4  # (random, pretrained) x (all images, 30 images)
+    assert len(runs) == 14 and len(trunks) == 4  # (random, pretrained) x (all images, 30 images)
     assert all(m.trunk in {t.name for t in trunks} for m in runs if m not in trunks)
     for m in runs:  # every length's schedule is valid (warmup before the first LR drop)
         cfg = study.config(m)
         check_schedule(resolve_schedule(cfg.solver, None))
     assert study.synth_cls["classes"] == "other"  # the pretraining corpus holds none of the detector's classes
     n = iteration_counts(study)
-    assert (n["branched"], n["alone"]) == (2 * (3200 + 2 * 533) + 2 * (960 + 2 * 160), 2 * 5600 + 2 * 1680)
+    assert (n["branched"], n["alone"]) == (2 * (4800 + 3 * 400) + 2 * (720 + 2 * 120), 2 * 9000 + 2 * 1260)
 
 
 def test_member_trained_with_fp32_cpu_scale_resumes_without_drift(tmp_path):
@@ -287,7 +287,10 @@ def test_schedule_grid_trains_one_trunk_and_branches_equal_alone(tmp_path, monke
     assert runs["schedule-1x_seed-1"].trunk == "schedule-2x_seed-1"  # one trunk per arm: the seed is an arm's key
     emitted = emit_torchrun(study, nproc=2)
     assert emitted.index("schedule-2x_seed-0 --keep-at 3") < emitted.index("schedule-1x_seed-0 --branch-from")
-    assert "--dependency=afterok:$runs" in emit_slurm(study, nproc=8, nodes=1)["branches.sbatch"]
+    # Each branch waits for its own trunk's array task (trunks are study.sbatch's tasks 0 and 1).
+    submit = emit_slurm(study, nproc=8, nodes=1)["branches.sbatch"]
+    assert "--dependency=afterok:${runs}_0 --array=0" in submit and "--dependency=afterok:${runs}_1 --array=1" in submit
+    assert "runs=${runs%%;*}" in submit  # --parsable may print JOB;CLUSTER
 
     steps = []
     real_step = engine.train_step
@@ -326,6 +329,93 @@ def test_branch_refuses_a_trunk_of_another_config_and_a_missing_branch_point(tmp
               progress=False, branch_from=trunk)
     with pytest.raises(ConfigError, match="--keep-at 18"):
         train(load_config(None, base + ["solver.schedule=2x"]), tmp_path / "t2", progress=False, keep_at=(18,))
+    # A trunk whose own LR dropped (at 2) before the branch point (3) was another run up to there.
+    early = tmp_path / "early"
+    train(load_config(None, TINY + ["solver.max_iter=10", "solver.steps=[2]", "solver.warmup_iters=1"]), early,
+          progress=False, keep_at=(3,))
+    with pytest.raises(FileExistsError, match="dropped at iteration 2, before the branch point"):
+        train(load_config(None, TINY + ["solver.max_iter=6", "solver.steps=[3]", "solver.warmup_iters=1"]), tmp_path / "b3",
+              progress=False, branch_from=early)
+    assert not (tmp_path / "b3" / "model_0000003.pth").exists()
+
+
+def test_branch_killed_while_starting_starts_again_with_the_trunks_curve(tmp_path, monkeypatch):
+    """The copied metrics are written before the checkpoint that marks a branch as started."""
+    from scratchdet import checkpoint as ckpt
+    from scratchdet.engine import train
+    from scratchdet.run import start_branch
+
+    trunk = tmp_path / "trunk"
+    train(load_config(None, TINY + ["solver.max_iter=10", "solver.steps=[8]"]), trunk, progress=False, keep_at=(4,))
+    real_bytes, real_text = ckpt.atomic_write_bytes, Path.write_text
+
+    def killed(path, *a, **k):  # the process dies as it writes the branch's metrics (either way of writing)
+        if Path(path).name == "metrics.jsonl":
+            raise KeyboardInterrupt
+        return (real_bytes if isinstance(a[0], bytes) else real_text)(path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", killed)
+    monkeypatch.setattr(Path, "write_text", killed)
+    branch = tmp_path / "branch"
+    with pytest.raises(KeyboardInterrupt):
+        start_branch(trunk, branch, 4)
+    monkeypatch.undo()
+    assert start_branch(trunk, branch, 4)  # not taken for a started branch
+    assert [r["iteration"] for r in read_metrics(branch)] == [2, 4]
+
+
+def test_branch_whose_branch_point_is_its_end_logs_as_a_run_alone(tmp_path, monkeypatch):
+    """A schedule without LR drops branches at its end: one last loss line (the run-alone one) and one
+    final evaluation, also when the branch is killed before model_final.pth and started again."""
+    from collections import Counter
+
+    from scratchdet import checkpoint as ckpt
+    from scratchdet.engine import train
+    from scratchdet.run import RunRecord
+
+    def cfg(total: int):
+        return load_config(None, TINY + [f"solver.max_iter={total}", "solver.steps=[]", "solver.warmup_iters=2",
+                                         "train.log_period=4", "test.eval_period=5"])
+
+    trunk, alone, branch = tmp_path / "trunk", tmp_path / "alone", tmp_path / "branch"
+    train(cfg(8), trunk, progress=False, keep_at=(5,))  # evaluates at 5: not the branch's final evaluation
+    train(cfg(5), alone, progress=False)
+    real = RunRecord.checkpoint
+
+    def killed(self, name, **kwargs):
+        if name == ckpt.FINAL:
+            raise KeyboardInterrupt
+        return real(self, name, **kwargs)
+
+    monkeypatch.setattr(RunRecord, "checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(5), branch, progress=False, branch_from=trunk)
+    monkeypatch.setattr(RunRecord, "checkpoint", real)
+    train(cfg(5), branch, progress=False, branch_from=trunk)  # the same command again (a resubmitted job)
+
+    def at_end(run):
+        return [r for r in read_metrics(run) if r.get("iteration") == 5]
+
+    kinds = {d: Counter("loss" if "loss" in r else "matches" if "matches" in r else "eval" for r in at_end(d))
+             for d in (alone, branch)}
+    assert kinds[branch] == kinds[alone] == Counter(loss=1, eval=1, matches=1)
+    last = {d: next(r for r in at_end(d) if "loss" in r) for d in (alone, branch)}
+    assert last[branch]["loss"] == last[alone]["loss"] and last[branch]["images_seen"] == 10
+
+
+def test_trains_alone_says_which_keys_differ_and_why_epochs_cannot_branch(tmp_path):
+    grids = [{"solver.schedule": ["1x", "2x"]}, {"solver.schedule": ["1x"], "solver.base_lr": [0.01]}]
+    study = open_study(_spec(tmp_path, grid=grids, overrides=TINY + ["solver.schedule_unit=9"]), tmp_path / "s")
+    lone = study.members[2]
+    assert lone.trunk is None and not lone.keep_at
+    assert "the closest run, schedule-1x, differs in solver.base_lr" in lone.alone_reason
+    study = open_study(_spec(tmp_path, filename="ep.yaml", grid={"solver.epochs": [1.0, 2.0]}, overrides=TINY),
+                       tmp_path / "e")
+    assert all("solver.epochs without data.subset" in m.alone_reason for m in study.members)
+    # With the set's size given, epoch schedules branch like any other (the drops at fixed fractions).
+    study = open_study(_spec(tmp_path, filename="ep2.yaml", grid={"solver.epochs": [2.0, 4.0]},
+                             overrides=TINY + ["data.subset=12"]), tmp_path / "e2")
+    assert study.members[0].trunk == study.members[1].name
 
 
 def test_a_list_of_grids_runs_each_product_in_turn(tmp_path):
