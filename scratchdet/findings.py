@@ -360,7 +360,8 @@ def prediction(points: list[Point], *, resamples: int, seed: int, level: float) 
             "Prediction: saturating fits of final AP against images seen (extrapolation)",
             ["arm", "init", "x / target", "AP", "lengths", "plateau (AP) or images to reach", f"{lv} lo", f"{lv} hi",
              "rmse", "c at search limit"], fits,
-            "AP(x) = a - b exp(-(x - x0) / c) fitted to each length's final AP; intervals by residual bootstrap. An "
+            "AP(x) = a - b (x / x0)^(-1/c), a saturating power law in images seen, fitted to each length's final AP; "
+            "intervals by residual bootstrap. An "
             "extrapolation beyond the longest run: a model's guess, not a measurement.", "prediction.csv"))
     if hold:
         sec.tables.append(TableData(
