@@ -430,6 +430,11 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between two flattened configs (a key missing from one differs)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def start_branch(trunk_dir: str | Path, run_dir: str | Path, at: int, *, config: dict[str, Any] | None = None,
                  num_images: int | None = None, end: int | None = None) -> bool:
     """Start ``run_dir`` as a schedule branch of ``trunk_dir`` at iteration ``at``: the trunk's
@@ -447,7 +452,7 @@ def start_branch(trunk_dir: str | Path, run_dir: str | Path, at: int, *, config:
         # A branch is the trunk's own run up to ``at`` only when nothing but the schedule's length differs.
         raw = yaml.safe_load((trunk_dir / "config.yaml").read_text()) or {}
         theirs, ours = flatten(raw), flatten(config)
-        differ = sorted(k for k in set(theirs) | set(ours) if k not in BRANCH_FREE_KEYS and theirs.get(k) != ours.get(k))
+        differ = [k for k in differing_keys(theirs, ours) if k not in BRANCH_FREE_KEYS]
         if differ:
             raise FileExistsError(f"{run_dir}: cannot branch from {trunk_dir}: its config differs in "
                                   f"{', '.join(differ[:6])} (a branch may differ only in {', '.join(BRANCH_FREE_KEYS)})")

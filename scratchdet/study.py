@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, load_config, resolve_preset, to_dict
-from .run import BRANCH_FREE_KEYS, branch_name, flatten
+from .run import BRANCH_FREE_KEYS, branch_name, differing_keys, flatten
 
 SPEC_FILE = "study.yaml"
 STATE_FILE = "study.json"
@@ -262,8 +262,7 @@ def _schedule_as_run(cfg: Any) -> Any:
 def _nearest_arm(name: str, keys: dict[str, dict[str, Any]]) -> str:
     """Why a run has no other length to share a trunk with: the keys in which it differs from the closest run."""
     ours = keys[name]
-    diffs = {other: sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-             for other, theirs in keys.items() if other != name}
+    diffs = {other: differing_keys(ours, theirs) for other, theirs in keys.items() if other != name}
     if not diffs:
         return "no other run in the study to share a trunk with"
     other, differ = min(diffs.items(), key=lambda x: (len(x[1]), x[0]))
@@ -434,7 +433,7 @@ def _config_drift(run_dir: Path, cfg: Any) -> list[str]:
     if saved is None:
         return []
     old, new = flatten(saved), flatten(to_dict(_as_run(cfg, saved)))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return differing_keys(old, new)
 
 
 def ensure_synth_cls(root: Path, params: dict[str, Any]) -> Path:
