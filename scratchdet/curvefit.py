@@ -3,9 +3,10 @@
 The curve is a saturating power law, ``AP(x) = a - b * (x / x0) ** (-1 / c)``, with ``x0`` the first point's
 images seen: ``a`` is the plateau, ``b`` how far below it the first point lies, ``1 / c`` the exponent at
 which the gap closes (each doubling of images seen shrinks it by ``2 ** (-1 / c)``).  Why a power law: learning
-curves against data and compute follow one (Hestness et al. 2017, "Deep Learning Scaling is Predictable,
-Empirically"), and a study's lengths double, so its gains shrink by a constant factor per doubling, as
-rethink_cpu's did (35, 16, 7.4 box AP).  The first form, an exponential in images seen, saturates too early:
+curves against training-set size follow one (Hestness et al. 2017, "Deep Learning Scaling is Predictable,
+Empirically"); taking images seen over a schedule on a fixed set for that axis is our choice, and a study's
+lengths double, so the power law's gains shrink by a constant factor per doubling, as rethink_cpu's roughly
+did (35, 16, 7.4 box AP).  The first form, an exponential in images seen, saturates too early:
 fitted to rethink_cpu's 1x-4x it predicted its 8x run 5.3 box AP low (the power law: 0.1).  The power law
 was chosen after seeing that miss, so that one holdout is not a clean test of it.
 
