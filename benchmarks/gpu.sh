@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/performance.md in one call (about 6 minutes at most), for a lent GPU
-# machine, from the checkout as it is (no install, no network):
+# Every GPU measurement of docs/performance.md in one call of at most 540 s (the device tool's 600 s
+# command limit less a margin, and under 15 minutes of device time with room for one rerun), for a lent
+# GPU machine, from the checkout as it is (no install, no network):
 #   bash benchmarks/gpu.sh            # results into $OUT (at most 8 files), or benchmarks/out/ when OUT is unset
 # 1. python3 must import torch and see a CUDA GPU, else one line says why and it exits 2.
-# 2. faster-coco-eval comes from the wheels in .whl/ when python3 lacks it (the device tool's README:
-#    carry ".whl"); the checkout is put first on PYTHONPATH, so `scratchdet` is this tree.  Importing the
-#    training step does not need it (scratchdet.engine imports the evaluation stack when it evaluates),
-#    but the synthetic data's masks are encoded and decoded by its RLE library, and step 4 evaluates.
+# 2. faster-coco-eval comes from the wheels in .whl/ when python3 lacks it (docs/gpu.md says how to
+#    download them; the device tool carries ".whl"); the checkout is put first on PYTHONPATH, so
+#    `scratchdet` is this tree.  The synthetic data's masks are encoded by its RLE library, and step 4 evaluates.
 # 3. The training step of R50-FPN GN Mask R-CNN on 800x800 synthetic squares (the paper's 800 px
-#    shorter side; not COCO's 800x1333 frames), 2 and 8 images, bf16 and fp32, NCHW and channels-last,
-#    scratchdet's step against the torchvision-reference loop in the same precision and memory format;
-#    peak GPU memory of each.  Prepared batches: the data pipeline is not in these numbers.
+#    shorter side; not COCO's 800x1333 frames), 2 and 8 images, in what train.amp=auto runs (bf16 autocast
+#    with TF32 on an Ampere or newer GPU) and in full fp32 (train.amp=off), NCHW (what auto uses on CUDA),
+#    scratchdet's step against the torchvision-reference loop in the same settings; peak GPU memory of each.
+#    Prepared batches: the data pipeline is not in these numbers.
 # 4. `scratchdet train` of the default preset end to end on the GPU (AP, wall time), then
 #    `scratchdet eval` of that run on 500 validation images (wall time).
-# Each step has its own time limit, so one slow step cannot take the others' time; a failed step
-# is reported and the others still run.
+# Each step has its own time limit (60 + 2 x 100 + 170 + 90 = 520 s at most), so one slow step cannot
+# take the others' time; a failed step is reported and the others still run.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -41,7 +42,7 @@ if not torch.cuda.is_available():
     sys.exit(2)
 p = torch.cuda.get_device_properties(0)
 print(f"{versions}; GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
-      f"bf16 {torch.cuda.is_bf16_supported()}; python {sys.version.split()[0]}")
+      f"native bf16 {torch.cuda.is_bf16_supported(including_emulation=False)}; python {sys.version.split()[0]}")
 PY
 cat "$OUT/gpu_env.txt"
 
@@ -66,18 +67,14 @@ step() {  # step LIMIT_SECONDS NAME COMMAND...: the command's output in $WORK/NA
 
 # ---- 3. the training-step grid ------------------------------------------------------------------
 # The 800x800 synthetic set is generated once (CPU work), outside the cases' time limits.
-step 120 data_800sq "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import train_throughput as t; t.prepare('r50_gn_800sq_gpu', 1)"
+step 60 data_800sq "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import train_throughput as t; t.prepare('r50_gn_800sq_gpu', 1)"
 rm -rf "$WORK/grid"
-for batch in 2 8; do
-    for amp in bf16 off; do
-        for layout in off on; do
-            name="r50_gn_800sq_b${batch}_$([ "$amp" = off ] && echo fp32 || echo "$amp")_$([ "$layout" = on ] && echo cl || echo nchw)"
-            mkdir -p "$WORK/grid/$name"
-            OUT="$WORK/grid/$name" step 60 "$name" "$PY" benchmarks/train_throughput.py --case r50_gn_800sq_gpu \
-                --iters 6 --warmup 2 --rounds 1 --set "solver.ims_per_batch=$batch" --set "train.amp=$amp" \
-                --set "train.channels_last=$layout"
-        done
-    done
+for batch in 2 8; do  # one process per batch size: both precisions, each loop twice (A B A B)
+    name="r50_gn_800sq_b${batch}"
+    mkdir -p "$WORK/grid/$name"
+    OUT="$WORK/grid/$name" step 100 "$name" "$PY" benchmarks/train_throughput.py --case r50_gn_800sq_gpu \
+        --iters 6 --warmup 2 --rounds 2 --precisions auto,off --set "solver.ims_per_batch=$batch" \
+        --set "train.channels_last=off"
 done
 "$PY" - "$WORK/grid" "$OUT" <<'PY'
 import json, sys
@@ -90,11 +87,13 @@ for f in sorted(grid.glob("*/train_throughput_*.json")):
 (out / "train_grid.json").write_text(json.dumps(rows, indent=1))
 # detectron2's GN R50-FPN 3x on 8 V100s: 0.309 s/iteration at 16 images, about 6.5 images/s per GPU.
 DETECTRON_PER_GPU = 16 / 0.309 / 8
-lines = ["| case | precision | layout | batch | reference img/s | scratchdet img/s | ratio | peak GiB ref / ours | "
-         "scratchdet / detectron2 per V100 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+lines = ["| case | train.amp | precision | layout | batch | reference img/s | scratchdet img/s | ratio | peak GiB ref / ours | "
+         "scratchdet / detectron2 per V100 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in rows:
     ips, peak = r["images_per_sec"], {k: v / 2**30 for k, v in r["peak_memory_bytes"].items()}
-    lines.append(f"| {r['name']} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | "
+    amp = next((o.split("=", 1)[1] for o in r["overrides"] if o.startswith("train.amp=")), "case")
+    lines.append(f"| {r['name']} | {amp} | {r['precision']}{' + TF32' if amp == 'auto' and r['precision'] == 'bf16' else ''} | "
+                 f"{'channels-last' if r['channels_last'] else 'NCHW'} | "
                  f"{r['ims_per_batch']} | {ips['reference']:.2f} | {ips['scratchdet']:.2f} | {r['ratio']:.2f}x | "
                  f"{peak['reference']:.1f} / {peak['scratchdet']:.1f} | {ips['scratchdet'] / DETECTRON_PER_GPU:.2f}x |")
 (out / "train_grid.md").write_text("\n".join(lines) + "\n")

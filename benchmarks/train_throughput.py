@@ -1,7 +1,7 @@
 """Training throughput: scratchdet's step versus a torchvision-reference-style loop, side by side.
 
     python benchmarks/train_throughput.py [--case default|r50_gn_512|r50_gn_800sq_gpu|all] [--iters N]
-                                          [--rounds R] [--variants]
+                                          [--rounds R] [--precisions off,bf16]
 
 Both loops train the same model (built from the same seed by ``scratchdet.model.build_model``) on
 the same batches (prepared first: data loading is measured by ``data_throughput.py``) in the same
@@ -17,6 +17,11 @@ of a shared machine hits both alike; the ratio is of the medians.  Peak memory: 
 peak per loop on a GPU; on the CPU each loop runs once more in a fresh process and reports its
 peak resident set (ru_maxrss).
 
+Each case runs once per precision in ``--precisions`` (``train.amp`` values; default ``off,bf16`` on a
+CPU, fp32 and bf16 side by side, and the case's own setting on a GPU); the table states the host's
+bf16 flags and what ``train.amp=auto`` picks there, so a figure is never read without the hardware
+that made it.
+
 Writes JSON to ``$OUT/train_throughput_CASE.json`` (or ``benchmarks/out/``) and prints a Markdown table.
 """
 
@@ -26,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -42,7 +48,15 @@ from scratchdet.config import load_config
 from scratchdet.data import CocoDetection, TrainSampler, build_transforms, collate, resolve_datasets
 from scratchdet.engine import train_step
 from scratchdet.model import build_model, model_kwargs
-from scratchdet.run import amp_dtype, pick_device, precision_name, use_channels_last
+from scratchdet.run import (
+    amp_dtype,
+    cpu_bf16_support,
+    cpu_capabilities,
+    pick_device,
+    precision_name,
+    precision_reason,
+    use_channels_last,
+)
 from scratchdet.solver import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +76,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "data.train.images=", "data.train.annotations=", "data.val.images=", "data.val.annotations=",
         "data.synth.image_size=800", "data.synth.num_train=64", "data.synth.num_val=4",
         "data.min_size_train=[800]", "data.max_size_train=1333", "solver.ims_per_batch=2", "model.num_classes=0",
-        "train.amp=bf16", "train.channels_last=off", "train.device=cuda"]),
+        "train.amp=auto", "train.channels_last=off", "train.device=cuda"]),
 }
 
 
@@ -168,7 +182,7 @@ def measure(case: str, *, iters: int, warmup: int, rounds: int, extra: list[str]
             "ims_per_batch": cfg.solver.ims_per_batch, "image_size": [cfg.data.min_size_train, cfg.data.max_size_train],
             "iters": iters, "rounds": rounds, "threads": torch.get_num_threads(),
             "seconds_per_iter": times, "images_per_sec": ips, "ratio": ips["scratchdet"] / ips["reference"],
-            "peak_memory_bytes": peaks}
+            "peak_memory_bytes": peaks, "cpu": cpu_capabilities().get("cpu_name"), "cpu_bf16": cpu_bf16_support()}
 
 
 def main() -> int:
@@ -179,6 +193,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override on top of the case (e.g. --set train.amp=off), for both loops")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated train.amp values, each case measured in each (default: off,bf16 on a CPU; "
+                        "the case's own on a GPU); 'case' keeps the case's setting")
     p.add_argument("--_peak", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._peak:  # the child of cpu_peak_rss: one loop, then its peak RSS
@@ -193,10 +210,18 @@ def main() -> int:
         if case.endswith("gpu") and not gpu:
             print(f"{case}: skipped (no GPU on this machine)", file=sys.stderr)
             continue
-        results.append(measure(case, iters=args.iters, warmup=args.warmup, rounds=args.rounds, extra=args.set))
+        precisions = (args.precisions or ("case" if gpu else "off,bf16")).split(",")
+        for amp in precisions:
+            extra = args.set + ([] if amp == "case" else [f"train.amp={amp}"])
+            results.append(measure(case, iters=args.iters, warmup=args.warmup, rounds=args.rounds, extra=extra))
     out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "out")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train_throughput_{args.case}.json").write_text(json.dumps(results, indent=1))
+    flags = cpu_bf16_support()[1]
+    cpu = cpu_capabilities().get("cpu_name") or platform.machine()
+    print(f"host CPU: {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}; bf16 flags: {flags}; "
+          f"train.amp=auto picks {precision_name(amp_dtype('auto', torch.device('cpu')))} on this CPU "
+          f"({precision_reason('auto', torch.device('cpu'))})")
     print("| case | device | precision | layout | batch | reference img/s | scratchdet img/s | ratio | "
           "peak MiB ref / ours |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

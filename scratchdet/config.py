@@ -9,6 +9,7 @@ what we avoid): a preset lists every value it changes from these defaults.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("scratchdet")
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "default"
@@ -172,10 +175,13 @@ class SolverConfig:
     skip_nonfinite: int = opt(
         0, "non-finite losses or gradients to skip (step not taken, logged) before stopping; 0: stop at the first"
     )
-    fp32_cpu_scale: float = opt(
-        1.0, "scratchdet train only: where train.amp=auto finds no native bf16 on the CPU (so trains in fp32, 1.3x "
-             "slower per step where measured), multiply max_iter, steps, warmup_iters and the eval/checkpoint periods by "
-             "this: a fixed shorter schedule for a time budget, said in the log (and a note where it does not apply)")
+    clip_gradients: str = opt(
+        "off", "gradient clipping before each step: off, norm (scale all gradients together so their total "
+               "clip_norm_type-norm is at most clip_value, as torch's clip_grad_norm_ and mmdetection's grad_clip; "
+               "detectron2's norm clipping bounds each tensor alone) or value (clamp each gradient element to "
+               "[-clip_value, clip_value], as detectron2's); for runs that diverge (from scratch, SyncBN)")
+    clip_value: float = opt(1.0, "the bound of solver.clip_gradients: the largest total norm, or element magnitude")
+    clip_norm_type: float = opt(2.0, "the p of the p-norm solver.clip_gradients=norm bounds (inf: the largest element)")
     checkpoint_period: int = opt(5000, "iterations between checkpoints")
     keep_checkpoints: int = opt(3, "periodic checkpoints kept (older ones deleted); model_final is always kept")
 
@@ -196,15 +202,19 @@ class TestConfig:
 @dataclass
 class TrainConfig:
     seed: int = opt(0, "seed of every RNG (Python, NumPy, torch, sampler, augmentation)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    amp: str = opt("auto", "mixed precision: off (full fp32), bf16, fp16 or auto (bf16 where the CPU/GPU computes it "
-                           "natively, with TF32 for the fp32 matmuls left on CUDA; GroupNorm, boxes stay fp32)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available); cuda where torch sees no GPU is an "
+                              "error")
+    amp: str = opt("auto", "mixed precision: off (full fp32), bf16, fp16 or auto (bf16 where the hardware computes it "
+                           "natively: AVX512-BF16, AMX or ARM BF16 CPUs, CUDA compute capability 8.0+, with TF32 for "
+                           "the fp32 matmuls left on CUDA; else fp32. GroupNorm, boxes stay fp32). A forced bf16 "
+                           "where it is only emulated runs slower, with a warning")
     channels_last: str = opt("auto", "channels-last memory format for the model: on, off or auto (on where measured to "
                                      "pay: the CPU; off on CUDA, where GroupNorm converts each input back to NCHW)")
     deterministic: str = opt(
         "auto",
         "deterministic algorithms: on (bitwise-reproducible runs), off, or auto: on for the CPU, off on CUDA, where "
-        "deterministic mode sends RoIAlign's backward to torchvision's slow pure-PyTorch path",
+        "deterministic mode sends RoIAlign's backward to torchvision's slow pure-PyTorch path. Keypoint models "
+        "stop under on with CUDA: their bilinear upsampling has no deterministic CUDA backward (docs/gpu.md)",
     )
     log_period: int = opt(20, "iterations between training log lines in metrics.jsonl")
     dist_timeout: float = opt(
@@ -301,6 +311,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# Options that existed once: a saved run's config.yaml may still hold them.
+REMOVED_KEYS = {
+    "solver.fp32_cpu_scale": "removed (it gave CPUs without native bf16 a shorter schedule whose AP was never "
+                             "measured); every precision now runs the same schedule",
+}
+
+
 def merge_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set fields of dataclass ``obj`` from a nested dict, checking names and types."""
     if not isinstance(values, dict):
@@ -308,6 +325,10 @@ def merge_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     types_ = _field_types(type(obj))
     for name, value in values.items():
         key = prefix + str(name)
+        if key in REMOVED_KEYS:
+            # A run's config.yaml from before the key was removed still resumes; the key does nothing now.
+            log.warning("%s: %s; ignored", key, REMOVED_KEYS[key])
+            continue
         if name not in types_:
             raise ConfigError(f"unknown config key '{key}' (known under '{prefix or '.'}': {', '.join(types_)})")
         current = getattr(obj, name)
@@ -430,6 +451,7 @@ def validate(cfg: Config) -> None:
         "model.depth": (cfg.model.depth, (18, 34, 50, 101, 152)),
         "train.amp": (cfg.train.amp, ("off", "bf16", "fp16", "auto")),
         "train.deterministic": (cfg.train.deterministic, ("auto", "on", "off")),
+        "solver.clip_gradients": (cfg.solver.clip_gradients, ("off", "norm", "value")),
         "train.channels_last": (cfg.train.channels_last, ("auto", "on", "off")),
         "model.task": (cfg.model.task, ("masks", "boxes", "keypoints")),
         "model.roi_head": (cfg.model.roi_head, ("standard", "cascade")),
@@ -477,8 +499,11 @@ def validate(cfg: Config) -> None:
     if cfg.model.roi_sampling_ratio < 0:
         raise ConfigError(f"model.roi_sampling_ratio: {cfg.model.roi_sampling_ratio} (give 1, 2, ... points per bin "
                           "side, or 0 for adaptive)")
-    if cfg.solver.fp32_cpu_scale <= 0:
-        raise ConfigError(f"solver.fp32_cpu_scale: {cfg.solver.fp32_cpu_scale} is not a positive factor")
+    if cfg.solver.clip_gradients != "off" and not cfg.solver.clip_value > 0:
+        raise ConfigError(f"solver.clip_value: {cfg.solver.clip_value} is not a positive bound for "
+                          f"solver.clip_gradients={cfg.solver.clip_gradients}")
+    if cfg.solver.clip_gradients == "norm" and not cfg.solver.clip_norm_type > 0:
+        raise ConfigError(f"solver.clip_norm_type: {cfg.solver.clip_norm_type} is not a positive p")
     if len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: give one size per FPN level P2..P6 (5 values)")
     if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3:
@@ -644,29 +669,3 @@ def short_schedule_warning(init: str, images_seen: int) -> str | None:
             f"({SCRATCH_MIN_IMAGES:,} images or more; this run has {images_seen / SCRATCH_MIN_IMAGES:.3g} of that). "
             "Smaller datasets may need fewer, but expect a gap if the schedule is short")
 
-
-def scale_for_fp32_cpu(cfg: Config) -> tuple[Config, str | None]:
-    """``cfg`` with ``solver.fp32_cpu_scale`` applied (a copy, the factor then 1), and what was done."""
-    k = cfg.solver.fp32_cpu_scale
-    if k == 1.0:
-        return cfg, None
-    if cfg.solver.schedule or cfg.solver.epochs:
-        # A schedule in the paper's units (or in epochs) is what the user asked for: kept, and said.
-        return cfg, (f"no native bf16 on this CPU: training in fp32 (slower than bf16); solver.fp32_cpu_scale={k:g} "
-                     "not applied, as solver.schedule / solver.epochs set the length")
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    s = cfg.solver
-    old = (s.max_iter, list(s.steps), s.warmup_iters)
-    s.max_iter = max(1, round(s.max_iter * k))
-    s.steps = [round(v * k) for v in s.steps]
-    s.warmup_iters = round(s.warmup_iters * k)
-    # The periods too, so evaluations and checkpoints fall where they fall in the full schedule.
-    s.checkpoint_period = max(1, round(s.checkpoint_period * k))
-    if cfg.test.eval_period:
-        cfg.test.eval_period = max(1, round(cfg.test.eval_period * k))
-    s.fp32_cpu_scale = 1.0
-    return cfg, (f"no native bf16 on this CPU: training in fp32 (slower than bf16), with solver.fp32_cpu_scale={k:g} "
-                 f"of the schedule: {s.max_iter} iterations (not {old[0]}), LR drops at {s.steps} (not {old[1]}), "
-                 f"warmup {s.warmup_iters} (not {old[2]}); evaluation and checkpoint periods scaled alike")

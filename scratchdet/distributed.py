@@ -55,12 +55,62 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
 
 
+def _has_address(name: str) -> bool:
+    """Whether network interface ``name`` has an IPv4 address (ioctl SIOCGIFADDR) or an IPv6 one (Linux)."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            return True
+    except OSError:
+        pass
+    try:
+        return any(line.split()[-1] == name for line in open("/proc/net/if_inet6"))
+    except OSError:
+        return False
+
+
+def gloo_interface_from_nccl() -> str | None:
+    """Give gloo the network interface NCCL was given, where only NCCL's is set.
+
+    The gloo groups (stop flags every iteration, barriers, gathers) bind to the address the host name
+    resolves to; on stock Ubuntu /etc/hosts maps it to 127.0.1.1, so ranks on other nodes cannot connect
+    though NCCL (told NCCL_SOCKET_IFNAME) does.  A user's own GLOO_SOCKET_IFNAME wins.  NCCL reads each
+    comma-separated name as a prefix (``eth`` is eth0, eth1, ...), gloo as an exact name: the prefixes are
+    matched against this host's interfaces, and NCCL's ``^`` (exclude) / ``=`` (exact) forms are said in
+    the log rather than guessed.  Like NCCL's bootstrap, the first matching interface that has an address is
+    taken: gloo aborts on a named interface without one.  Returns what gloo will use, or None."""
+    import socket
+
+    nccl, gloo = os.environ.get("NCCL_SOCKET_IFNAME"), os.environ.get("GLOO_SOCKET_IFNAME")
+    if gloo or not nccl:
+        return gloo
+    names = [name for _, name in socket.if_nameindex()]
+    wanted = [p.strip() for p in nccl.removeprefix("=").split(",") if p.strip()]
+    exact = nccl.startswith("=")
+    chosen = [n for n in names if any(n == p or (not exact and n.startswith(p)) for p in wanted) and _has_address(n)]
+    chosen = chosen[:1]
+    if nccl.startswith("^") or not chosen:
+        log.warning("NCCL_SOCKET_IFNAME=%s names no interface gloo can use here (interfaces: %s); set "
+                    "GLOO_SOCKET_IFNAME too, or the host-side gloo groups may bind to 127.0.1.1 on another node",
+                    nccl, ", ".join(names))
+        return None
+    os.environ["GLOO_SOCKET_IFNAME"] = ",".join(chosen)
+    log.info("GLOO_SOCKET_IFNAME=%s (from NCCL_SOCKET_IFNAME=%s): the host-side gloo groups use NCCL's interface",
+             os.environ["GLOO_SOCKET_IFNAME"], nccl)
+    return os.environ["GLOO_SOCKET_IFNAME"]
+
+
 def init(device: torch.device, *, timeout_s: float) -> None:
     """Join the process group torchrun describes (NCCL for CUDA, gloo for CPU), with a collective
     timeout, and a gloo group for host flags; nothing without a launcher."""
     global _CPU_GROUP
     if not launched() or is_initialized():
         return
+    gloo_interface_from_nccl()
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs: dict[str, Any] = {"timeout": timeout}
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

@@ -27,7 +27,6 @@ from .config import (
     branch_point,
     check_schedule,
     resolve_schedule,
-    scale_for_fp32_cpu,
     short_schedule_warning,
     to_dict,
 )
@@ -55,6 +54,7 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     on_main,
     pick_device,
     precision_name,
+    precision_reason,
     prepare_on_main,
     read_metrics,
     restore_training_state,
@@ -65,7 +65,7 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     use_channels_last,
     use_deterministic,
 )
-from .solver import build_lr_scheduler, build_optimizer, skip_nonfinite_step
+from .solver import GradientClipper, build_gradient_clipper, build_lr_scheduler, build_optimizer, skip_nonfinite_step
 from .voc import VOC_MEANS, VOC_RESULTS, VOC_TABLES, evaluate_model_voc, load_voc, voc_present
 from .weights import imagenet_source, load_init
 
@@ -218,12 +218,13 @@ TARGET_KEYS = ("boxes", "labels", "masks", "keypoints")
 
 def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, Any]], *,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
-               dtype: torch.dtype | None, device: torch.device,
-               names: list[str] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+               dtype: torch.dtype | None, device: torch.device, names: list[str] | None = None,
+               clip: GradientClipper | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """One SGD step on a batch from the loader, without waiting for the device.
 
     Returns the loss names, the losses [L + 1] (each loss in ``names`` order, then their sum) and
     ``bad``, a device bool: the step was skipped for a non-finite loss or gradient on some rank.
+    ``clip`` (``solver.build_gradient_clipper``) bounds the gradients before the step.
     """
     seeds = [t["seed"] for t in targets]  # each image draws its anchor and RoI samples from its own seed
     images = [im.to(device, non_blocking=True).float() for im in images]
@@ -241,12 +242,17 @@ def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list
     # log lines and checkpoints.
     if scaler.is_enabled():
         bad = dist.all_reduce_((~torch.isfinite(total.detach())).int(), "max").bool()
+        if clip is not None:  # on the true gradients: the scaler's factor divided out first
+            scaler.unscale_(optimizer)
+            clip([p.grad for p in params if p.grad is not None], None)
         scaler.step(optimizer)
         scaler.update()
     else:
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         bad = dist.all_reduce_((~torch.isfinite(total.detach() + grad_norm)).int(), "max").bool()
+        if clip is not None:
+            clip(grads, grad_norm)
         skip_nonfinite_step(optimizer, bad)
     return names, torch.cat([losses.detach(), total.detach()[None]]), bad
 
@@ -276,15 +282,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device),
                     strict=cfg.train.deterministic == "on")
+    # Precision is the only thing the hardware changes: the schedule, LR and data are the same in bf16 and fp32.
     dtype = amp_dtype(cfg.train.amp, device)
-    if cfg.train.amp == "auto" and dtype is None and device.type == "cpu":
-        cfg, note = scale_for_fp32_cpu(cfg)  # a fixed shorter schedule where bf16 would be emulated
-        if note:
-            log.warning("%s", note)
-    elif cfg.solver.fp32_cpu_scale != 1.0 and cfg.train.amp != "auto":
-        # Said only where the user chose the precision: under auto with native bf16 nothing needed the factor.
-        log.info("solver.fp32_cpu_scale=%g not applied: training in %s (it applies to train.amp=auto on a CPU "
-                 "without native bf16)", cfg.solver.fp32_cpu_scale, precision_name(dtype))
     rank, world = dist.rank(), dist.world_size()
     if cfg.solver.ims_per_batch % world:
         raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must divide "
@@ -339,6 +338,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
         model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
     ) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
+    clip = build_gradient_clipper(cfg.solver.clip_gradients, value=cfg.solver.clip_value,
+                                  norm_type=cfg.solver.clip_norm_type)
 
     def evaluate(iteration: int) -> dict[str, Any]:
         """COCO AP on the validation set for the task's types (each rank its shard), logged by rank 0."""
@@ -415,7 +416,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
             lr = optimizer.param_groups[0]["lr"]
             names, losses, bad = train_step(train_model, images, targets, optimizer=optimizer, scaler=scaler,
                                             params=params, dtype=dtype, device=device,
-                                            names=window.names if window else None)
+                                            names=window.names if window else None, clip=clip)
             scheduler.step()
             window = window or LossWindow(names, device)
             window.add(losses, bad, iteration)
@@ -499,12 +500,18 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
     log.info("model: %s%s %s%d-FPN, norm %s, %s parameters (%s trainable), init %s",
              "Cascade " if cfg.model.roi_head == "cascade" else "", name, "X" if cfg.model.groups > 1 else "R",
              cfg.model.depth, cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
-    log.info("precision: %s%s", precision_name(dtype),
-             ", channels-last" if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else "")
+    log.info("precision: %s%s [%s]", precision_name(dtype),
+             ", channels-last" if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else "",
+             precision_reason(cfg.train.amp, pick_device(cfg.train.device)))
     log.info("schedule: %d iterations of %d images%s, base LR %g, LR drops at %s, warmup %d iterations",
              sched.max_iter, cfg.solver.ims_per_batch,
              f" ({cfg.solver.ims_per_batch // dist.world_size()} on each of {dist.world_size()} processes)"
              if dist.world_size() > 1 else "", sched.base_lr, list(sched.steps), sched.warmup_iters)
+    s = cfg.solver
+    if s.clip_gradients != "off":
+        log.info("gradient clipping: %s (solver.clip_gradients, solver.clip_value)",
+                 f"total {s.clip_norm_type:g}-norm of the gradients at most {s.clip_value:g}"
+                 if s.clip_gradients == "norm" else f"each gradient element within +-{s.clip_value:g}")
     describe_input(cfg, train_set)
     return {"parameters": n_params, "trainable_parameters": n_trainable, "max_iter": sched.max_iter,
             "base_lr": sched.base_lr, "steps": list(sched.steps), "warmup_iters": sched.warmup_iters,
@@ -539,7 +546,7 @@ def describe_input(cfg: Config, train_set: CocoDetection | None) -> None:
         return
     summary, warnings = input_size_report(train_set, min_sizes=d.min_size_train, max_size=d.max_size_train,
                                           anchor_sizes=m.anchor_sizes, lsj_size=d.lsj_size if d.lsj else 0,
-                                          lsj_scale=d.lsj_scale)
+                                          lsj_scale=d.lsj_scale, aspect_ratios=m.anchor_aspect_ratios)
     if summary:
         log.info("%s", summary)
     for warning in warnings if dist.is_main() else ():  # one warning per run, not one per rank

@@ -27,8 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
-from .bootstrap import Matches, matches_from_record, paired_bootstrap, verdict
-from .curvefit import CurveFit, fit_saturating, holdout_error, reach
+from .bootstrap import DEFAULT_MARGIN, Matches, matches_from_record, replicate_bootstrap, verdict
+from .curvefit import MIN_POINTS_FOR_INTERVAL, CurveFit, fit_saturating, holdout_error, reach
 
 IOU_TYPES = ("bbox", "segm")
 TYPE_TITLES = {"bbox": "box AP", "segm": "mask AP"}
@@ -60,6 +60,7 @@ class Point:
     matches: dict[str, Any] | None  # the final evaluation's matches record per iou type, None when not recorded
     losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training loss) per log line
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (iteration, AP per type)
+    seed: int = 0  # train.seed: runs that differ only in it are replicates
 
     @property
     def arm(self) -> str:
@@ -112,6 +113,22 @@ def _pairs(points: list[Point]) -> list[tuple[Point, Point]]:
     return [(v[False], v[True]) for v in by.values() if False in v and True in v]
 
 
+def _replicates(points: list[Point]) -> list[tuple[list[Point], list[Point]]]:
+    """(random-init runs, pretrained runs) per pair key: the runs that differ only in train.seed are one
+    arm's replicates (report.dims leaves the seed out of the key), pooled, never arms of their own."""
+    by: dict[tuple[str, ...], dict[bool, list[Point]]] = {}
+    for p in points:
+        by.setdefault(p.pair, {}).setdefault(p.pretrained, []).append(p)
+
+    def finished(runs: list[Point]) -> list[Point]:
+        # An unfinished replicate's AP is not its length's final AP: pooled only where no replicate finished
+        # (the row then says the run is unfinished).
+        done = [p for p in runs if p.finished is not False]
+        return done or runs
+
+    return [(finished(v[False]), finished(v[True])) for v in by.values() if False in v and True in v]
+
+
 def _arms(points: list[Point]) -> dict[tuple[tuple[str, ...], bool], list[Point]]:
     """(group, pretrained) -> the arm's finished runs, shortest first (one per schedule length)."""
     out: dict[tuple[tuple[str, ...], bool], list[Point]] = {}
@@ -128,11 +145,12 @@ def _missing_matches(p: Point) -> str:
 
 
 class Paired:
-    """Paired bootstraps of (random init, pretrained) at their final evaluations, computed once per pair and type."""
+    """Bootstraps of (random init, pretrained) at their final evaluations over validation images and seeds
+    (``replicate_bootstrap``), computed once per pair of arms and type."""
 
-    def __init__(self, *, resamples: int, seed: int, level: float) -> None:
-        self.resamples, self.seed, self.level = resamples, seed, level
-        self._cache: dict[tuple[str, str, str], dict | list[str]] = {}
+    def __init__(self, *, resamples: int, seed: int, level: float, margin: float = DEFAULT_MARGIN) -> None:
+        self.resamples, self.seed, self.level, self.margin = resamples, seed, level, margin
+        self._cache: dict[tuple[Any, ...], dict | list[str]] = {}
         self._decoded: dict[tuple[str, str], Matches] = {}
 
     def _matches(self, p: Point, iou_type: str) -> Matches | None:
@@ -143,19 +161,25 @@ class Paired:
             self._decoded[key] = matches_from_record(p.matches[iou_type])
         return self._decoded[key]
 
-    def get(self, scratch: Point, pre: Point, iou_type: str) -> dict | list[str]:
-        """The bootstrap (a = pretrained, b = random init: diff is random init - pretrained), or why there is none."""
-        key = (scratch.name, pre.name, iou_type)
+    def get(self, scratch: Point | list[Point], pre: Point | list[Point], iou_type: str, *,
+            paired_seeds: bool = False) -> dict | list[str]:
+        """The bootstrap (a = pretrained, b = random init: diff is random init - pretrained), each arm one run
+        or its seed replicates, or why there is none."""
+        scratch_runs = scratch if isinstance(scratch, list) else [scratch]
+        pre_runs = pre if isinstance(pre, list) else [pre]
+        key = (tuple(p.name for p in scratch_runs), tuple(p.name for p in pre_runs), iou_type, paired_seeds)
         if key not in self._cache:
-            ms, mp = self._matches(scratch, iou_type), self._matches(pre, iou_type)
-            if ms is None or mp is None:
-                self._cache[key] = [_missing_matches(q) for q, m in ((scratch, ms), (pre, mp)) if m is None]
+            ms = [self._matches(q, iou_type) for q in scratch_runs]
+            mp = [self._matches(q, iou_type) for q in pre_runs]
+            missing = [_missing_matches(q) for q, m in zip(scratch_runs + pre_runs, ms + mp) if m is None]
+            if missing:
+                self._cache[key] = missing
             else:
                 try:
-                    self._cache[key] = paired_bootstrap(mp, ms, resamples=self.resamples, seed=self.seed,
-                                                        level=self.level)
+                    self._cache[key] = replicate_bootstrap(mp, ms, resamples=self.resamples, seed=self.seed,
+                                                           level=self.level, paired_seeds=paired_seeds)
                 except ValueError as e:  # different validation sets: no pairing to be had
-                    self._cache[key] = [f"{scratch.name} vs {pre.name}: {e}"]
+                    self._cache[key] = [f"{scratch_runs[0].name} vs {pre_runs[0].name}: {e}"]
         return self._cache[key]
 
 
@@ -163,41 +187,50 @@ class Paired:
 
 
 def catch_up(points: list[Point], paired: Paired) -> Section:
-    """Table 1 with intervals: per schedule length (and data size), random init, pretrained and their difference."""
+    """Table 1 with intervals: per schedule length (and data size), random init, pretrained and their difference,
+    each arm's seeds pooled, read against the equivalence margin."""
     sec = Section("Catch-up: random init vs pretrained, with intervals (Table 1)")
-    pairs = sorted(_pairs(points), key=lambda sp: (sp[0].size_rank, sp[0].group, sp[0].images))
-    if not pairs:
+    groups = sorted(_replicates(points), key=lambda sp: (sp[0][0].size_rank, sp[0][0].group, sp[0][0].images))
+    if not groups:
         sec.missing.append("no random-init run with a pretrained twin (same config but model.init): no catch-up table")
         return sec
     lv = _level(paired.level)
-    several_groups = len({s.group for s, _ in pairs}) > 1
-    columns = ["schedule", *(["arm"] if several_groups else []), "AP", f"{RANDOM}", f"{RANDOM} {lv} lo",
-               f"{RANDOM} {lv} hi", PRETRAINED, f"{PRETRAINED} {lv} lo", f"{PRETRAINED} {lv} hi",
-               f"{RANDOM} - {PRETRAINED}", "difference lo", "difference hi", "verdict", "runs"]
+    several_groups = len({s[0].group for s, _ in groups}) > 1
+    columns = ["schedule", *(["arm"] if several_groups else []), "AP", "seeds", f"{RANDOM}", f"{RANDOM} {lv} lo",
+               f"{RANDOM} {lv} hi", f"{RANDOM} seed sd", PRETRAINED, f"{PRETRAINED} {lv} lo", f"{PRETRAINED} {lv} hi",
+               f"{PRETRAINED} seed sd", f"{RANDOM} - {PRETRAINED}", "difference lo", "difference hi", "interval covers",
+               "verdict", "runs"]
     rows = []
-    for s, p in pairs:
+    for ss, ps in groups:
+        s = ss[0]
         for t in IOU_TYPES:
-            if t not in s.ap or t not in p.ap:
+            ss_t, ps_t = [q for q in ss if t in q.ap], [q for q in ps if t in q.ap]
+            if not ss_t or not ps_t:
                 continue
-            got = paired.get(s, p, t)
-            head = [s.schedule, *([s.group_label] if several_groups else []), TYPE_TITLES[t]]
+            got = paired.get(ss_t, ps_t, t)
+            head = [s.schedule, *([s.group_label] if several_groups else []), TYPE_TITLES[t], f"{len(ss_t)} / {len(ps_t)}"]
+            names = f"{', '.join(q.name for q in ss_t)} / {', '.join(q.name for q in ps_t)}"
             if isinstance(got, list):
                 for m in got:
                     _note(sec, m)
-                rows.append([*head, s.ap[t], None, None, p.ap[t], None, None, round(s.ap[t] - p.ap[t], 4), None, None,
-                             "no interval (no per-image matches)", f"{s.name} / {p.name}"])
+                sap, pap = (sum(q.ap[t] for q in g) / len(g) for g in (ss_t, ps_t))
+                rows.append([*head, sap, None, None, None, pap, None, None, None, round(sap - pap, 4), None, None, None,
+                             "no interval (no per-image matches)", names])
                 continue
             (slo, shi), (plo, phi), (dlo, dhi) = got["interval_b"], got["interval_a"], got["interval_diff"]
-            text = verdict(got["diff"], dlo, dhi, name_a=PRETRAINED, name_b=RANDOM)
-            rows.append([*head, got["ap_b"], slo, shi, got["ap_a"], plo, phi, got["diff"], dlo, dhi, text,
-                         f"{s.name} / {p.name}"])
+            text = verdict(got["diff"], dlo, dhi, name_a=PRETRAINED, name_b=RANDOM, margin=paired.margin)
+            rows.append([*head, got["ap_b"], slo, shi, got["seed_sd_b"], got["ap_a"], plo, phi, got["seed_sd_a"],
+                         got["diff"], dlo, dhi, got["covers"], text, names])
             where = f"{s.schedule}{', ' + s.group_label if s.group_label else ''}, {TYPE_TITLES[t]}"
-            sec.lines.append(f"{where}: {text}")
+            sec.lines.append(f"{where} ({len(ss_t)} / {len(ps_t)} seeds; the interval covers {got['covers']}): {text}")
     note = ("Final AP (%)." if all(r[-2].startswith("no interval") for r in rows) else
-            f"Final AP (%) with {lv} percentile intervals of a paired bootstrap over validation images "
-            f"({paired.resamples} resamples, seed {paired.seed}): both runs scored on the same resampled image sets, "
-            "so the difference's interval leaves out what they share. Caught up: the interval of the difference "
-            "holds 0.")
+            f"Final AP (%), each arm the mean over its seeds (runs that differ only in train.seed are replicates, "
+            f"pooled), with {lv} percentile intervals of a two-stage bootstrap ({paired.resamples} resamples, seed "
+            f"{paired.seed}): validation images drawn with replacement (the same draw for both arms, which pairs "
+            "them), then each arm's seeds with replacement. 'seed sd' is the seed-to-seed standard deviation of AP "
+            "(none with one seed, where the interval covers the images only). Verdicts against an equivalence "
+            f"margin of +-{paired.margin:g} AP (report --margin): equivalent only when the whole interval of the "
+            "difference lies inside it; an interval that holds 0 but reaches past it is inconclusive, not caught up.")
     sec.tables.append(TableData("Catch-up: random init vs pretrained, with intervals", columns, rows, note,
                                 "catch_up.csv"))
     return sec
@@ -221,62 +254,99 @@ def last_doubling(arm: list[Point], iou_type: str) -> tuple[Point, Point] | None
     return (half[-1] if half else shorter[-1]), longest
 
 
-def plateau_statement(gain: float) -> str:
-    """The plateau check's words for the last doubling's gain in AP points."""
-    if gain < PLATEAU_GAIN:
-        return f"plateaued (last doubling adds {gain:.2f} < {PLATEAU_GAIN:g} AP)"
-    return (f"NOT plateaued (last doubling adds {gain:.2f} >= {PLATEAU_GAIN:g} AP): the longest schedule is too short "
-            "to answer")
+def plateau_statement(gain: float, interval: tuple[float, float] | None = None) -> str:
+    """The plateau check's words for the last doubling's gain in AP points and its interval: "levelled off" only
+    when the whole interval lies under the threshold; with no interval, a small gain is not called a plateau."""
+    if interval is None:
+        if gain < PLATEAU_GAIN:
+            return (f"not shown levelled off (last doubling adds {gain:.2f} < {PLATEAU_GAIN:g} AP, but with no "
+                    "interval: no per-image matches)")
+        return (f"NOT levelled off (last doubling adds {gain:.2f} >= {PLATEAU_GAIN:g} AP): the longest schedule is too "
+                "short to answer")
+    lo, hi = interval
+    ci = f"{gain:.2f} [{lo:+.2f}, {hi:+.2f}]"
+    if hi < PLATEAU_GAIN:
+        return f"levelled off (last doubling adds {ci}, all of the interval under {PLATEAU_GAIN:g} AP)"
+    if lo >= PLATEAU_GAIN:
+        return (f"NOT levelled off (last doubling adds {ci}, all of the interval at or over {PLATEAU_GAIN:g} AP): the "
+                "longest schedule is too short to answer")
+    return (f"not known whether levelled off (last doubling adds {ci}: the interval straddles {PLATEAU_GAIN:g} AP); "
+            "a longer schedule or more seeds would tell")
 
 
-def plateau_check(points: list[Point]) -> Section:
-    """The random-init arm at the largest data size: what its last doubling of the schedule adds."""
-    sec = Section("Plateau check: the random-init arm's last doubling")
-    arms = {k: v for k, v in _arms(points).items() if not k[1]}
+def plateau_check(points: list[Point], paired: Paired | None = None) -> Section:
+    """Each arm at each data size: what its last doubling of the schedule adds, with the interval of that gain
+    (a bootstrap over validation images and seeds, ``replicate_bootstrap`` of the longer runs against the shorter)."""
+    sec = Section("Plateau check: each arm's last doubling, with its interval")
+    arms = _arms(points)
     if not arms:
-        sec.missing.append("no finished random-init run: no plateau check")
+        sec.missing.append("no finished run: no plateau check")
         return sec
-    largest = max(v[0].size_rank for v in arms.values())
     rows = []
-    for arm in arms.values():
-        if arm[0].size_rank != largest:
-            continue
+    for (_, pretrained), arm in sorted(arms.items(), key=lambda kv: (kv[1][0].size_rank, kv[0][1], kv[0][0])):
         label = arm[0].group_label
+        who = f"{PRETRAINED if pretrained else RANDOM}{', ' + label if label else ''}"
         for t in IOU_TYPES:
             pair = last_doubling(arm, t)
             if pair is None:
-                sec.missing.append(f"{RANDOM}{', ' + label if label else ''}: one schedule length only: no doubling "
-                                   "to check")
+                sec.missing.append(f"{who}: one schedule length only: no doubling to check")
                 break
             short, long_ = pair
-            gain = long_.ap[t] - short.ap[t]
-            text = plateau_statement(gain)
+            shorts = [p for p in arm if p.images == short.images and t in p.ap]
+            longs = [p for p in arm if p.images == long_.images and t in p.ap]
+            # One seed's lengths share a trunk (schedule branching) and its data order: paired by seed where
+            # every seed has both lengths, as the image draw pairs them.
+            by_seed = {p.seed: p for p in shorts}, {p.seed: p for p in longs}
+            same = sorted(by_seed[0]) == sorted(by_seed[1]) and len(by_seed[0]) == len(shorts) == len(longs)
+            if same:
+                shorts, longs = [by_seed[0][k] for k in sorted(by_seed[0])], [by_seed[1][k] for k in sorted(by_seed[1])]
+            got = paired.get(longs, shorts, t, paired_seeds=same) if paired is not None else ["no bootstrap asked for"]
+            if isinstance(got, list):
+                gain, interval = (sum(p.ap[t] for p in longs) / len(longs) - sum(p.ap[t] for p in shorts) / len(shorts),
+                                  None)
+            else:
+                gain, interval = got["diff"], got["interval_diff"]
+            text = plateau_statement(gain, interval)
             ratio = long_.images / max(short.images, 1)
             span = "" if abs(ratio - 2) < 0.05 else f" (from {short.schedule} to {long_.schedule}: {ratio:.3g}x images)"
-            sec.lines.append(f"{RANDOM}{', ' + label if label else ''}, {TYPE_TITLES[t]}: {text}{span}")
-            rows.append([label or short.subset_label, TYPE_TITLES[t], long_.name, long_.images, long_.ap[t], short.name,
-                         short.images, short.ap[t], round(gain, 4), text])
+            sec.lines.append(f"{who}, {TYPE_TITLES[t]}: {text}{span}")
+            rows.append([label or short.subset_label, PRETRAINED if pretrained else RANDOM, TYPE_TITLES[t],
+                         ", ".join(p.name for p in longs), long_.images, ", ".join(p.name for p in shorts), short.images,
+                         round(gain, 4), *(interval if interval else (None, None)), text])
     if rows:
+        lv = _level(paired.level) if paired is not None else "95%"
         sec.tables.append(TableData(
-            "Plateau check", ["arm", "AP", "longest run", "its images", "its AP", "shorter run", "its images", "its AP",
-                              "gain", "statement"], rows,
-            f"The {RANDOM} arm at the largest data size: the longest schedule against the one with half its images "
-            f"(or the nearest shorter). A gain under {PLATEAU_GAIN:g} AP: the arm has levelled off; more: the study "
-            "cannot say whether it would catch up.", "plateau.csv"))
+            "Plateau check", ["data", "arm", "AP", "longest run(s)", "its images", "shorter run(s)", "its images",
+                              "gain", f"gain {lv} lo", f"gain {lv} hi", "statement"], rows,
+            f"Every arm at every data size: the longest schedule against the one with half its images (or the nearest "
+            f"shorter), each length's seeds pooled; the gain's interval is a bootstrap over validation images and seeds "
+            f"(the same image draw for both lengths). Levelled off: the whole interval under {PLATEAU_GAIN:g} AP; at or "
+            "over it: not levelled off, the study cannot say where the arm ends; straddling it: not known.",
+            "plateau.csv"))
     return sec
 
 
 # --------------------------------------------------------------------------- 3. prediction
 
 
-def _fit_line(fit: CurveFit, n: int) -> str:
+def _fit_line(fit: CurveFit, n: int, measured: float | None = None) -> str:
     lo, hi = fit.interval
-    text = f"plateau {fit.a:.2f} [{lo:.2f}, {hi:.2f}] from {n} lengths (rmse {fit.rmse:.2f})"
-    if n == 3:
-        text += "; 3 points: the 3-parameter curve passes through them, so the interval is no interval"
+    if math.isnan(lo):
+        text = (f"plateau {fit.a:.2f} from {n} lengths (rmse {fit.rmse:.2f}), no interval: {n} points for 3 "
+                f"parameters, and an interval needs {MIN_POINTS_FOR_INTERVAL}")
+    else:
+        text = f"plateau {fit.a:.2f} [{lo:.2f}, {hi:.2f}] from {n} lengths (rmse {fit.rmse:.2f})"
+    if measured is not None and fit.a < measured:
+        text += (f"; FLAGGED: the plateau lies below a measured AP ({measured:.2f}): the curve does not describe "
+                 "these runs, and is not used")
     if fit.at_bound:
         text += "; the points do not show the bend (c at its search limit): the plateau is not identified"
     return text
+
+
+def _interval_cells(interval: tuple[float, float]) -> tuple[float | None, float | None]:
+    """An interval for a table: None ("-") where there is none (too few points), not nan."""
+    return (None, None) if any(math.isnan(v) for v in interval) else interval
 
 
 def _note(sec: Section, text: str) -> None:
@@ -289,18 +359,20 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
     """The random-init arm's fit, where it reaches the pretrained arm's best, and the fit's holdout check."""
     xs, ys = np.array([p.images for p in s_pts], float), np.array([p.ap[t] for p in s_pts])
     fit = fit_saturating(xs, ys, resamples=resamples, seed=seed, level=level)
-    lo, hi = fit.interval
-    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted {_fit_line(fit, len(xs))}")
-    fits.append([label, RANDOM, "own images", TYPE_TITLES[t], len(xs), fit.a, lo, hi, fit.rmse, fit.at_bound])
-    if p_pts:
+    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted "
+                     f"{_fit_line(fit, len(set(xs.tolist())), float(ys.max()))}")
+    fits.append([label, RANDOM, "own images", TYPE_TITLES[t], len(xs), fit.a, *_interval_cells(fit.interval), fit.rmse,
+                 fit.at_bound])
+    if p_pts and fit.a >= ys.max():  # a plateau below a measured AP is flagged, and nothing is read from it
         best = max(p_pts, key=lambda p: p.ap[t])
         r = reach(fit, best.ap[t])
         times = "" if math.isinf(r.images) else f", {r.images / xs.max():.3g}x its longest run's images"
         sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: reaches the {PRETRAINED} arm's best "
-                         f"{best.ap[t]:.2f} ({best.name}) at {_count(r.images)} images seen [{_count(r.low)}, "
-                         f"{_count(r.high)}]{times}")
+                         f"{best.ap[t]:.2f} ({best.name}) at {_count(r.images)} images seen "
+                         + ("(no interval: too few lengths)" if math.isnan(r.low) else
+                            f"[{_count(r.low)}, {_count(r.high)}]") + times)
         fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {best.ap[t]:.2f}", TYPE_TITLES[t], len(xs),
-                     r.images, r.low, r.high, None, fit.at_bound])
+                     r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound])
     # Validate on the study itself: fit the lengths up to half the longest, predict the longer ones.
     split = float(xs.max()) / 2
     n_train = len({x for x in xs if x <= split})
@@ -310,8 +382,8 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
         return
     out = holdout_error(xs, ys, split=split, resamples=min(resamples, 200))
     rows = []
-    for x, err in zip(out["xs"], out["errors"]):
-        p = next(q for q in s_pts if q.images == x)
+    held = [p for p in s_pts if p.images > split]  # holdout_error's order: the points beyond split, as given
+    for p, err in zip(held, out["errors"]):
         rows.append([label, RANDOM, TYPE_TITLES[t], p.name, p.images, p.ap[t], p.ap[t] + float(err), float(err)])
     hold += rows
     sec.lines.append(f"validation, {RANDOM}{where}, {TYPE_TITLES[t]}: fitted on the {n_train} lengths up to "
@@ -351,9 +423,9 @@ def prediction(points: list[Point], *, resamples: int, seed: int, level: float) 
                 pf = fit_saturating(pxs, pys, resamples=resamples, seed=seed, level=level)
                 axis = "images incl. pre-training" if counted else "own images"
                 sec.lines.append(f"EXTRAPOLATION, {PRETRAINED}{where}, {TYPE_TITLES[t]} ({axis}): "
-                                 f"{_fit_line(pf, len(pxs))}")
-                fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], len(pxs), pf.a, *pf.interval, pf.rmse,
-                             pf.at_bound])
+                                 f"{_fit_line(pf, len(set(pxs.tolist())), float(pys.max()))}")
+                fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], len(pxs), pf.a, *_interval_cells(pf.interval),
+                             pf.rmse, pf.at_bound])
     lv = _level(level)
     if fits:
         sec.tables.append(TableData(
@@ -558,12 +630,15 @@ def ap_vs_seen(points: list[Point]) -> Section:
 # --------------------------------------------------------------------------- all of it
 
 
-def analyze(points: list[Point], *, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[Section]:
+def analyze(points: list[Point], *, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+            margin: float = DEFAULT_MARGIN) -> list[Section]:
     """The five answers, each saying what it lacks where the runs do not have it."""
     if resamples < 200:
         raise ValueError(f"resamples={resamples}: percentile intervals need at least 200 resamples")
-    paired = Paired(resamples=resamples, seed=seed, level=level)
-    return [catch_up(points, paired), plateau_check(points),
+    if margin <= 0:
+        raise ValueError(f"margin={margin}: an equivalence margin is a positive number of AP points")
+    paired = Paired(resamples=resamples, seed=seed, level=level, margin=margin)
+    return [catch_up(points, paired), plateau_check(points, paired),
             prediction(points, resamples=resamples, seed=seed, level=level), breakdown(points, paired),
             ap_vs_seen(points)]
 

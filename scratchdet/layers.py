@@ -65,6 +65,42 @@ class FP32BoxPredictor(FastRCNNPredictor):
             return super().forward(x.float())
 
 
+# --------------------------------------------------------------------------- mask targets
+#
+# torchvision builds Mask R-CNN's mask targets (``roi_heads.project_masks_on_boxes``) with ``roi_align``
+# on the full-size ground-truth masks, adaptive sampling.  Under deterministic algorithms on CUDA,
+# ``torchvision.ops.roi_align`` sends every call, forward included, to its pure-PyTorch ``_roi_align``,
+# whose intermediate is [K, 1, 28, 28, H, W]: at 800x1216 with 128 RoIs about 0.4 TiB, out of memory at
+# the first step of any Mask R-CNN preset with train.deterministic=on.  It does so because the kernel's
+# *backward* adds with atomics; its forward writes each output once.  Targets need no gradient, so they
+# take the compiled kernel's forward on every device: the same op the CPU (and CUDA outside
+# deterministic mode) ran before, so CPU runs are unchanged to the bit.
+
+
+def mask_target_roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+                          spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """``torchvision.ops.roi_align`` for inputs that need no gradient (mask targets): the compiled
+    kernel's forward, never the pure-PyTorch fallback deterministic mode picks on CUDA."""
+    from torchvision.ops._utils import convert_boxes_to_roi_format
+    from torchvision.ops.roi_align import roi_align
+
+    if input.requires_grad or torch.jit.is_scripting():
+        return roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(boxes)
+    h, w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    with torch.no_grad():
+        return torch.ops.torchvision.roi_align(input, rois, spatial_scale, h, w, sampling_ratio, aligned)
+
+
+def use_mask_target_roi_align() -> None:
+    """Make torchvision's mask-target builder (``roi_heads.project_masks_on_boxes``, used by its
+    ``maskrcnn_loss``: the standard and the cascade heads) call ``mask_target_roi_align``.  The module's
+    ``roi_align`` name serves that function alone; nothing else of torchvision changes."""
+    from torchvision.models.detection import roi_heads
+
+    roi_heads.roi_align = mask_target_roi_align
+
+
 # --------------------------------------------------------------------------- seeded sampling
 #
 # torchvision samples the RPN's anchors and the box head's RoIs with torch.randperm on the global
@@ -100,13 +136,17 @@ class SeededSampler(BalancedPositiveNegativeSampler):
             return super().__call__(matched_idxs)
         pos_masks, neg_masks = [], []
         for matched, seed in zip(matched_idxs, seeds):
-            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + self.salt) % 2**63)
+            # The permutation is drawn where the anchors are: on a GPU a CPU randperm over every negative
+            # anchor (about 2.5 ms an image at 800x1333) and its copy would cost a few percent of a step.
+            # The CPU's stream is the one it always was, so CPU runs are unchanged to the bit.
+            device = matched.device
+            g = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + self.salt) % 2**63)
             positive = torch.where(matched >= 1)[0]
             negative = torch.where(matched == 0)[0]
             num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
             num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
-            pos = positive[torch.randperm(positive.numel(), generator=g)[:num_pos].to(matched.device)]
-            neg = negative[torch.randperm(negative.numel(), generator=g)[:num_neg].to(matched.device)]
+            pos = positive[torch.randperm(positive.numel(), generator=g, device=device)[:num_pos]]
+            neg = negative[torch.randperm(negative.numel(), generator=g, device=device)[:num_neg]]
             pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
             neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
             pos_mask[pos] = 1

@@ -32,7 +32,15 @@ from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.ops.poolers import _setup_scales
 
 from . import distributed as dist
-from .layers import FP32BoxPredictor, SeededSampler, _fp32, msra_fill_, normal_fill_, xavier_fill_
+from .layers import (
+    FP32BoxPredictor,
+    SeededSampler,
+    _fp32,
+    msra_fill_,
+    normal_fill_,
+    use_mask_target_roi_align,
+    xavier_fill_,
+)
 from .layers import sampling_seeds as sampling_seeds  # re-exported: engine and tests take it from here
 
 NORMS = ("GN", "SyncBN", "BN", "FrozenBN", "none")
@@ -779,6 +787,8 @@ def build_model(
     model.transform = BatchOnlyTransform(1, 1, list(pixel_mean), list(pixel_std), size_divisible=32)
     model.rpn.fg_bg_sampler = SeededSampler(rpn_batch_size_per_image, 0.5, salt=1)
     model.roi_heads.fg_bg_sampler = SeededSampler(roi_batch_size_per_image, roi_positive_fraction, salt=2)
+    if task == "masks":
+        use_mask_target_roi_align()  # deterministic mode on CUDA would build targets in 0.4 TiB (layers.py)
     if roi_head == "cascade":
         from .cascade import make_cascade
 

@@ -46,6 +46,7 @@ from .run import (
     environment,
     pick_device,
     precision_name,
+    precision_reason,
     prepare_run_dir,
     restore_training_state,
     save_training_state,
@@ -55,7 +56,7 @@ from .run import (
     use_channels_last,
     use_deterministic,
 )
-from .solver import build_optimizer, lr_factor, skip_nonfinite_step
+from .solver import build_gradient_clipper, build_optimizer, lr_factor, skip_nonfinite_step
 
 log = logging.getLogger("scratchdet")
 
@@ -199,9 +200,6 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     sched = resolve_schedule(cfg.solver, len(data))
     for note in sched.notes:
         log.info("%s", note)
-    if cfg.solver.fp32_cpu_scale != 1.0:  # inherited from a detection preset (the default sets it)
-        log.info("solver.fp32_cpu_scale=%g not applied: it scales detection training (scratchdet train) only",
-                 cfg.solver.fp32_cpu_scale)
 
     # ---- model and solver -----------------------------------------------------------------------
     m, s = cfg.model, cfg.solver
@@ -217,8 +215,11 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, sched))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     n_params, _ = count_parameters(model)
-    log.info("classifier: R%d trunk, norm %s, %d classes, %s parameters; precision: %s%s", m.depth, m.norm,
-             len(data.classes), f"{n_params:,}", precision_name(dtype), ", channels-last" if channels_last else "")
+    log.info("classifier: R%d trunk, norm %s, %d classes, %s parameters; precision: %s%s [%s]", m.depth, m.norm,
+             len(data.classes), f"{n_params:,}", precision_name(dtype), ", channels-last" if channels_last else "",
+             precision_reason(cfg.train.amp, device))
+    if s.clip_gradients != "off":
+        log.info("gradient clipping: %s %g (solver.clip_gradients, solver.clip_value)", s.clip_gradients, s.clip_value)
     log.info("schedule: %d iterations of %d images, base LR %g, %s LR%s, warmup %d iterations", sched.max_iter,
              s.ims_per_batch, sched.base_lr, cfg.pretrain.lr_schedule,
              f" drops at {list(sched.steps)}" if cfg.pretrain.lr_schedule == "step" else "", sched.warmup_iters)
@@ -284,6 +285,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
                              worker_init_fn=worker_init, pin_memory=device.type == "cuda",
                              generator=torch.Generator().manual_seed(cfg.train.seed)))
     params = [p for p in model.parameters() if p.requires_grad]
+    clip = build_gradient_clipper(cfg.solver.clip_gradients, value=cfg.solver.clip_value,
+                                  norm_type=cfg.solver.clip_norm_type)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     bar = tqdm(total=sched.max_iter, initial=start_iter, desc="pretrain", file=sys.stderr, dynamic_ncols=True,
                disable=not progress)
@@ -307,10 +310,15 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
             # step); the GradScaler skips fp16 overflows by itself.  The host reads the count at log lines.
             if dtype == torch.float16:
                 bad = ~torch.isfinite(loss.detach())
+                if clip is not None:  # on the true gradients: the scaler's factor divided out first
+                    scaler.unscale_(optimizer)
+                    clip([p.grad for p in params if p.grad is not None], None)
             else:
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-                    [p.grad for p in params if p.grad is not None])))
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 bad = ~torch.isfinite(loss.detach() + grad_norm)
+                if clip is not None:
+                    clip(grads, grad_norm)
             if scaler.is_enabled():
                 scaler.step(optimizer)
                 scaler.update()

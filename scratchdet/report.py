@@ -87,7 +87,10 @@ class Run:
     schedule: Schedule | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.flat = _flatten(self.config)
+        from .config import REMOVED_KEYS
+
+        # A key removed from the config since the run was saved means nothing now: it must not split runs.
+        self.flat = {k: v for k, v in _flatten(self.config).items() if k not in REMOVED_KEYS}
         self.schedule = _schedule(self.config, self.flat)
 
     @property
@@ -238,9 +241,14 @@ def _init_coupled(runs: list[Run], key: str) -> bool:
     return all(len(v) == 1 for v in by_init.values()) and by_init[False] != by_init[True]
 
 
+# Keys whose runs are replicates of one another, not arms: pooled by the findings, listed side by side in tables.
+REPLICATE_KEYS = ("train.seed",)
+
+
 def dims(runs: list[Run]) -> list[Dim]:
-    """Schedule, data size, then every other key that varies (the init and what goes with it aside)."""
-    varying = [k for k in _varying(runs) if k != "model.init" and not _init_coupled(runs, k)]
+    """Schedule, data size, then every other key that varies (the init, what goes with it, and the training seed,
+    whose runs are replicates, aside)."""
+    varying = [k for k in _varying(runs) if k != "model.init" and k not in REPLICATE_KEYS and not _init_coupled(runs, k)]
     out = [SCHEDULE_DIM, SUBSET_DIM]
     for k in varying:
         if k not in SCHEDULE_KEYS + SUBSET_KEYS:
@@ -286,7 +294,7 @@ def pivot(runs: list[Run], *, primary: Dim, title: str, csv_name: str, note: str
     for t in IOU_TYPES:
         columns += [f"{TYPE_TITLES[t]} {RANDOM}", f"{TYPE_TITLES[t]} {PRETRAINED}", f"{TYPE_TITLES[t]} {RANDOM} - {PRETRAINED}"]
     rows = []
-    unfinished = False
+    unfinished = several = False
     for labels, members in groups.items():
         row: list[Any] = list(labels)
         for t in IOU_TYPES:
@@ -295,12 +303,18 @@ def pivot(runs: list[Run], *, primary: Dim, title: str, csv_name: str, note: str
                 vals = [(r.metric(t), r.finished) for r in members if r.pretrained == pretrained and r.metric(t) is not None]
                 unfinished |= any(f is False for _, f in vals)
                 cells.append(vals)
-            shown = [v[0][0] if len(v) == 1 else (" / ".join(_fmt(x) for x, _ in v) or None) for v in cells]
+            # Several runs in one cell are seed replicates (train.seed is no dimension): their mean.
+            shown = [None if not v else v[0][0] if len(v) == 1 else round(sum(x for x, _ in v) / len(v), 4)
+                     for v in cells]
+            several |= any(len(v) > 1 for v in cells)
             diff = round(shown[0] - shown[1], 4) if all(isinstance(x, float) for x in shown) else None
             row += [*shown, diff]
         rows.append(row)
     if unfinished:
         note += " Some runs are unfinished: their latest evaluation is shown."
+    if several:
+        note += (" A cell with several runs (they differ only in train.seed: replicates) shows their mean; the "
+                 "catch-up table gives each arm's seeds, spread and interval.")
     return Table(title, columns, rows, note.strip(), csv_name)
 
 
@@ -631,7 +645,7 @@ def study_points(runs: list[Run]) -> list[Any]:
         s = r.seen
         images = s["images_seen"] or ((r.max_iter or 0) * r.ims_per_batch if r.finished else 0)
         points.append(Point(
-            name=r.name, pretrained=r.pretrained, pair=key, group=key[1:],
+            name=r.name, pretrained=r.pretrained, pair=key, group=key[1:], seed=int(r.flat.get("train.seed", 0) or 0),
             group_label=", ".join(f"{d.title}: {d.label(r)}" for d in shown), schedule=schedule_label(r),
             subset=float(r.flat.get("data.subset", 0) or 0), subset_label=subset_label(r), images=images,
             pixels=s["pixels_seen"],
@@ -684,7 +698,7 @@ img {{ display: block; max-width: 100%; height: auto; }}
 
 def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str, str] | None = None,
                  pretrain_offset: bool = False, title: str = "scratchdet report", resamples: int = 1000,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, margin: float | None = None) -> dict[str, Any]:
     """Write the report into ``out``; returns what was written and the tables (for the CLI to print)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -713,9 +727,11 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
     sections.append("<h2>AP vs iteration (Fig. 1)</h2>" +
                     _figure(png, "AP vs iteration", curves_caption(runs, pretrain_offset)))
     # The paper's questions answered (catch-up with intervals, plateau, prediction, breakdown, Fig. 2's argument).
+    from .bootstrap import DEFAULT_MARGIN
     from .findings import analyze, findings_text
 
-    found = analyze(study_points(runs), resamples=resamples, seed=seed)
+    found = analyze(study_points(runs), resamples=resamples, seed=seed,
+                    margin=DEFAULT_MARGIN if margin is None else margin)
     pngs = {}
     for sec in found:
         if sec.figure is not None:

@@ -51,7 +51,8 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda": cuda and torch.cuda.get_device_name(),
-            "cpu_bf16": cpu_has_native_bf16(), "world_size": dist.world_size(), "argv": sys.argv}
+            "cpu_bf16": cpu_bf16_support()[0], "cpu_bf16_flags": cpu_bf16_support()[1], "world_size": dist.world_size(),
+            "argv": sys.argv}
 
 
 def setup_logging(run_dir: Path | None = None) -> None:
@@ -80,10 +81,26 @@ def pick_device(name: str) -> torch.device:
     """``train.device`` as a device: ``auto`` is CUDA when there is a GPU, else the CPU.  Under
     torchrun (LOCAL_RANK set) each process takes the GPU of its local rank, decided here, before
     the process group exists, so every caller (training, ``eval``, the run stamp) gets an index."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
-        return device
     from .config import ConfigError
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        # Refused here, in one line, not by torch's "Found no NVIDIA driver" traceback from model.to(device).
+        raise ConfigError(f"train.device={name}: torch sees no CUDA GPU (torch {torch.__version__}, "
+                          f"{'CUDA build ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}, "
+                          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!r}); "
+                          "use train.device=cpu or auto")
+    if "LOCAL_RANK" not in os.environ:
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} GPU(s) visible "
+                                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            # The current device is what torch uses where no device is named: the pin-memory thread, the
+            # caching allocator's first context, is_bf16_supported().  Without this, cuda:1 also sets up GPU 0.
+            torch.cuda.set_device(device)
+        return device
 
     if device.index is not None:
         # Every rank would take the same GPU, and NCCL refuses two ranks on one device.
@@ -141,21 +158,74 @@ def use_channels_last(setting: str, device: torch.device) -> bool:
     return setting == "on"
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bf16 matmuls and convolutions are faster than fp32, not emulated."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 matmuls and convolutions natively, and the flags that say so.
+
+    Native means instructions that multiply bf16: AVX512-BF16 or AMX-BF16 on x86, the BF16
+    extension (NEON or SVE) on ARM.  oneDNN's own "bf16 supported" (``_is_mkldnn_bf16_supported``)
+    is true on any AVX-512 CPU, where it converts bf16 to fp32 and back around fp32 arithmetic:
+    3-4x slower than fp32 on a Xeon without AVX512-BF16 (Skylake-SP to Ice Lake), so it is not asked.
+    """
+    if not torch.backends.mkldnn.is_available():  # torch's own bf16 convolutions are emulated without oneDNN
+        return False, "this torch is built without oneDNN"
+    caps = cpu_capabilities()
+    x86 = [f for f in ("avx512_bf16", "amx_bf16") if caps.get(f)]
+    arm = [f for f in ("bf16", "sve_bf16") if caps.get(f)]
+    found = x86 or arm
+    if found:
+        return True, " and ".join(found)
+    arch = caps.get("architecture") or platform.machine()
+    return False, f"no AVX512-BF16, AMX-BF16 or ARM BF16 among the {arch} CPU's flags"
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """The CPU's instruction-set flags as torch's cpuinfo reads them (``torch.cpu.get_capabilities``);
+    on a torch without that function, the flags of ``/proc/cpuinfo`` (Linux), else none."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return dict(get())
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    # /proc/cpuinfo spells AMX-BF16 amx_bf16 and AVX512-BF16 avx512_bf16 on x86, and BF16 bf16 / svebf16 on ARM.
+    return {"architecture": platform.machine(), **{f: True for f in flags},
+            **({"sve_bf16": True} if "svebf16" in flags else {})}
+
+
+def cuda_bf16_support(device: torch.device) -> tuple[bool, str]:
+    """Whether this GPU computes bf16 natively (compute capability 8.0 or newer, or ROCm).  torch's
+    ``is_bf16_supported()`` also counts emulation (true on a V100 or T4, where bf16 runs slower than
+    fp32) and asks the current device, not the run's; this is its ``including_emulation=False`` answer
+    for ``device``."""
+    if torch.version.hip:
+        return True, "ROCm"
+    props = torch.cuda.get_device_properties(device)
+    major, minor = props.major, props.minor
+    return major >= 8, f"compute capability {major}.{minor}"
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype; ``auto`` is bf16 where the hardware computes it natively (on a CPU
-    without native bf16, emulated bf16 would be slower than fp32), else off.  On CUDA, ``auto``
-    also lets the fp32 matmuls and convolutions that remain (GroupNorm's neighbours, the box
-    predictors) use TF32, and ``off`` keeps them in full fp32; the log says which."""
-    if amp == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-        dtype = torch.bfloat16 if native else None
+    without native bf16, emulated bf16 would be slower than fp32), else off.  A forced ``bf16`` on
+    hardware that only emulates it runs, with a warning.  On CUDA, ``auto`` also lets the fp32
+    matmuls and convolutions that remain (GroupNorm's neighbours, the box predictors) use TF32, and
+    ``off`` keeps them in full fp32; the log says which."""
+    if amp in ("auto", "bf16"):
+        native, why = cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
+        if amp == "auto":
+            dtype = torch.bfloat16 if native else None
+        else:
+            dtype = torch.bfloat16
+            if not native:
+                log.warning("train.amp=bf16 on hardware that only emulates bf16 (%s, %s): expect it to be slower "
+                            "than fp32 (train.amp=auto or off trains in fp32 here)", device.type.upper(), why)
     else:
-        dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        dtype = {"off": None, "fp16": torch.float16}[amp]
     if device.type == "cuda":
         tf32 = amp == "auto"
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -163,6 +233,14 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         log.info("CUDA precision: %s autocast; fp32 matmuls and convolutions in %s",
                  precision_name(dtype) if dtype is not None else "no", "TF32" if tf32 else "full fp32")
     return dtype
+
+
+def precision_reason(amp: str, device: torch.device) -> str:
+    """Why ``train.amp`` gives the precision it does here, for the log line ``precision: ...``."""
+    if amp != "auto":
+        return f"train.amp={amp}"
+    native, why = cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
+    return f"train.amp=auto: {'native bf16' if native else 'bf16 would be emulated'} ({why})"
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

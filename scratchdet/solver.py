@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,40 @@ def build_optimizer(model: nn.Module, *, base_lr: float, momentum: float, weight
             for p in group["params"]:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return optimizer
+
+
+GradientClipper = Callable[[list[torch.Tensor], "torch.Tensor | None"], None]
+
+
+def build_gradient_clipper(mode: str, *, value: float, norm_type: float = 2.0) -> GradientClipper | None:
+    """Gradient clipping as a function of the gradients (in place), or None for ``off``.
+
+    ``norm`` scales every gradient by ``min(1, value / total_norm)``, the norm of all gradients together
+    (torch's ``clip_grad_norm_``, as mmdetection's ``grad_clip``).  detectron2's ``SOLVER.CLIP_GRADIENTS``
+    with ``CLIP_TYPE: norm`` clips each parameter tensor by its own norm instead, which bounds every layer
+    alike however many there are; the total norm keeps the update's direction, the usual choice for a
+    diverging run.  ``value`` clamps each element, as detectron2's ``value``.
+    ``value`` clamps each element.  The clipper takes the total 2-norm the non-finite check already
+    computed (no second pass, no host sync); a non-finite norm makes the gradients non-finite, and the
+    step is skipped by that check anyway.
+    """
+    if mode == "off":
+        return None
+    if mode == "value":
+        def clip_value(grads: list[torch.Tensor], total_norm: torch.Tensor | None) -> None:
+            torch._foreach_clamp_min_(grads, -value)
+            torch._foreach_clamp_max_(grads, value)
+        return clip_value
+    if mode != "norm":
+        raise ValueError(f"gradient clipping {mode!r} is not off, norm or value")
+
+    def clip_norm(grads: list[torch.Tensor], total_norm: torch.Tensor | None) -> None:
+        if not grads:
+            return
+        if total_norm is None or norm_type != 2.0:
+            total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
+        torch._foreach_mul_(grads, (value / (total_norm.float() + 1e-6)).clamp(max=1.0))
+    return clip_norm
 
 
 def skip_nonfinite_step(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:

@@ -246,15 +246,10 @@ def grid_keys(spec: dict[str, Any]) -> set[str]:
 
 
 def _schedule_as_run(cfg: Any) -> Any:
-    """The schedule ``engine.train`` will run for ``cfg`` (after ``solver.fp32_cpu_scale`` where it
-    applies); a ConfigError when it depends on the data set's size (``solver.epochs``)."""
-    from .config import resolve_schedule, scale_for_fp32_cpu
-    from .run import amp_dtype, pick_device
+    """The schedule ``engine.train`` will run for ``cfg`` (the same in every precision); a ConfigError
+    when it depends on the data set's size (``solver.epochs``)."""
+    from .config import resolve_schedule
 
-    if cfg.train.amp == "auto" and cfg.solver.fp32_cpu_scale != 1.0:
-        device = pick_device(cfg.train.device)
-        if device.type == "cpu" and amp_dtype(cfg.train.amp, device) is None:
-            cfg = scale_for_fp32_cpu(cfg)[0]
     subset = cfg.data.subset
     return cfg, resolve_schedule(cfg.solver, int(subset) if subset >= 1 else None)
 
@@ -417,23 +412,15 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
 
 
-def _as_run(cfg: Any, saved: dict[str, Any] | None) -> Any:
-    """The study's config for a run as the run records it: ``engine.train`` writes the schedule it
-    ran, scaled once by ``solver.fp32_cpu_scale`` on a CPU without native bf16 (the factor then 1)."""
-    if saved is not None and cfg.solver.fp32_cpu_scale != 1.0 and saved.get("solver", {}).get("fp32_cpu_scale") == 1.0:
-        from .config import scale_for_fp32_cpu
-
-        return scale_for_fp32_cpu(cfg)[0]
-    return cfg
-
-
 def _config_drift(run_dir: Path, cfg: Any) -> list[str]:
     """Keys whose value in the run's ``config.yaml`` differs from the study's config for it now."""
     saved = _saved_config(run_dir)
     if saved is None:
         return []
-    old, new = flatten(saved), flatten(to_dict(_as_run(cfg, saved)))
-    return differing_keys(old, new)
+    from .config import REMOVED_KEYS
+
+    old = {k: v for k, v in flatten(saved).items() if k not in REMOVED_KEYS}  # a run saved before a key was removed
+    return differing_keys(old, flatten(to_dict(cfg)))
 
 
 def ensure_synth_cls(root: Path, params: dict[str, Any]) -> Path:
@@ -462,7 +449,11 @@ def run_member(study: Study, member: Member, *, progress: bool) -> None:
     run_dir = study.run_dir(member)
     drift = _config_drift(run_dir, cfg)
     if drift:
-        raise ConfigError(f"{run_dir} was started with another config ({', '.join(drift[:6])} differ); remove the "
+        saved = _saved_config(run_dir) or {}
+        why = ("; it was saved with solver.fp32_cpu_scale, since removed: a member trained in fp32 on a CPU without "
+               "native bf16 then ran a scaled schedule, and every precision now runs the spec's"
+               if "fp32_cpu_scale" in (saved.get("solver") or {}) else "")
+        raise ConfigError(f"{run_dir} was started with another config ({', '.join(drift[:6])} differ{why}); remove the "
                           "run directory to train it under the study's current spec, or restore the spec")
     if member.kind == "pretrain":
         from .pretrain import pretrain
@@ -558,7 +549,7 @@ def planned_iterations(study: Study, member: Member) -> int | None:
     from .config import resolve_schedule
 
     try:
-        cfg = _as_run(study.config(member), _saved_config(study.run_dir(member)))
+        cfg = study.config(member)
         subset = cfg.data.subset
         return resolve_schedule(cfg.solver, int(subset) if subset >= 1 else None).max_iter
     except ConfigError:

@@ -79,3 +79,32 @@ def test_holdout_error_predicts_the_later_points():
         holdout_error(XS, ys, split=XS.max())
     with pytest.raises(ValueError, match="at least 3"):
         holdout_error(XS, ys, split=XS[1])
+
+
+def test_fewer_points_than_parameters_plus_two_give_no_interval():
+    # 4 lengths and 3 parameters left the residual bootstrap one degree of freedom: intervals 5-10x too narrow.
+    from scratchdet.curvefit import MIN_POINTS_FOR_INTERVAL
+
+    xs = XS[:MIN_POINTS_FOR_INTERVAL - 1]
+    fit = fit_saturating(xs, _curve(xs) + np.array([0.3, -0.2, 0.1, -0.3]))
+    assert all(math.isnan(v) for v in fit.interval) and not len(fit.boot)
+    r = reach(fit, 35.0)
+    assert math.isfinite(r.images) and math.isnan(r.low) and math.isnan(r.high)
+    assert not any(math.isnan(v) for v in fit_saturating(XS[:5], _curve(XS[:5])).interval)
+
+
+def test_backtest_on_the_papers_table1():
+    # Fit each arm on the paper's 2x-4x (R50-FPN GN box AP), predict its 5x and 6x: the errors are what the
+    # saturating power law would have claimed, and docs/statistics.md reports them.
+    from scratchdet.config import TABLE1_R50_GN
+    from scratchdet.curvefit import backtest_table1
+
+    errors = backtest_table1(fit_upto=4)
+    assert set(errors) == {"random init", "pretrained"} and all(set(e) == {5, 6} for e in errors.values())
+    assert all(math.isfinite(v) for e in errors.values() for v in e.values())
+    # 3 points, 3 parameters: the fit passes through 2x-4x, so the errors are the form's alone.
+    from scratchdet.curvefit import fit_saturating as fs
+
+    xs = np.array([2, 3, 4], float) * 90_000 * 16
+    fit = fs(xs, np.array([TABLE1_R50_GN[n][0] for n in (2, 3, 4)]), resamples=200)
+    assert errors["random init"][5] == pytest.approx(float(fit.predict(5 * 90_000 * 16)) - TABLE1_R50_GN[5][0])

@@ -457,9 +457,40 @@ def test_input_size_report_warns_where_images_shrink_or_boxes_miss_the_anchors()
     # 4 px boxes against anchors from 32 px: under half the smallest anchor, all of them.
     small = _records([(640, 480)] * 3, 4)
     _, warnings = input_size_report(small, min_sizes=[480], max_size=640, anchor_sizes=[32, 64, 128, 256, 512])
-    assert len(warnings) == 1 and "100% of the 3 training boxes are under 16 px" in warnings[0]
+    assert "100% of the 3 training boxes are under 16 px" in warnings[0]
     assert "model.anchor_sizes (now [32, 64, 128, 256, 512])" in warnings[0]
+    assert "shrink under 8 px" in warnings[1] and "the anchors cover 0%" in warnings[2] and len(warnings) == 3
     # Large scale jitter at its mean factor: a 1024 px square x 1.05 fits the 640 px side to 1075 px.
     summary, _ = input_size_report(photos, min_sizes=[800], max_size=1333, anchor_sizes=[32, 64, 128, 256, 512],
                                    lsj_size=1024, lsj_scale=[0.1, 2.0])
     assert "resized x1.68 on median" in summary
+
+
+@pytest.mark.parametrize("side, expect", [
+    (6, ["smaller than the smallest anchor", "shrink under 8 px", "the anchors cover 0%"]),  # tiny: nuclei at 256 px
+    (10, ["smaller than the smallest anchor"]),  # under the smallest anchor, over 8 px, covered (IoU 0.69)
+    (40, []),  # inside the anchors' span
+    (600, ["outside the anchors' reach", "the anchors cover 0%"]),  # over twice the largest anchor
+])
+def test_tiny_and_large_boxes_are_warned_about_naming_the_setting(side, expect):
+    from scratchdet.data import input_size_report
+
+    summary, warnings = input_size_report(_records([(640, 640)] * 4, side), min_sizes=[640], max_size=640,
+                                          anchor_sizes=[12, 24, 48, 96, 192])
+    assert len(warnings) == len(expect) and all(e in w for e, w in zip(expect, warnings)), warnings
+    assert "cover" in summary
+    for w in warnings:
+        assert "model.anchor_sizes" in w or "data.min_size_train" in w
+
+
+def test_anchor_coverage_in_the_rpns_terms():
+    from scratchdet.data import anchor_coverage
+
+    sizes = [12, 24, 48, 96, 192]
+    # A square half-way (geometrically) between two anchor sizes overlaps each by IoU 1/2: covered, just.
+    assert anchor_coverage(np.array([[24 * 2 ** 0.5] * 2]), sizes)[0] == pytest.approx(0.5)
+    assert anchor_coverage(np.array([[48.0, 48.0]]), sizes)[0] == pytest.approx(1.0)
+    # A 1:2 box meets its own aspect ratio (torchvision: h/w = ratio) exactly; a 1:8 sliver is not covered.
+    assert anchor_coverage(np.array([[48 / 2 ** 0.5, 48 * 2 ** 0.5]]), sizes)[0] == pytest.approx(1.0)
+    assert anchor_coverage(np.array([[12.0, 96.0]]), sizes)[0] < 0.5
+    assert anchor_coverage(np.array([[4.0, 4.0]]), sizes)[0] == pytest.approx(16 / 144)

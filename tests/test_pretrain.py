@@ -310,3 +310,21 @@ def test_sigterm_or_sigint_checkpoints_and_exits_nonzero(folder, reference, tmp_
     assert f"resumed from model_{n:07d}.pth at iteration {n}" in out
     assert _same_backbone(reference, run)
     assert _metrics(run) == _metrics(reference)
+
+
+def test_gradient_clipping_bounds_the_first_pretraining_step(folder, tmp_path):
+    # As for detection: one step from the same initial weights moves them by at most LR x clip_value.
+    def weights(run):
+        state = torch.load(run / "backbone_final.pth", weights_only=True)["backbone"]
+        return torch.cat([v.flatten().float() for k, v in sorted(state.items()) if v.is_floating_point()])
+
+    one = ["solver.max_iter=1", "solver.warmup_iters=0", "solver.weight_decay=0", "solver.weight_decay_norm=0",
+           "solver.weight_decay_bias=0"]
+    _pretrain(folder, tmp_path / "init", *one, "solver.base_lr=0")
+    _pretrain(folder, tmp_path / "free", *one, "solver.base_lr=0.5")
+    _pretrain(folder, tmp_path / "norm", *one, "solver.base_lr=0.5", "solver.clip_gradients=norm",
+              "solver.clip_value=0.001")
+    w0 = weights(tmp_path / "init")
+    clipped = torch.linalg.vector_norm(weights(tmp_path / "norm") - w0).item()
+    assert 0 < clipped <= 0.5 * 0.001 * (1 + 1e-3)  # the trunk's share of the clipped step
+    assert torch.linalg.vector_norm(weights(tmp_path / "free") - w0).item() > 10 * clipped

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ def gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
     set_count()
+    set_count.current = []  # what torch.cuda.set_device was given
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: set_count.current.append(torch.device(device)))
     return set_count
 
 
@@ -68,6 +71,39 @@ def test_single_process_keeps_the_named_device(monkeypatch, gpus):
     assert run.pick_device("cuda:1") == torch.device("cuda", 1)
     gpus(0)
     assert run.pick_device("auto") == torch.device("cpu")
+
+
+def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch, gpus):
+    # Without set_device, the pin-memory thread, the allocator's first context and is_bf16_supported()
+    # would use GPU 0 while the model trains on GPU 1.
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert run.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert gpus.current == [torch.device("cuda", 1)]
+    with pytest.raises(ConfigError, match=r"train.device=cuda:2: only 2 GPU\(s\) visible"):
+        run.pick_device("cuda:2")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_cuda_without_a_gpu_is_refused_in_one_line(monkeypatch, gpus, name):
+    # Once: "CUDA precision: ..." logged, then torch's "Found no NVIDIA driver" traceback from model.to(device).
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    gpus(0)
+    with pytest.raises(ConfigError, match=f"train.device={name}: torch sees no CUDA GPU") as e:
+        run.pick_device(name)
+    assert "\n" not in str(e.value) and "train.device=cpu" in str(e.value)
+
+
+def test_train_on_cuda_without_a_gpu_stops_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from scratchdet.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--out", str(tmp_path / "run"), "train.device=cuda", "data.synth.num_train=2",
+                 "data.synth.num_val=1"]) != 0
+    err = capsys.readouterr().err
+    assert "train.device=cuda: torch sees no CUDA GPU" in err and "Traceback" not in err and "NVIDIA driver" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_run_stamp_joins_with_an_indexed_device(monkeypatch, gpus):
@@ -247,15 +283,98 @@ def tf32_flags():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_amp_auto_on_cuda_is_bf16_with_tf32(monkeypatch, tf32_flags, caplog):
+@pytest.fixture
+def cuda_device(monkeypatch):
+    """A visible CUDA device of a given compute capability, as torch.cuda reports it; torch's own
+    emulation probe (a bf16 tensor on the device) succeeds, as it does on a V100 or T4."""
+    def set_capability(major: int, minor: int = 0) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(major=major, minor=minor, name=f"sm_{major}{minor}"))
+        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+        monkeypatch.setattr(torch.version, "hip", None)
+    return set_capability
+
+
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)], ids=["V100", "A100", "H100"])
+def test_amp_auto_on_cuda_is_bf16_only_where_native(cuda_device, tf32_flags, caplog, major, native):
+    # torch.cuda.is_bf16_supported() is true on a V100 (it counts emulation): auto must not pick bf16 there.
     assert TrainConfig().amp == "auto"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda_device(major)
     with caplog.at_level("INFO", logger="scratchdet"):
-        assert run.amp_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+        assert run.amp_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16 if native else None)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    assert "bf16 autocast; fp32 matmuls and convolutions in TF32" in caplog.text
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100: fp32
-    assert run.amp_dtype("auto", torch.device("cuda", 0)) is None
+    assert ("bf16 autocast; fp32 matmuls and convolutions in TF32" in caplog.text) == native
+    assert f"compute capability {major}.0" in run.precision_reason("auto", torch.device("cuda", 0))
+
+
+def test_forced_bf16_on_a_gpu_that_emulates_it_runs_with_a_warning(cuda_device, tf32_flags, caplog):
+    cuda_device(7)
+    with caplog.at_level("WARNING", logger="scratchdet"):
+        assert run.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+    assert "only emulates bf16" in caplog.text and "compute capability 7.0" in caplog.text
+    caplog.clear()
+    cuda_device(8)
+    with caplog.at_level("WARNING", logger="scratchdet"):
+        assert run.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+    assert "emulates" not in caplog.text
+
+
+# A Xeon of Skylake-SP to Ice Lake: AVX-512 without AVX512-BF16 or AMX; oneDNN calls bf16 "supported" there.
+AVX512_ONLY = {"architecture": "x86_64", "avx512_f": True, "avx512_bw": True, "avx512_bf16": False, "amx_bf16": False}
+
+
+@pytest.mark.parametrize("caps, native", [
+    (AVX512_ONLY, False),
+    ({**AVX512_ONLY, "avx512_bf16": True}, True),            # Cooper Lake, Zen 4
+    ({**AVX512_ONLY, "amx_bf16": True, "amx_tile": True}, True),  # Sapphire Rapids
+    ({"architecture": "x86_64", "avx2": True}, False),
+    ({"architecture": "aarch64", "neon": True, "bf16": True}, True),  # Graviton 3
+    ({"architecture": "aarch64", "neon": True, "bf16": False}, False),
+], ids=["avx512-only", "avx512-bf16", "amx", "avx2", "arm-bf16", "arm"])
+def test_amp_auto_on_the_cpu_asks_the_cpus_flags_not_onednn(monkeypatch, caps, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    # What the old check asked: true on any AVX-512 CPU, where bf16 is emulated (3-4x slower than fp32).
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert run.amp_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert run.cpu_bf16_support()[0] == native
+    assert ("bf16 would be emulated" in run.precision_reason("auto", torch.device("cpu"))) == (not native)
+
+
+def test_forced_bf16_on_a_cpu_that_emulates_it_runs_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: AVX512_ONLY)
+    with caplog.at_level("WARNING", logger="scratchdet"):
+        assert run.amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert "only emulates bf16" in caplog.text and "slower than fp32" in caplog.text
+    assert run.amp_dtype("off", torch.device("cpu")) is None
+
+
+def test_cpu_flags_from_proc_cpuinfo_where_torch_has_no_capabilities(monkeypatch, tmp_path):
+    # torch before get_capabilities: the kernel's flags line decides.
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    real = run.Path
+
+    def fake_path(p, *a):
+        return real(tmp_path / "cpuinfo") if str(p) == "/proc/cpuinfo" else real(p, *a)
+
+    monkeypatch.setattr(run, "Path", fake_path)
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw\n")
+    assert run.cpu_bf16_support()[0] is False
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert run.cpu_bf16_support() == (True, "avx512_bf16")
+
+
+def test_dry_run_prints_the_precision_the_cpu_computes(monkeypatch, tmp_path):
+    # The issue's check, as a user sees it: `scratchdet train --dry-run` on a CPU without native bf16.
+    code = ("import sys, torch; torch.cpu.get_capabilities = lambda: {'architecture': 'x86_64', 'avx512_f': True}; "
+            "from scratchdet.cli import main; sys.exit(main(['train', '--dry-run', '--out', sys.argv[1], "
+            "'data.synth.num_train=4', 'data.synth.num_val=2']))")
+    env = {**os.environ, "SCRATCHDET_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "precision: fp32" in out.stdout + out.stderr and "bf16 would be emulated" in out.stdout + out.stderr
 
 
 def test_amp_off_on_cuda_is_full_fp32(tf32_flags):
@@ -317,7 +436,117 @@ def test_nccl_group_is_created_with_async_error_handling(monkeypatch):
     assert seen == {"backend": "nccl", "handling": "1", "device": torch.device("cuda", 0)}
 
 
-# --------------------------------------------------------------------------- 8. pauses wait for the GPU
+@pytest.mark.parametrize("nccl, gloo, expect", [
+    ("eth0", None, "eth0"),          # an exact name
+    ("eth", None, "eth1"),           # NCCL's prefix: the first match with an address (eth0 has none here)
+    ("eth0,ib", None, "ib0"),        # a list: eth0 has no address, so the next match
+    ("=eth", None, None),            # NCCL's exact form naming no interface here
+    ("^docker", None, None),         # an exclusion gloo cannot express: logged, not guessed
+    ("eth0", "ib0", "ib0"),          # the user's own GLOO_SOCKET_IFNAME wins
+    (None, None, None),
+])
+def test_gloo_binds_to_the_interface_nccl_was_given(monkeypatch, caplog, nccl, gloo, expect):
+    # On stock Ubuntu the host name resolves to 127.0.1.1: gloo groups bound there cannot reach other nodes.
+    import socket
+
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "eth0"), (3, "eth1"), (4, "ib0")])
+    # gloo aborts on an interface without an address ("Unable to find address for: ifb0"): eth0 has none,
+    # except in the first case, which names it alone.
+    monkeypatch.setattr(dist, "_has_address", lambda name: name != "eth0" or nccl == "eth0")
+    for k, v in (("NCCL_SOCKET_IFNAME", nccl), ("GLOO_SOCKET_IFNAME", gloo)):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    with caplog.at_level("INFO", logger="scratchdet"):
+        assert dist.gloo_interface_from_nccl() == expect
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == (expect or gloo)
+    if nccl and not gloo and expect is None:
+        assert "set GLOO_SOCKET_IFNAME too" in caplog.text
+
+
+def test_process_group_init_sets_gloo_interface_first(monkeypatch):
+    import torch.distributed as td
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    seen = {}
+    monkeypatch.setattr(td, "init_process_group", lambda backend, **kw: seen.update(
+        backend=backend, gloo=os.environ.get("GLOO_SOCKET_IFNAME")))
+    monkeypatch.setattr(td, "new_group", lambda **kw: None)
+    monkeypatch.setattr(td, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(td, "group", types.SimpleNamespace(WORLD=None))
+    try:
+        dist.init(torch.device("cpu"), timeout_s=5)
+    finally:
+        dist._CPU_GROUP = dist._MONITOR_GROUP = None
+    assert seen == {"backend": "gloo", "gloo": "lo"}
+
+
+# --------------------------------------------------------------------------- 9. mask targets and sampling
+
+
+def test_mask_targets_never_take_torchvisions_pure_pytorch_roi_align(monkeypatch):
+    # Deterministic mode on CUDA sends torchvision.ops.roi_align to _roi_align, forward included; for mask
+    # targets (full-size ground-truth masks, adaptive sampling) its intermediate is [K, 1, 28, 28, H, W].
+    # Here that path is forced on the CPU (as if the compiled ops were missing) and spied on.
+    import sys as _sys
+
+    from torchvision.models.detection import roi_heads
+
+    from scratchdet.model import build_model
+
+    build_model(num_classes=2, depth=18, stem_channels=16, base_width=16, gn_groups=4, fpn_channels=32,
+                box_head_conv_dim=32, box_head_fc_dim=64, mask_head_conv_dim=32)
+    ra = _sys.modules["torchvision.ops.roi_align"]
+    expanded = []
+
+    def spy(input, rois, *a, **k):
+        expanded.append(tuple(input.shape))
+        raise MemoryError("pure-PyTorch RoIAlign on full-size masks")
+
+    gt = (torch.rand(3, 60, 80) > 0.5).to(torch.uint8)
+    boxes = torch.tensor([[2.0, 3.0, 40.0, 50.0], [10.0, 0.0, 79.0, 59.0], [0.0, 0.0, 20.0, 20.0]])
+    matched = torch.tensor([0, 1, 2])
+    reference = torch.ops.torchvision.roi_align(gt[:, None].float(), torch.cat([matched[:, None].float(), boxes], 1),
+                                                1.0, 28, 28, -1, False)[:, 0]
+    monkeypatch.setattr(ra, "_roi_align", spy)
+    monkeypatch.setattr(ra, "_has_ops", lambda: False)
+    targets = roi_heads.project_masks_on_boxes(gt, boxes, matched, 28)
+    assert expanded == []
+    assert torch.equal(targets, reference)  # the compiled kernel's forward: what the CPU always ran
+
+
+def test_anchor_and_roi_samples_are_drawn_on_the_anchors_device(monkeypatch):
+    # On a GPU the permutation must not be drawn on the CPU and copied each step; here the device
+    # the draws are made on is recorded (CPU tensors: the draws and the samples are the CPU's as before).
+    from scratchdet.layers import SeededSampler, sampling_seeds
+
+    real = torch.randperm
+    devices = []
+
+    def spy(n, *a, generator=None, device=None, **k):
+        devices.append((torch.device(device) if device is not None else None, generator.device))
+        return real(n, *a, generator=generator, device=device, **k)
+
+    matched = [torch.tensor([1, 0, 0, -1, 2, 0, 0, 0]), torch.tensor([0, 0, 1, 0])]
+    sampler = SeededSampler(4, 0.5, salt=1)
+    with sampling_seeds([3, 4]):
+        before = sampler(matched)
+    monkeypatch.setattr(torch, "randperm", spy)
+    with sampling_seeds([3, 4]):
+        after = sampler(matched)
+    assert devices and all(d == (torch.device("cpu"), torch.device("cpu")) for d in devices)
+    assert all(torch.equal(a, b) for a, b in zip(before[0] + before[1], after[0] + after[1]))
+    g = torch.Generator().manual_seed((3 * 1_000_003 + 1) % 2**63)  # the CPU stream it always drew from
+    positive = torch.where(matched[0] >= 1)[0]
+    assert torch.equal(torch.where(after[0][0] == 1)[0].sort().values,
+                       positive[real(positive.numel(), generator=g)[:2]].sort().values)
+
+
+# --------------------------------------------------------------------------- 10. pauses wait for the GPU
 
 
 def test_sync_device_waits_on_cuda_only(monkeypatch):
@@ -359,3 +588,24 @@ def test_gpu_sh_without_a_gpu_says_so_in_one_line(tmp_path, visible):
     lines = (p.stdout + p.stderr).strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stdout + p.stderr
     assert lines[0].startswith("gpu.sh: no CUDA GPU visible (torch ") and "torchvision" in lines[0]
+
+
+def test_gpu_sh_fits_one_device_call_and_measures_what_auto_runs():
+    # One device call runs 600 s at most and a session has 15 minutes of device time: the steps' limits
+    # must leave a rerun's room (540 s), and the grid must measure train.amp=auto (bf16 with TF32), not an
+    # explicit bf16 that leaves TF32 off.
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    total, loops = 0, [1]  # the product of the enclosing for-loops' lengths
+    for line in text.splitlines():
+        m = re.match(r"\s*for \w+ in ([^;]+); do", line)
+        if m:
+            loops.append(loops[-1] * len(m.group(1).split()))
+        elif re.match(r"\s*done\b", line):
+            loops.pop()
+        step = re.search(r"\bstep (\d+) ", line)
+        if step and not line.lstrip().startswith("#"):
+            total += int(step.group(1)) * loops[-1]
+    assert 0 < total <= 540, total
+    assert "--precisions auto,off" in text and "train.amp=bf16" not in text

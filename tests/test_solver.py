@@ -236,3 +236,37 @@ def test_scheduler_state_round_trip(k):
     scheduler.load_state_dict(state["scheduler"])
     assert scheduler.last_epoch == k  # the scheduler's state is the iteration
     assert first + run_lrs(optimizer, scheduler, n - k) == reference
+
+
+# --------------------------------------------------------------------------- gradient clipping
+
+
+def test_norm_clipping_scales_a_huge_gradient_to_the_bound():
+    from scratchdet.solver import build_gradient_clipper
+
+    grads = [torch.full((3, 4), 1e6), torch.tensor([-2e6, 5e5])]
+    direction = [g / torch.linalg.vector_norm(torch.cat([h.flatten() for h in grads])) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    build_gradient_clipper("norm", value=5.0)(grads, total)
+    clipped = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    assert clipped.item() == pytest.approx(5.0, rel=1e-5)
+    assert all(torch.allclose(g / clipped, d) for g, d in zip(grads, direction))  # the direction is kept
+    small = [torch.tensor([0.1, -0.2])]
+    build_gradient_clipper("norm", value=5.0)(small, None)  # under the bound: unchanged
+    assert torch.equal(small[0], torch.tensor([0.1, -0.2]))
+    inf_norm = [torch.tensor([3.0, -8.0]), torch.tensor([1.0])]
+    build_gradient_clipper("norm", value=2.0, norm_type=float("inf"))(inf_norm, None)
+    assert max(g.abs().max().item() for g in inf_norm) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_value_clipping_clamps_each_element_and_off_is_none():
+    from scratchdet.solver import build_gradient_clipper
+
+    grads = [torch.tensor([5.0, -7.0, 0.5])]
+    build_gradient_clipper("value", value=1.0)(grads, None)
+    assert torch.equal(grads[0], torch.tensor([1.0, -1.0, 0.5]))
+    assert build_gradient_clipper("off", value=1.0) is None
+    with pytest.raises(Exception, match="solver.clip_value"):
+        load_config(None, ["solver.clip_gradients=norm", "solver.clip_value=0"])
+    with pytest.raises(Exception, match="solver.clip_gradients"):
+        load_config(None, ["solver.clip_gradients=sometimes"])
