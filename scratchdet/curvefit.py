@@ -19,6 +19,7 @@ resampled residuals.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -187,3 +188,76 @@ def backtest_table1(fit_upto: int = 4) -> dict[str, dict[int, float]]:
         fit = fit_saturating(xs[train], ys[train], resamples=200)
         out[arm] = {n: float(fit.predict(x) - y) for n, x, y in zip(lengths, xs, ys) if n > fit_upto}
     return out
+
+
+# --------------------------------------------------------------------------- curve forms, compared by holdout
+#
+# Which form to extrapolate with is decided by a rule fixed before looking at a study's numbers: each form
+# is fitted to every arm's lengths but its longest and predicts that one (leave-last-out), on both arms at
+# every data size and AP type; the form with the smallest mean absolute error over all of them is chosen,
+# the one with fewer parameters on a tie within 0.05 AP.  In u = ln(x / x0):
+#   power law    a - b exp(-u / c)      (fit_saturating: saturates, 3 parameters)
+#   exponential  a - b exp(-(x / x0 - 1) / s)  (saturates in images seen itself, 3 parameters)
+#   log-linear   a + b u                (never saturates: no plateau, 2 parameters)
+
+FORM_PARAMS = {"power law": 3, "exponential": 3, "log-linear": 2}
+
+
+def fit_form(form: str, xs: np.ndarray, ys: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The fitted curve of ``form`` through (images seen, AP), as a function of images seen."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    x0 = float(xs.min())
+    if form == "power law":
+        fit = fit_saturating(xs, ys, resamples=200)
+        return fit.predict
+    if form == "log-linear":
+        b, a = np.polyfit(np.log(xs / x0), ys, 1)
+        return lambda x: a + b * np.log(np.asarray(x, dtype=float) / x0)
+    if form == "exponential":
+        from scipy.optimize import curve_fit
+
+        r = xs / x0 - 1
+
+        def curve(r: np.ndarray, a: float, b: float, log_s: float) -> np.ndarray:
+            return a - b * np.exp(-r / np.exp(log_s))
+
+        span = max(float(r.max()), 1e-9)
+        best = None
+        for guess in np.log(span * np.array([0.1, 0.3, 1.0, 3.0])):  # a few starts: the fit is not convex in s
+            try:
+                p, _ = curve_fit(curve, r, ys, p0=(ys.max() + 1, ys.max() - ys.min() + 1, guess), maxfev=5000)
+            except RuntimeError:
+                continue
+            sse = float(((curve(r, *p) - ys) ** 2).sum())
+            if best is None or sse < best[0]:
+                best = (sse, p)
+        if best is None:
+            raise ValueError("the exponential did not converge on these points")
+        p = best[1]
+        return lambda x: curve(np.asarray(x, dtype=float) / x0 - 1, *p)
+    raise ValueError(f"unknown curve form {form!r}; forms: {', '.join(FORM_PARAMS)}")
+
+
+def leave_last_out(form: str, xs: np.ndarray, ys: np.ndarray) -> float | None:
+    """``form`` fitted to all lengths but the longest, its prediction there minus the measured AP; None where
+    the shorter lengths are too few to fit it (its parameters + 1: one residual degree of freedom at least)."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    last = xs == xs.max()
+    if len(np.unique(xs[~last])) < FORM_PARAMS[form] + 1:
+        return None
+    try:
+        curve = fit_form(form, xs[~last], ys[~last])
+    except ValueError:
+        return None
+    return float(np.mean(curve(xs[last]) - ys[last]))
+
+
+def choose_form(errors: dict[str, list[float]]) -> str | None:
+    """The rule: the smallest mean absolute leave-last-out error over every arm; within 0.05 AP, fewer parameters.
+    None when no form could be tested anywhere."""
+    scored = {f: float(np.mean(np.abs(e))) for f, e in errors.items() if e}
+    if not scored:
+        return None
+    best = min(scored.values())
+    near = [f for f, v in scored.items() if v <= best + 0.05]
+    return min(near, key=lambda f: (FORM_PARAMS[f], scored[f]))

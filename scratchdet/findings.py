@@ -28,7 +28,16 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from .bootstrap import DEFAULT_MARGIN, Matches, matches_from_record, replicate_bootstrap, verdict
-from .curvefit import MIN_POINTS_FOR_INTERVAL, CurveFit, fit_saturating, holdout_error, reach
+from .curvefit import (
+    FORM_PARAMS,
+    MIN_POINTS_FOR_INTERVAL,
+    CurveFit,
+    choose_form,
+    fit_saturating,
+    holdout_error,
+    leave_last_out,
+    reach,
+)
 
 IOU_TYPES = ("bbox", "segm")
 TYPE_TITLES = {"bbox": "box AP", "segm": "mask AP"}
@@ -391,6 +400,46 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
                      f"{out['mae']:.2f} AP (" + ", ".join(f"{r[3]}: {r[7]:+.2f}" for r in rows) + ")")
 
 
+def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[Point]]) -> None:
+    """Every curve form's leave-last-out error on both arms at every data size and AP type, in one table, and
+    the form the rule fixed in advance (curvefit.choose_form) picks."""
+    rows, errors = [], {f: [] for f in FORM_PARAMS}
+    for (_, pretrained), arm in sorted(arms.items(), key=lambda kv: (kv[1][0].size_rank, kv[0][1], kv[0][0])):
+        for t in IOU_TYPES:
+            pts = [p for p in arm if t in p.ap]
+            if len({p.images for p in pts}) < 3:
+                continue
+            xs, ys = np.array([p.images for p in pts], float), np.array([p.ap[t] for p in pts])
+            row = [pts[0].group_label or pts[0].subset_label, PRETRAINED if pretrained else RANDOM, TYPE_TITLES[t],
+                   len(set(xs.tolist())), max(pts, key=lambda p: p.images).name]
+            for form in FORM_PARAMS:
+                err = leave_last_out(form, xs, ys)
+                row.append(None if err is None else round(err, 4))
+                if err is not None:
+                    errors[form].append(err)
+            rows.append(row)
+    if not rows:
+        return
+    chosen = choose_form(errors)
+    means = ", ".join(f"{f} {np.mean(np.abs(e)):.2f}" for f, e in errors.items() if e)
+    rule = ("the form with the smallest mean absolute leave-last-out error over every arm, data size and AP type "
+            "(fewer parameters within 0.05 AP), fixed before any study was fitted")
+    if chosen is None:
+        sec.lines.append(f"curve forms: too few lengths to test any form by leave-last-out (the rule: {rule})")
+    else:
+        trusted = "the power law used here is that form" if chosen == "power law" else (
+            "the power law used for the extrapolations here is NOT that form: read them as the weaker guess")
+        sec.lines.append(f"curve forms: mean absolute leave-last-out error {means} AP over {len(rows)} arm(s); the "
+                         f"rule ({rule}) picks the {chosen}; {trusted}")
+    sec.tables.append(TableData(
+        "Prediction, forms compared: each fitted without the longest length, predicting it",
+        ["data", "init", "AP", "lengths", "longest run", *[f"{f} error" for f in FORM_PARAMS]], rows,
+        "Error = predicted - measured AP at the longest length, each form fitted to the shorter ones (a form "
+        "needs its parameters + 1 shorter lengths, else '-'). Forms in images seen x, u = ln(x / x0): power law "
+        "a - b exp(-u/c); exponential a - b exp(-(x/x0 - 1)/s); log-linear a + b u (never levels off).",
+        "prediction_forms.csv"))
+
+
 def prediction(points: list[Point], *, resamples: int, seed: int, level: float) -> Section:
     """Saturating fits of final AP against images seen per arm, the random-init plateau, its reach, a holdout check."""
     sec = Section("Prediction (an extrapolation, not a measurement)")
@@ -440,6 +489,7 @@ def prediction(points: list[Point], *, resamples: int, seed: int, level: float) 
             "Prediction, validated: fitted up to half the longest length, the longer lengths predicted",
             ["arm", "init", "AP", "run", "images", "seen AP", "predicted AP", "error"], hold,
             "Error = predicted - seen, AP points.", "prediction_holdout.csv"))
+    _compare_forms(sec, arms)
     return sec
 
 

@@ -108,3 +108,18 @@ def test_backtest_on_the_papers_table1():
     xs = np.array([2, 3, 4], float) * 90_000 * 16
     fit = fs(xs, np.array([TABLE1_R50_GN[n][0] for n in (2, 3, 4)]), resamples=200)
     assert errors["random init"][5] == pytest.approx(float(fit.predict(5 * 90_000 * 16)) - TABLE1_R50_GN[5][0])
+
+
+@pytest.mark.parametrize("truth, expect", [("power", "power law"), ("log", "log-linear")])
+def test_the_rule_picks_the_form_that_predicted_the_held_out_length(truth, expect):
+    from scratchdet.curvefit import FORM_PARAMS, choose_form, leave_last_out
+
+    xs = 200 * np.array([1, 2, 4, 8, 16], float)
+    ys = 40 - 30 * (xs / xs[0]) ** -1.0 if truth == "power" else 10 + 5 * np.log(xs / xs[0])
+    errors = {f: [e] for f in FORM_PARAMS if (e := leave_last_out(f, xs, ys)) is not None}
+    assert set(errors) == set(FORM_PARAMS)  # 4 shorter lengths: every form can be tested
+    assert choose_form(errors) == expect
+    assert abs(errors[expect][0]) < 0.15
+    # Too few shorter lengths for a 3-parameter form: not tested rather than fitted exactly.
+    assert leave_last_out("power law", xs[:4], ys[:4]) is None and leave_last_out("log-linear", xs[:4], ys[:4]) is not None
+    assert choose_form({f: [] for f in FORM_PARAMS}) is None

@@ -366,3 +366,19 @@ def test_a_removed_config_key_does_not_split_runs(tmp_path, case):
     points = _points(tmp_path)
     assert len({p.pair for p in points}) == 1
     assert len(catch_up(points, _paired()).tables[0].rows) == 2  # box and mask, one pair
+
+
+def test_prediction_compares_forms_on_both_arms_and_states_the_rule(tmp_path):
+    unit = 50
+    images = [IMS * unit * 2 ** k for k in range(5)]
+    _arm(tmp_path, [_saturating(x, c=1.0, x0=images[0]) for x in images], unit=unit)
+    _arm(tmp_path, [_saturating(x, c=0.7, x0=images[0]) + 5 for x in images], pretrained=True, unit=unit)
+    sec = prediction(_points(tmp_path), resamples=200, seed=0, level=0.95)
+    forms = next(t for t in sec.tables if t.csv_name == "prediction_forms.csv")
+    assert {(r[1], r[2]) for r in forms.rows} == {(a, t) for a in ("random init", "pretrained")
+                                                  for t in ("box AP", "mask AP")}
+    cols = forms.columns
+    assert all(abs(r[cols.index("power law error")]) < 0.05 for r in forms.rows)
+    line = next(x for x in sec.lines if x.startswith("curve forms:"))
+    assert "the rule (the form with the smallest mean absolute leave-last-out error" in line
+    assert "picks the power law; the power law used here is that form" in line

@@ -366,7 +366,7 @@ def test_cpu_flags_from_proc_cpuinfo_where_torch_has_no_capabilities(monkeypatch
 
 
 def test_dry_run_prints_the_precision_the_cpu_computes(monkeypatch, tmp_path):
-    # The check, as a user sees it: `scratchdet train --dry-run` on a CPU without native bf16.
+    # As a user sees it: `scratchdet train --dry-run` on a CPU without native bf16 prints fp32 and why.
     code = ("import sys, torch; torch.cpu.get_capabilities = lambda: {'architecture': 'x86_64', 'avx512_f': True}; "
             "from scratchdet.cli import main; sys.exit(main(['train', '--dry-run', '--out', sys.argv[1], "
             "'data.synth.num_train=4', 'data.synth.num_val=2']))")
