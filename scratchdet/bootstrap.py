@@ -173,26 +173,12 @@ def _check_paired(matches_a: Matches, matches_b: Matches) -> None:
 
 def paired_bootstrap(matches_a: Matches, matches_b: Matches, *, resamples: int = 1000, seed: int = 0,
                      level: float = 0.95) -> dict:
-    """AP of runs a and b, b - a, and percentile intervals of each over the same resampled image sets (percent)."""
-    _check_paired(matches_a, matches_b)
-    if resamples < 200:
-        raise ValueError(f"resamples={resamples}: percentile intervals need at least 200 resamples")
-    if not 0 < level < 1:
-        raise ValueError(f"level={level} must lie between 0 and 1")
-    num_i = len(matches_a.img_ids)
-    # One multiplicity per (resample, image), the same rows for both runs: that is what pairs them.
-    weights = _resample_weights(np.random.default_rng(seed), resamples, num_i)
-    boot_a, boot_b = _ap_batch(matches_a, weights), _ap_batch(matches_b, weights)
-    ap_a, ap_b = ap_from_matches(matches_a), ap_from_matches(matches_b)
-    tails = [(1 - level) / 2, 1 - (1 - level) / 2]
-
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        lo, hi = np.quantile(values, tails)
-        return float(lo), float(hi)
-
-    return {"ap_a": ap_a, "ap_b": ap_b, "diff": ap_b - ap_a, "interval_a": interval(boot_a),
-            "interval_b": interval(boot_b), "interval_diff": interval(boot_b - boot_a), "resamples": resamples,
-            "seed": seed, "level": level, "images": num_i, "iou_type": matches_a.iou_type}
+    """AP of runs a and b, b - a, and percentile intervals of each over the same resampled image sets (percent):
+    ``replicate_bootstrap`` with one run an arm, whose seed stage then draws nothing."""
+    out = replicate_bootstrap([matches_a], [matches_b], resamples=resamples, seed=seed, level=level)
+    keys = ("ap_a", "ap_b", "diff", "interval_a", "interval_b", "interval_diff", "resamples", "seed", "level", "images",
+            "iou_type")
+    return {k: out[k] for k in keys}
 
 
 def _resample_weights(rng: np.random.Generator, resamples: int, num_i: int) -> np.ndarray:

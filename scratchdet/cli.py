@@ -343,7 +343,8 @@ def _config(args: argparse.Namespace) -> int:
 
 TRAIN_DOC = (
     "Train Mask R-CNN. With no arguments: the embedded default (synthetic shapes, a small GroupNorm model "
-    "from scratch, CPU, about 10-13 minutes on 2 cores with native bf16, 18-25 in fp32). Examples:\n"
+    "from scratch, CPU, 10-13 minutes measured on 2 cores with native bf16, up to about 18 on a machine a "
+    "third slower; 18 measured in fp32, about 24 a third slower). Examples:\n"
     "  scratchdet train\n"
     "  scratchdet train mask_rcnn_R50_FPN_GN_scratch_6x solver.ims_per_batch=2 --dry-run\n"
     "  scratchdet train data.train.images=DIR data.train.annotations=F.json "

@@ -318,6 +318,12 @@ REMOVED_KEYS = {
 }
 
 
+def without_removed(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config (dotted keys) without the keys of ``REMOVED_KEYS``: they mean nothing now, so a run
+    saved with one neither drifts from nor splits from the same run saved after."""
+    return {k: v for k, v in flat.items() if k not in REMOVED_KEYS}
+
+
 def merge_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set fields of dataclass ``obj`` from a nested dict, checking names and types."""
     if not isinstance(values, dict):

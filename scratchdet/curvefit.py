@@ -112,6 +112,13 @@ def _fit_many(dx: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
             np.take_along_axis(cs, pick, 1)[:, 0], at_bound)
 
 
+def _fit_point(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float, bool, float]:
+    """The least-squares (a, b, c) of the power law, whether c ended at its search limit, and x0."""
+    x0 = float(xs.min())
+    a, b, c, at_bound = (v[0] for v in _fit_many(np.log(xs / x0), ys[None]))
+    return float(a), float(b), float(c), bool(at_bound), x0
+
+
 def fit_saturating(xs: np.ndarray, ys: np.ndarray, *, resamples: int = 1000, seed: int = 0,
                    level: float = 0.95) -> CurveFit:
     """Fit ``a - b * (x / x0) ** (-1 / c)`` to AP ``ys`` at images seen ``xs``, the plateau's interval by residual bootstrap."""
@@ -119,9 +126,8 @@ def fit_saturating(xs: np.ndarray, ys: np.ndarray, *, resamples: int = 1000, see
     _check_points(xs, ys)
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie between 0 and 1")
-    x0 = float(xs.min())
+    a, b, c, at_bound, x0 = _fit_point(xs, ys)
     dx = np.log(xs / x0)
-    a, b, c, at_bound = (v[0] for v in _fit_many(dx, ys[None]))
     fitted = a - b * np.exp(-dx / c)
     resid = ys - fitted
     n = len(xs)
@@ -207,9 +213,10 @@ def fit_form(form: str, xs: np.ndarray, ys: np.ndarray) -> Callable[[np.ndarray]
     """The fitted curve of ``form`` through (images seen, AP), as a function of images seen."""
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
     x0 = float(xs.min())
-    if form == "power law":
-        fit = fit_saturating(xs, ys, resamples=200)
-        return fit.predict
+    if form == "power law":  # the point fit alone: a holdout needs no interval, so no bootstrap of refits
+        _check_points(xs, ys)
+        a, b, c, _, _ = _fit_point(xs, ys)
+        return lambda x: a - b * np.exp(-np.log(np.asarray(x, dtype=float) / x0) / c)
     if form == "log-linear":
         b, a = np.polyfit(np.log(xs / x0), ys, 1)
         return lambda x: a + b * np.log(np.asarray(x, dtype=float) / x0)

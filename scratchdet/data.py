@@ -1049,8 +1049,10 @@ def input_size_report(dataset: Any, *, min_sizes: Sequence[int], max_size: int, 
             "shorter side 512-640, for photos on a CPU), with model.anchor_sizes to match")
     if len(boxes):
         below, above = float(np.mean(boxes < lo / ANCHOR_REACH)), float(np.mean(boxes > hi * ANCHOR_REACH))
+        under = float(np.mean(boxes < lo))
+        # Anchors an octave apart from the power of 2 nearest the boxes' 10th percentile, as a suggestion.
+        start = 2 ** max(2, round(math.log2(max(float(np.percentile(boxes, 10)), 1.0))))
         if below + above > 0.5:
-            start = 2 ** max(2, round(math.log2(max(float(np.percentile(boxes, 10)), 1.0))))
             warnings.append(
                 f"the boxes fall outside the anchors' reach: at the training input size {below:.0%} of the "
                 f"{len(boxes)} training boxes are under {lo / ANCHOR_REACH:g} px (half the smallest anchor) and "
@@ -1058,10 +1060,9 @@ def input_size_report(dataset: Any, *, min_sizes: Sequence[int], max_size: int, 
                 f"{np.median(boxes):.0f} px); their best anchor overlaps them by IoU 1/4 at most. Set "
                 f"model.anchor_sizes (now {list(anchor_sizes)}) to span the boxes, e.g. "
                 f"{[start * 2 ** i for i in range(len(anchor_sizes))]}, or change the input size ({keys})")
-        elif float(np.mean(boxes < lo)) > 0.5:
-            start = 2 ** max(2, round(math.log2(max(float(np.percentile(boxes, 10)), 1.0))))
+        elif under > 0.5:
             warnings.append(
-                f"most boxes are smaller than the smallest anchor: {np.mean(boxes < lo):.0%} of the {len(boxes)} "
+                f"most boxes are smaller than the smallest anchor: {under:.0%} of the {len(boxes)} "
                 f"training boxes are under {lo} px at the training input size (sqrt of box area, median "
                 f"{np.median(boxes):.0f} px). Set model.anchor_sizes (now {list(anchor_sizes)}) to start nearer "
                 f"them, e.g. {[start * 2 ** i for i in range(len(anchor_sizes))]}, or enlarge the input ({keys})")

@@ -91,17 +91,17 @@ def gloo_interface_from_nccl() -> str | None:
     names = [name for _, name in socket.if_nameindex()]
     wanted = [p.strip() for p in nccl.removeprefix("=").split(",") if p.strip()]
     exact = nccl.startswith("=")
-    chosen = [n for n in names if any(n == p or (not exact and n.startswith(p)) for p in wanted) and _has_address(n)]
-    chosen = chosen[:1]
-    if nccl.startswith("^") or not chosen:
+    chosen = next((n for n in names if any(n == p or (not exact and n.startswith(p)) for p in wanted)
+                   and _has_address(n)), None)
+    if nccl.startswith("^") or chosen is None:
         log.warning("NCCL_SOCKET_IFNAME=%s names no interface gloo can use here (interfaces: %s); set "
                     "GLOO_SOCKET_IFNAME too, or the host-side gloo groups may bind to 127.0.1.1 on another node",
                     nccl, ", ".join(names))
         return None
-    os.environ["GLOO_SOCKET_IFNAME"] = ",".join(chosen)
+    os.environ["GLOO_SOCKET_IFNAME"] = chosen
     log.info("GLOO_SOCKET_IFNAME=%s (from NCCL_SOCKET_IFNAME=%s): the host-side gloo groups use NCCL's interface",
-             os.environ["GLOO_SOCKET_IFNAME"], nccl)
-    return os.environ["GLOO_SOCKET_IFNAME"]
+             chosen, nccl)
+    return chosen
 
 
 def init(device: torch.device, *, timeout_s: float) -> None:

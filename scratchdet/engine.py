@@ -65,7 +65,14 @@ from .run import (  # noqa: F401 - read_metrics and load_run_model are part of t
     use_channels_last,
     use_deterministic,
 )
-from .solver import GradientClipper, build_gradient_clipper, build_lr_scheduler, build_optimizer, skip_nonfinite_step
+from .solver import (
+    GradientClipper,
+    build_gradient_clipper,
+    build_lr_scheduler,
+    build_optimizer,
+    describe_clipping,
+    skip_nonfinite_step,
+)
 from .voc import VOC_MEANS, VOC_RESULTS, VOC_TABLES, evaluate_model_voc, load_voc, voc_present
 from .weights import imagenet_source, load_init
 
@@ -296,7 +303,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     pretrain_seen = {f"pretrain_{k}": v for k, v in init_meta.get("seen", {}).items()}
     sched = resolve_schedule(cfg.solver, len(train_set) if train_set else None)
     check_schedule(sched)
-    summary = describe_run(cfg, model, sched, dtype, train_set)
+    summary = describe_run(cfg, model, sched, dtype, train_set, device)
     late = [k for k in keep_at if k >= sched.max_iter]
     if late:  # a branch point the trunk never reaches (or its end, where model_final.pth is the state)
         raise ConfigError(f"--keep-at {', '.join(map(str, late))}: at or past this run's end ({sched.max_iter} "
@@ -488,7 +495,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
 
 
 def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.dtype | None,
-                 train_set: CocoDetection | None) -> dict[str, Any]:
+                 train_set: CocoDetection | None, device: torch.device) -> dict[str, Any]:
     """Log what will run (schedule notes, model, precision) and return it as the run's summary."""
     for note in (*cfg.load_notes, *sched.notes):
         log.info("%s", note)
@@ -502,16 +509,15 @@ def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.d
              cfg.model.depth, cfg.model.norm, f"{n_params:,}", f"{n_trainable:,}", cfg.model.init)
     log.info("precision: %s%s [%s]", precision_name(dtype),
              ", channels-last" if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else "",
-             precision_reason(cfg.train.amp, pick_device(cfg.train.device)))
+             precision_reason(cfg.train.amp, device))
     log.info("schedule: %d iterations of %d images%s, base LR %g, LR drops at %s, warmup %d iterations",
              sched.max_iter, cfg.solver.ims_per_batch,
              f" ({cfg.solver.ims_per_batch // dist.world_size()} on each of {dist.world_size()} processes)"
              if dist.world_size() > 1 else "", sched.base_lr, list(sched.steps), sched.warmup_iters)
     s = cfg.solver
-    if s.clip_gradients != "off":
-        log.info("gradient clipping: %s (solver.clip_gradients, solver.clip_value)",
-                 f"total {s.clip_norm_type:g}-norm of the gradients at most {s.clip_value:g}"
-                 if s.clip_gradients == "norm" else f"each gradient element within +-{s.clip_value:g}")
+    clipping = describe_clipping(s.clip_gradients, value=s.clip_value, norm_type=s.clip_norm_type)
+    if clipping:
+        log.info("%s", clipping)
     describe_input(cfg, train_set)
     return {"parameters": n_params, "trainable_parameters": n_trainable, "max_iter": sched.max_iter,
             "base_lr": sched.base_lr, "steps": list(sched.steps), "warmup_iters": sched.warmup_iters,

@@ -56,7 +56,7 @@ from .run import (
     use_channels_last,
     use_deterministic,
 )
-from .solver import build_gradient_clipper, build_optimizer, lr_factor, skip_nonfinite_step
+from .solver import build_gradient_clipper, build_optimizer, describe_clipping, lr_factor, skip_nonfinite_step
 
 log = logging.getLogger("scratchdet")
 
@@ -218,8 +218,9 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
     log.info("classifier: R%d trunk, norm %s, %d classes, %s parameters; precision: %s%s [%s]", m.depth, m.norm,
              len(data.classes), f"{n_params:,}", precision_name(dtype), ", channels-last" if channels_last else "",
              precision_reason(cfg.train.amp, device))
-    if s.clip_gradients != "off":
-        log.info("gradient clipping: %s %g (solver.clip_gradients, solver.clip_value)", s.clip_gradients, s.clip_value)
+    clipping = describe_clipping(s.clip_gradients, value=s.clip_value, norm_type=s.clip_norm_type)
+    if clipping:
+        log.info("%s", clipping)
     log.info("schedule: %d iterations of %d images, base LR %g, %s LR%s, warmup %d iterations", sched.max_iter,
              s.ims_per_batch, sched.base_lr, cfg.pretrain.lr_schedule,
              f" drops at {list(sched.steps)}" if cfg.pretrain.lr_schedule == "step" else "", sched.warmup_iters)

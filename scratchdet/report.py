@@ -87,10 +87,9 @@ class Run:
     schedule: Schedule | None = field(init=False)
 
     def __post_init__(self) -> None:
-        from .config import REMOVED_KEYS
+        from .config import without_removed
 
-        # A key removed from the config since the run was saved means nothing now: it must not split runs.
-        self.flat = {k: v for k, v in _flatten(self.config).items() if k not in REMOVED_KEYS}
+        self.flat = without_removed(_flatten(self.config))
         self.schedule = _schedule(self.config, self.flat)
 
     @property

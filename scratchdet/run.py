@@ -51,7 +51,7 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda": cuda and torch.cuda.get_device_name(),
-            "cpu_bf16": cpu_bf16_support()[0], "cpu_bf16_flags": cpu_bf16_support()[1], "world_size": dist.world_size(),
+            **dict(zip(("cpu_bf16", "cpu_bf16_flags"), cpu_bf16_support())), "world_size": dist.world_size(),
             "argv": sys.argv}
 
 
@@ -209,6 +209,11 @@ def cuda_bf16_support(device: torch.device) -> tuple[bool, str]:
     return major >= 8, f"compute capability {major}.{minor}"
 
 
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """``cuda_bf16_support`` or ``cpu_bf16_support``, by the device's type."""
+    return cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype; ``auto`` is bf16 where the hardware computes it natively (on a CPU
     without native bf16, emulated bf16 would be slower than fp32), else off.  A forced ``bf16`` on
@@ -216,7 +221,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     matmuls and convolutions that remain (GroupNorm's neighbours, the box predictors) use TF32, and
     ``off`` keeps them in full fp32; the log says which."""
     if amp in ("auto", "bf16"):
-        native, why = cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
+        native, why = bf16_support(device)
         if amp == "auto":
             dtype = torch.bfloat16 if native else None
         else:
@@ -239,7 +244,7 @@ def precision_reason(amp: str, device: torch.device) -> str:
     """Why ``train.amp`` gives the precision it does here, for the log line ``precision: ...``."""
     if amp != "auto":
         return f"train.amp={amp}"
-    native, why = cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
+    native, why = bf16_support(device)
     return f"train.amp=auto: {'native bf16' if native else 'bf16 would be emulated'} ({why})"
 
 

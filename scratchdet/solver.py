@@ -49,11 +49,10 @@ def build_gradient_clipper(mode: str, *, value: float, norm_type: float = 2.0) -
     ``norm`` scales every gradient by ``min(1, value / total_norm)``, the norm of all gradients together
     (torch's ``clip_grad_norm_``, as mmdetection's ``grad_clip``).  detectron2's ``SOLVER.CLIP_GRADIENTS``
     with ``CLIP_TYPE: norm`` clips each parameter tensor by its own norm instead, which bounds every layer
-    alike however many there are; the total norm keeps the update's direction, the usual choice for a
-    diverging run.  ``value`` clamps each element, as detectron2's ``value``.
-    ``value`` clamps each element.  The clipper takes the total 2-norm the non-finite check already
-    computed (no second pass, no host sync); a non-finite norm makes the gradients non-finite, and the
-    step is skipped by that check anyway.
+    alike however many there are; the total norm keeping the update's direction is our choice.  ``value``
+    clamps each element, as detectron2's ``value``.  The clipper takes the total 2-norm the non-finite
+    check already computed (no second pass, no host sync); a non-finite norm makes the gradients
+    non-finite, and the step is skipped by that check anyway.
     """
     if mode == "off":
         return None
@@ -72,6 +71,15 @@ def build_gradient_clipper(mode: str, *, value: float, norm_type: float = 2.0) -
             total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
         torch._foreach_mul_(grads, (value / (total_norm.float() + 1e-6)).clamp(max=1.0))
     return clip_norm
+
+
+def describe_clipping(mode: str, *, value: float, norm_type: float = 2.0) -> str | None:
+    """What ``build_gradient_clipper`` does, for the run's log; None for ``off``."""
+    if mode == "off":
+        return None
+    what = (f"total {norm_type:g}-norm of the gradients at most {value:g}" if mode == "norm" else
+            f"each gradient element within +-{value:g}")
+    return f"gradient clipping: {what} (solver.clip_gradients, solver.clip_value)"
 
 
 def skip_nonfinite_step(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:

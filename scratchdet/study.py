@@ -417,10 +417,9 @@ def _config_drift(run_dir: Path, cfg: Any) -> list[str]:
     saved = _saved_config(run_dir)
     if saved is None:
         return []
-    from .config import REMOVED_KEYS
+    from .config import without_removed
 
-    old = {k: v for k, v in flatten(saved).items() if k not in REMOVED_KEYS}  # a run saved before a key was removed
-    return differing_keys(old, flatten(to_dict(cfg)))
+    return differing_keys(without_removed(flatten(saved)), flatten(to_dict(cfg)))
 
 
 def ensure_synth_cls(root: Path, params: dict[str, Any]) -> Path:

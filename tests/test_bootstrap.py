@@ -280,3 +280,14 @@ def test_paired_seeds_leave_out_what_a_seed_shares():
     assert paired["diff"] == pytest.approx(apart["diff"])
     with pytest.raises(ValueError, match="as many runs"):
         replicate_bootstrap(short, long_[:2], resamples=200, paired_seeds=True)
+
+
+def test_seed_stage_is_widened_for_few_seeds():
+    # Two seeds 40 AP apart on the same images: a plain bootstrap of 2 seeds puts their mean at most at either
+    # seed (the interval ends near them); scaled by sqrt(n / (n - 1)) it reaches about 0.41 x 20 AP beyond.
+    rng = np.random.default_rng(3)
+    u = rng.uniform(size=400)
+    runs = [_simple_matches(u < 0.3), _simple_matches(u < 0.7)]
+    low, high = ap_from_matches(runs[0]), ap_from_matches(runs[1])
+    lo, hi = replicate_bootstrap(runs, runs[:1], resamples=1000, seed=0)["interval_a"]
+    assert lo < low - 5 and hi > high + 5
