@@ -181,7 +181,7 @@ def train_rate(preset: str | None, overrides: list[str], *, workers: int, iters:
 
 # --------------------------------------------------------------------------- report
 
-TARGET = 2.0  # issue 9: the pipeline should deliver at least twice what training consumes
+TARGET = 2.0  # the pipeline should deliver at least twice what training consumes, so data never waits
 TRAIN_PERIOD = 5  # iterations per trainer log window (its images_per_sec is per window)
 
 

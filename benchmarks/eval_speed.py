@@ -295,7 +295,7 @@ def stages_child(gt_path: Path, res_path: Path) -> dict[str, float]:
     return {name: t - marks[i][1] for i, (name, t) in enumerate(marks[1:])}
 
 
-# Process start-up: what ``scratchdet eval --results`` imports now, and what it imported before issue 9
+# Process start-up: what ``scratchdet eval --results`` imports now, and what it imported before the batched post-processing
 # (scratchdet.evaluation imported torch and torchvision, through the model, for the results-only path too).
 IMPORTS = {"python start-up (python -c pass)": "pass",
            "+ import scratchdet.evaluation (faster-coco-eval, numpy)": "import scratchdet.evaluation",
@@ -352,7 +352,7 @@ def _model_output(n: int, hw: tuple[int, int], seed: int) -> dict[str, Any]:
 
 def _previous_postprocess(output: dict[str, Any], hw: tuple[int, int], image_id: int,
                           label_to_cat_id: dict[int, int]) -> tuple[list[dict], float]:
-    """scratchdet's post-processing before issue 9 (``paste_detections`` and ``to_coco_results``), for
+    """scratchdet's post-processing before it was batched (``paste_detections`` and ``to_coco_results``), for
     the comparison; returns the results and the seconds spent pasting."""
     import torch
     from torchvision.models.detection.roi_heads import paste_masks_in_image

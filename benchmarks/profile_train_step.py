@@ -16,8 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402 - the benchmark's cases and builders, shared
 
+from scratchdet.device import amp_dtype, pick_device
 from scratchdet.engine import train_step  # noqa: E402
-from scratchdet.run import amp_dtype, pick_device  # noqa: E402
 
 
 def main() -> int:

@@ -46,9 +46,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from scratchdet.config import load_config
 from scratchdet.data import CocoDetection, TrainSampler, build_transforms, collate, resolve_datasets
-from scratchdet.engine import train_step
-from scratchdet.model import build_model, model_kwargs
-from scratchdet.run import (
+from scratchdet.device import (
     amp_dtype,
     cpu_bf16_support,
     cpu_capabilities,
@@ -57,6 +55,8 @@ from scratchdet.run import (
     precision_reason,
     use_channels_last,
 )
+from scratchdet.engine import train_step
+from scratchdet.model import build_model
 from scratchdet.solver import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def prepare(case: str, n: int, extra: list[str] = ()) -> tuple[Any, list]:
 
 def build(cfg: Any, device: torch.device, *, scratchdet: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = build_model(**model_kwargs(cfg.model)).to(device)
+    model = build_model(cfg.model).to(device)
     s = cfg.solver
     if use_channels_last(cfg.train.channels_last, device):  # both loops: a ratio of like with like
         model = model.to(memory_format=torch.channels_last)

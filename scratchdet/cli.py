@@ -83,7 +83,7 @@ def _run_stamp(cfg: Any) -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id not in ("", "none"):
         return run_id
-    from .run import pick_device
+    from .device import pick_device
 
     dist.init(pick_device(cfg.train.device), timeout_s=cfg.train.dist_timeout)
     return dist.broadcast(time.strftime("%Y%m%d-%H%M%S"))
@@ -146,13 +146,12 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise ConfigError("eval needs --run RUN_DIR, or --annotations GT.json --results RES.json")
-    import torch
-
     from . import distributed as dist
-    from .data import resolve_datasets
-    from .engine import build_eval
-    from .evaluation import TASK_IOU_TYPES, evaluate_model
-    from .run import amp_dtype, load_run_model, pick_device, precision_name
+    from .data import check_categories, resolve_datasets
+    from .device import amp_dtype, pick_device, precision_name
+    from .evaluation import COCO_RESULTS, TASK_IOU_TYPES, build_eval, evaluate_run
+    from .run import load_run_model
+    from .voc import VOC_MEANS, VOC_RESULTS
 
     device = pick_device(args.device)
     model, cfg, meta = load_run_model(args.run, args.checkpoint, device, overrides=args.overrides)
@@ -163,8 +162,6 @@ def _eval(args: argparse.Namespace) -> int:
     _, val = resolve_datasets(cfg.data)
     if val is None:
         raise ConfigError("the run has no validation set; give data.val.images=DIR data.val.annotations=FILE")
-    from .data import check_categories
-
     label_to_cat_id = {int(k): int(v) for k, v in meta["label_to_cat_id"].items()}
     voc = cfg.data.val.format == "voc"
     if not voc:  # a VOC set is read with the run's class names instead (an unknown class is an error there)
@@ -175,42 +172,19 @@ def _eval(args: argparse.Namespace) -> int:
         out.mkdir(exist_ok=True)
         print(f"evaluating in {precision_name(dtype)} on {device}" +
               (f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-    if voc:
-        return _eval_voc(model, loader, gt, device=device, dtype=dtype, out=out)
-    with torch.no_grad():
-        metrics = evaluate_model(model, loader, gt=gt, device=device, label_to_cat_id=label_to_cat_id,
-                                 amp_dtype=dtype, results_path=out / "coco_instances_results.json",
-                                 iou_types=TASK_IOU_TYPES[cfg.model.task])
+    metrics, tables, _ = evaluate_run(model, loader, gt, device=device, dtype=dtype, out_dir=out,
+                                      task=cfg.model.task, label_to_cat_id=label_to_cat_id, voc=voc)
     if not dist.is_main():
         return 0
-    metrics["precision"] = precision_name(dtype)
-    for iou_type in TASK_IOU_TYPES[cfg.model.task]:
+    if voc:  # both VOC mAPs, per class and mean
+        print(tables, end="")
+        print("  ".join(f"{k} {metrics[k]:.2f}" for k in VOC_MEANS))
+    for iou_type in () if voc else TASK_IOU_TYPES[cfg.model.task]:
         # Keypoint AP has no small-object bucket and other AR names (evaluation.KEYPOINT_STAT_NAMES).
         names = [k.split("/", 1)[1] for k in metrics if k.startswith(f"{iou_type}/")]
         print(f"{iou_type}: " + "  ".join(f"{k} {metrics[f'{iou_type}/{k}']:.2f}" for k in names))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"results: {out / 'coco_instances_results.json'}")
-    return 0
-
-
-def _eval_voc(model: Any, loader: Any, gt: Any, *, device: Any, dtype: Any, out: Path) -> int:
-    """``eval --run`` of a run whose validation set is VOC: both VOC mAPs, per class and mean."""
-    import torch
-
-    from . import distributed as dist
-    from .run import precision_name
-    from .voc import VOC_MEANS, VOC_RESULTS, VOC_TABLES, evaluate_model_voc
-
-    with torch.no_grad():
-        metrics, tables = evaluate_model_voc(model, loader, gt=gt, device=device, amp_dtype=dtype,
-                                             results_path=out / VOC_RESULTS)
-    if not dist.is_main():
-        return 0
-    print(tables, end="")
-    print("  ".join(f"{k} {metrics[k]:.2f}" for k in VOC_MEANS))
-    (out / VOC_TABLES).write_text(tables)
     (out / "metrics.json").write_text(json.dumps({**metrics, "precision": precision_name(dtype)}, indent=1))
-    print(f"results: {out / VOC_RESULTS}")
+    print(f"results: {out / (VOC_RESULTS if voc else COCO_RESULTS)}")
     return 0
 
 
@@ -233,6 +207,23 @@ def _data_synth(args: argparse.Namespace) -> int:
     print(f"train with: scratchdet train data.train.images={args.out}/train "
           f"data.train.annotations={args.out}/annotations/instances_train.json "
           f"data.val.images={args.out}/val data.val.annotations={args.out}/annotations/instances_val.json")
+    return 0
+
+
+def _data_fit(args: argparse.Namespace) -> int:
+    from .data import CocoDetection
+    from .datafit import fit_recipe
+
+    ds = CocoDetection(images=args.images, annotations=args.annotations, task="boxes")  # boxes are what it reads
+    try:
+        fit = fit_recipe(ds.records, ims_per_batch=args.ims_per_batch, max_side=args.max_side)
+    except ValueError as e:
+        raise ConfigError(f"{args.annotations}: {e}") from None
+    for reason in fit.reasons:
+        print(f"- {reason}")
+    for warning in fit.warnings:
+        print(f"warning: {warning}")
+    print(f"overrides: {fit.override_args()} solver.ims_per_batch={args.ims_per_batch}")
     return 0
 
 
@@ -263,7 +254,7 @@ def _data_synth_cls(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from . import study as st
+    from .analysis import study as st
 
     study = st.open_study(args.study, args.out)
     if args.status:
@@ -299,12 +290,12 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import build_report, table_text
+    from .analysis.report import build_report, table_text
 
     if not args.runs and not args.compare:
         raise ConfigError("report: give run or study directories, or --compare A B")
     result = build_report(args.runs, args.out, compare=tuple(args.compare) if args.compare else None,
-                          pretrain_offset=args.pretrain_offset, title=args.title, margin=args.margin)
+                          pretrain_offset=args.pretrain_offset, title=args.title, margin=args.margin, ap=args.ap)
     shown = result["tables"][:3] if args.compare else result["tables"][:1]
     for t in shown:
         print(table_text(t) + "\n")
@@ -400,6 +391,11 @@ STATS_DOC = (
     "Compute per-channel pixel mean and std (0-255) of a COCO dataset's images, printed as overrides. "
     "Training from scratch on domain data should not inherit ImageNet's statistics by accident.")
 
+FIT_DOC = (
+    "Choose the input size, the anchors and the length from a training set's annotations (no image opened), "
+    "with the reason for each, printed as overrides for scratchdet train; data.fit=true applies the same rules "
+    "at the start of a run. The rules: scratchdet/datafit.py.")
+
 SYNTH_CLS_DOC = (
     "Write OUT/<class>/NNNNNN.png: square crops around the synthetic shapes (with their context: clutter, "
     "occluders, background), one sub-folder per shape class, the same number per class; drawn from scenes "
@@ -477,7 +473,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
                   "once started. The trunk's config must differ only in the schedule's length"),
         _arg("--num-gpus", type=int, default=0, metavar="N",
              help="train with N processes on this machine (torchrun with DDP; one per GPU, or N CPU processes "
-                  "with gloo where there is no GPU); for several machines run torchrun yourself (README)")]},
+                  "with gloo where there is no GPU); for several machines run torchrun yourself (docs/distributed.md)")]},
     "pretrain": {"help": "classification pre-training of the backbone (the pretrained arm)",
                  "description": PRETRAIN_DOC, "raw": True, "func": _pretrain, "args": [
         *_run_args(preset_help="a preset name or YAML file (the options above apply; others are refused or "
@@ -508,7 +504,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
         _arg("--checkpoint", help="a checkpoint file (default: the run's model_final.pth)"),
         _arg("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this"),
         _arg("--device", default="auto")]},
-    "data": {"help": "datasets: synth, stats, synth-cls, to-voc", "commands": {
+    "data": {"help": "datasets: synth, stats, fit, synth-cls, to-voc", "commands": {
         "synth": {"help": "write the synthetic shapes dataset (COCO format)", "description": SYNTH_DOC,
                   "func": _data_synth, "args": [
             _arg("--out", required=True, help="output folder"), _arg("--seed", type=int, default=0),
@@ -519,6 +515,12 @@ COMMANDS: dict[str, dict[str, Any]] = {
             _arg("--annotations", required=True, help="COCO JSON"),
             _arg("--images", required=True, help="image folder"),
             _arg("--max-images", type=int, default=0, help="use only the first N images (0: all)")]},
+        "fit": {"help": "size the input, anchors and length from a training set, printed as overrides",
+                "description": FIT_DOC, "func": _data_fit, "args": [
+            _arg("--annotations", required=True, help="COCO instances JSON of the training set"),
+            _arg("--images", required=True, help="its image folder (file_name in the JSON is relative to it)"),
+            _arg("--ims-per-batch", type=int, default=8, help="images per step the length is counted in"),
+            _arg("--max-side", type=int, default=512, help="the largest shorter side allowed (the CPU budget)")]},
         "synth-cls": {"help": "write a classification ImageFolder of synthetic shape crops (for pretrain)",
                       "description": SYNTH_CLS_DOC, "func": _data_synth_cls, "args": [
             _arg("--out", required=True, help="output folder (an ImageFolder)"), _arg("--seed", type=int, default=0),
@@ -561,7 +563,10 @@ COMMANDS: dict[str, dict[str, Any]] = {
         _arg("--margin", type=float, default=None,
              help="equivalence margin in AP points for the catch-up verdicts (default 1: the paper's Table 1 reads "
                   "a 1.3-point gap as not caught up and 0.2-0.3 as matching); an interval inside +-margin is "
-                  "'equivalent', one that holds 0 but reaches past it 'inconclusive'")]},
+                  "'equivalent', one that holds 0 but reaches past it 'inconclusive'"),
+        _arg("--ap", choices=("final", "best"), default="final",
+             help="which evaluation of each run the findings read: the final one, or each type's best (for presets "
+                  "that say 'report each arm's best evaluation'; intervals only where the best is the final)")]},
     "presets": {"help": "list the shipped presets", "func": _presets, "args": []},
     "config": {"help": "list every option with its default and meaning, or print a resolved preset",
                "func": _config, "args": [_arg("preset", nargs="?", help="print this preset resolved (with overrides)"),

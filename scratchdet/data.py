@@ -61,7 +61,7 @@ class LoadReport:
 
 # A bbox side moved by clipping less than this is float rounding, not a repair: x + w of a box
 # inside the image can exceed the width by an ulp (about 1e-12 px at 10^4 px).
-_ROUNDING_PX = 1e-6
+ROUNDING_PX = 1e-6
 
 
 def _read_json_object(path: Path) -> dict:
@@ -193,7 +193,7 @@ def load_coco_json(path: str | Path, *, task: str = "masks") -> tuple[list[Image
             continue
         # Compare the sides, not [x0, y0, x1 - x0, y1 - y0] with the bbox: x1 - x0 recomputed in
         # floating point differs from w (12.5 + 7.45 - 12.5 != 7.45) for most boxes inside the image.
-        if max(x0 - x, y0 - y, (x + w) - x1, (y + h) - y1) > _ROUNDING_PX:
+        if max(x0 - x, y0 - y, (x + w) - x1, (y + h) - y1) > ROUNDING_PX:
             report.add("bboxes clipped to the image (repaired)", what)
             ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}
         if num_keypoints:
@@ -559,13 +559,13 @@ class DetectionTransforms(v2.Compose):
             size = (height, width) if params["unchanged"] else params["size"]
             keypoints = _move_keypoints(keypoints, scale=(size[1] / width, size[0] / height))
         if params["unchanged"]:
-            pixels = _chw(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
+            pixels = image_to_chw(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
             rows = cols = None
         else:
-            pixels = self.resize.transform(tv_tensors.Image(_chw(image)), params).as_subclass(torch.Tensor)
+            pixels = self.resize.transform(tv_tensors.Image(image_to_chw(image)), params).as_subclass(torch.Tensor)
             if flip:
                 # After the resize, as torchvision (antialiased resizing and flipping do not commute exactly); a
-                # numpy copy, as torch.flip in the main process waits for its threads like _chw's permute.
+                # numpy copy, as torch.flip in the main process waits for its threads like image_to_chw's permute.
                 pixels = torch.from_numpy(np.ascontiguousarray(pixels.numpy()[..., ::-1]))
             boxes = self.resize.transform(boxes, params)
             rows, cols = _nearest_index(height, boxes.canvas_size[0]), _nearest_index(width, boxes.canvas_size[1])
@@ -667,7 +667,7 @@ class LSJTransforms(DetectionTransforms):
         flip = self.flip is not None and not bool(torch.rand(1) >= self.flip.p)
         height, width = boxes.canvas_size
         (nh, nw), (top, left, ch, cw), side = params["size"], params["crop"], jitter.size
-        pixels = jitter.transform(tv_tensors.Image(_chw(image)), params).as_subclass(torch.Tensor)
+        pixels = jitter.transform(tv_tensors.Image(image_to_chw(image)), params).as_subclass(torch.Tensor)
         boxes = jitter.transform(boxes, params)
         if flip:
             # A numpy copy, as in DetectionTransforms.apply (torch.flip waits for its threads in the main process).
@@ -701,14 +701,14 @@ def build_lsj_transforms(*, size: int, scale: Sequence[float], flip_prob: float)
                          v2.SanitizeBoundingBoxes(min_size=1))
 
 
-def _chw(image: Image.Image) -> torch.Tensor:
+def image_to_chw(image: Image.Image) -> torch.Tensor:
     """An RGB image as a [3, H, W] uint8 tensor, plane by plane (torch's permute-and-copy of an [H, W, 3]
     array takes milliseconds where its threads must first wake up, as in the main process)."""
     return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
 
 
 @contextlib.contextmanager
-def _sample_rng(seed: int | None) -> Iterator[None]:
+def sample_rng(seed: int | None) -> Iterator[None]:
     """The global CPU generator seeded with ``seed`` inside the block, restored after it (None: left as it is):
     the sample's own RNG, so the same (index, seed) gives the same augmentation in any worker."""
     if seed is None:
@@ -816,14 +816,14 @@ class CocoDetection(Dataset):
             return self._boxes_or_keypoints_item(rec, seed, pil, anns, boxes, labels)
         masks = InstanceMasks.from_annotations(anns, h, w, str(self.annotations))
         if isinstance(self.transforms, DetectionTransforms):
-            with _sample_rng(seed):
+            with sample_rng(seed):
                 image, boxes, labels, mask_array = self.transforms.apply(pil, boxes, labels, masks)
         else:
             # Any other transform gets what torchvision's transforms expect: tv_tensors, every mask decoded.
-            image = tv_tensors.Image(_chw(pil))
+            image = tv_tensors.Image(image_to_chw(pil))
             target = {"boxes": boxes, "labels": labels, "masks": tv_tensors.Mask(torch.from_numpy(masks.render()))}
             if self.transforms is not None:
-                with _sample_rng(seed):
+                with sample_rng(seed):
                     image, target = self.transforms(image, target)
             image = image.as_subclass(torch.Tensor)
             boxes, labels, mask_array = target["boxes"].as_subclass(torch.Tensor), target["labels"], \
@@ -850,16 +850,16 @@ class CocoDetection(Dataset):
             keypoints[..., :2] += 0.5
             keypoints[keypoints[..., 2] == 0] = 0.0
         if isinstance(self.transforms, DetectionTransforms):
-            with _sample_rng(seed):
+            with sample_rng(seed):
                 image, boxes, labels, _, *rest = self.transforms.apply(pil, boxes, labels, None, keypoints,
                                                                        self.keypoint_flip_index)
             keypoints = rest[0] if rest else None
         elif self.transforms is None:
-            image = _chw(pil)
+            image = image_to_chw(pil)
             boxes = boxes.as_subclass(torch.Tensor)
         elif keypoints is None:
-            with _sample_rng(seed):
-                image, target = self.transforms(tv_tensors.Image(_chw(pil)), {"boxes": boxes, "labels": labels})
+            with sample_rng(seed):
+                image, target = self.transforms(tv_tensors.Image(image_to_chw(pil)), {"boxes": boxes, "labels": labels})
             image, boxes, labels = image.as_subclass(torch.Tensor), target["boxes"].as_subclass(torch.Tensor), \
                 target["labels"]
         else:
@@ -998,6 +998,22 @@ def anchor_coverage(wh: np.ndarray, anchor_sizes: Sequence[float],
     return iou.max(1) if len(wh) else np.zeros(0)
 
 
+def box_dims(records: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-crowd box of the records as (width, height) [N, 2] in the image's own pixels, and the index of
+    its record [N] (from the annotations alone: no image opened)."""
+    dims: list[tuple[float, float]] = []
+    owner: list[int] = []
+    for i, r in enumerate(records):
+        if isinstance(r, ImageRecord):
+            d = [(a["bbox"][2], a["bbox"][3]) for a in r.anns if not a.get("iscrowd", 0)]
+        else:  # a VocRecord: corners in 1-based inclusive pixels
+            b = r.boxes
+            d = list(zip((b[:, 2] - b[:, 0] + 1).tolist(), (b[:, 3] - b[:, 1] + 1).tolist()))
+        dims += d
+        owner += [i] * len(d)
+    return np.asarray(dims, dtype=np.float64).reshape(-1, 2), np.asarray(owner, dtype=np.int64)
+
+
 def input_size_report(dataset: Any, *, min_sizes: Sequence[int], max_size: int, anchor_sizes: Sequence[int],
                       lsj_size: int = 0, lsj_scale: Sequence[float] = (0.1, 2.0),
                       aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> tuple[str, list[str]]:
@@ -1019,17 +1035,8 @@ def input_size_report(dataset: Any, *, min_sizes: Sequence[int], max_size: int, 
         mid = sorted(min_sizes)[len(min_sizes) // 2]  # the middle size of a multi-scale draw
         scale = np.minimum(mid / short, max_size / long)
         keys = "data.min_size_train / data.max_size_train (and data.min_size_test / data.max_size_test)"
-    dims: list[tuple[float, float]] = []
-    owner: list[int] = []
-    for i, r in enumerate(recs):
-        if isinstance(r, ImageRecord):
-            d = [(a["bbox"][2], a["bbox"][3]) for a in r.anns if not a.get("iscrowd", 0)]
-        else:  # a VocRecord: corners in 1-based inclusive pixels
-            b = r.boxes
-            d = list(zip((b[:, 2] - b[:, 0] + 1).tolist(), (b[:, 3] - b[:, 1] + 1).tolist()))
-        dims += d
-        owner += [i] * len(d)
-    wh = np.asarray(dims, dtype=np.float64).reshape(-1, 2) * scale[np.asarray(owner, dtype=np.int64)][:, None]
+    dims, owner = box_dims(recs)
+    wh = dims * scale[owner][:, None]
     boxes = np.sqrt(wh[:, 0] * wh[:, 1])
     s, ln, k = float(np.median(short)), float(np.median(long)), float(np.median(scale))
     lo, hi = min(anchor_sizes), max(anchor_sizes)
@@ -1158,7 +1165,7 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
     # One thread per worker: workers run beside the main process, which needs the cores.
     torch.set_num_threads(1)
     # A preemption's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group; only the main
@@ -1172,7 +1179,7 @@ def train_loader(dataset: CocoDetection, sampler: TrainSampler, *, num_workers: 
     # The loader's own generator: creating its iterator must not draw from the global torch RNG,
     # or a resumed run (which creates it at another point of that stream) would diverge.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      worker_init_fn=_worker_init, persistent_workers=False, pin_memory=pin_memory,
+                      worker_init_fn=worker_init, persistent_workers=False, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -1182,7 +1189,7 @@ def test_loader(dataset: CocoDetection, *, batch_size: int = 1, num_workers: int
     every ``world_size``-th of them, so the shards cover the set once (distributed evaluation)."""
     indices = list(range(len(dataset) if not max_images else min(max_images, len(dataset))))[rank::world_size]
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=collate, worker_init_fn=_worker_init)
+                      num_workers=num_workers, collate_fn=collate, worker_init_fn=worker_init)
 
 
 def pixel_stats(dataset: CocoDetection, max_images: int = 0) -> tuple[list[float], list[float]]:

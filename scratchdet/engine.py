@@ -1,18 +1,18 @@
-"""The training loop, top to bottom in one function (``train``).
+"""Detection training, top to bottom in one function (``train``), and its step (``train_step``).
 
-Read ``train`` from the top: set up the run, build data, model and solver, resume if asked,
-then iterate: load a batch, compute the losses, stop on a non-finite one, step, log, evaluate,
-checkpoint.  The run directory, the metrics writer and checkpoints live in ``run``;
+Read ``train`` from the top: set up the run (``loop.start_run``), build data, model and solver,
+resume if asked, then iterate: load a batch, step (a non-finite loss or gradient skips it on the
+device), log, evaluate, checkpoint.  What ``train`` shares with ``pretrain`` (signals, throughput,
+the non-finite check, the log line) is in ``loop``; the run directory, the metrics writer and
+checkpoints in ``run``; evaluation in ``evaluation``; schedule branching in ``branching``.
 ``metrics.jsonl`` is the run's one record, and everything else (reports, comparisons) reads it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import (
-    Config,
-    ConfigError,
-    branch_point,
-    check_schedule,
-    resolve_schedule,
-    short_schedule_warning,
-    to_dict,
-)
+from .branching import branch_name, branch_point, check_keep_at, needs_end_line, start_branch
+from .config import Config, ConfigError, to_dict
 from .data import (
     CocoDetection,
     TrainSampler,
@@ -38,42 +31,23 @@ from .data import (
     check_categories,
     draw_subset,
     resolve_datasets,
-    test_loader,
     train_loader,
 )
-from .model import build_model, count_parameters, model_kwargs, norm_layers, sampling_seeds
-from .run import (  # noqa: F401 - read_metrics and load_run_model are part of this module's public face
-    LossWindow,
-    NonFiniteLossError,
-    Preempted,
-    RunRecord,
-    amp_dtype,
-    branch_name,
-    latest_checkpoint,
-    load_run_model,
-    on_main,
-    pick_device,
-    precision_name,
-    precision_reason,
-    prepare_on_main,
-    read_metrics,
-    restore_training_state,
-    seed_everything,
-    setup_logging,
-    start_branch,
-    sync_device,
-    use_channels_last,
-    use_deterministic,
-)
+from .device import precision_name, precision_reason, use_channels_last
+from .layers import sampling_seeds
+from .loop import StopSignal, Throughput, check_nonfinite, log_line, optimize, start_run
+from .model import build_model, count_parameters
+from .norm import norm_layers
+from .run import LossWindow, Preempted, RunRecord, latest_checkpoint, on_main, restore_training_state
+from .schedule import Schedule, check_schedule, resolve_schedule, short_schedule_warning
 from .solver import (
     GradientClipper,
     build_gradient_clipper,
     build_lr_scheduler,
     build_optimizer,
     describe_clipping,
-    skip_nonfinite_step,
 )
-from .voc import VOC_MEANS, VOC_RESULTS, VOC_TABLES, evaluate_model_voc, load_voc, voc_present
+from .voc import VOC_MEANS, load_voc, voc_present
 from .weights import imagenet_source, load_init
 
 log = logging.getLogger("scratchdet")
@@ -104,7 +78,7 @@ def build_data(cfg: Config, *, dry_run: bool) -> tuple[CocoDetection | None, tup
 def preset_data_missing(cfg: Config, split: str, paths: tuple[str, str]) -> str | None:
     """For a dry run: what of the split's data is missing where a built-in preset (not the user) named it; else None.
 
-    Our choice (issue 15): a dry run reads what the run reads, and a file it cannot read is an error there as in
+    Our choice: a dry run reads what the run reads, and a file it cannot read is an error there as in
     the run, for every path the user gave (a data.* override, or a YAML file of their own). The one exception is
     a built-in preset's own path (COCO or VOC under datasets/): any preset dry-runs on a machine without its
     dataset, saying "not checked: ... not found", so that a preset can be described before its data is in place.
@@ -122,6 +96,7 @@ def check_data(cfg: Config, train_set: CocoDetection, val_paths: tuple[str, str]
     read as evaluation reads it, its categories against the training set's, and every image either set would
     load opened (header and size; ``data.check_images``). A failure raises DataError naming the file and image."""
     from .data import check_images
+    from .evaluation import build_eval
 
     log.info("check passed: training set read; %d images open as images of their annotated size", check_images(train_set))
     if val_paths is None:
@@ -147,8 +122,8 @@ def build_detector(cfg: Config, train_set: CocoDetection | None, device: torch.d
                    dry_run: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model on its device and memory format, initialized as ``model.init`` says; and what the
     initialization loaded (``weights.load_init``'s meta)."""
-    model = build_model(**model_kwargs(cfg.model, train_set.num_classes if train_set else None,
-                                       getattr(train_set, "num_keypoints", None))).to(device)
+    model = build_model(cfg.model, num_classes=train_set.num_classes if train_set else None,
+                        num_keypoints=getattr(train_set, "num_keypoints", None)).to(device)
     if use_channels_last(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     init_meta: dict[str, Any] = {}
@@ -187,36 +162,56 @@ def build_train_set(cfg: Config, train_paths: tuple[str, str]) -> CocoDetection:
         ids = draw_subset(train_set.image_ids(), cfg.data.subset, cfg.data.subset_seed)
         train_set.keep(ids)
         log.info("data.subset=%g (seed %d): training on %d images", cfg.data.subset, cfg.data.subset_seed, len(ids))
+    if cfg.data.fit:
+        apply_fit(cfg, train_set)
     return train_set
 
 
-def build_eval(cfg: Config, val: tuple[str, str] | None, *, rank: int = 0, world_size: int = 1,
-               class_names: list[str] | None = None) -> tuple[Any, Any] | tuple[None, None]:
-    """The validation loader (test-time resize, no flip; this rank's shard) and its ground truth: COCO's,
-    or for ``data.val.format: voc`` the VocDetection itself (read with the training set's ``class_names``)."""
-    if val is None:
-        return None, None
-    transforms = None if cfg.test.aug else build_transforms(
-        train=False, min_sizes=[cfg.data.min_size_test], max_size=cfg.data.max_size_test, flip_prob=0)
-    voc = cfg.data.val.format == "voc"
-    dataset = load_voc(val[0], val[1], class_names=class_names, transforms=transforms) if voc else \
-        CocoDetection(images=val[0], annotations=val[1], transforms=transforms, task=cfg.model.task)
-    loader = test_loader(dataset, batch_size=cfg.test.ims_per_batch, num_workers=cfg.dataloader.num_workers,
-                         max_images=cfg.test.max_images, rank=rank, world_size=world_size)
-    if voc:
-        gt = dataset
-    else:
-        from .evaluation import load_gt  # imported where evaluation is set up: see train's evaluate
+# Keys data.fit sets together: a length given in part (max_iter without steps) would not be one schedule, and an
+# input size given in part would leave the anchors and the length fitted to another size.
+FIT_LENGTH_KEYS = ("solver.max_iter", "solver.steps", "solver.warmup_iters", "solver.schedule", "solver.epochs",
+                   "solver.reference_batch_size")
+FIT_SIZE_KEYS = ("data.min_size_train", "data.max_size_train", "data.min_size_test", "data.max_size_test")
 
-        gt = load_gt(val[1])
-    if cfg.test.aug:
-        # Test-time augmentation resizes each original image itself; evaluation.run_inference predicts through it.
-        from .tta import TestTimeAug, keypoint_flip_map
 
-        loader.test_aug = TestTimeAug(min_sizes=cfg.test.aug_min_sizes, max_size=cfg.test.aug_max_size,
-                                      flip=cfg.test.aug_flip,
-                                      keypoint_flip=None if voc else keypoint_flip_map(gt.dataset["categories"]))
-    return loader, gt
+def apply_fit(cfg: Config, train_set: CocoDetection) -> None:
+    """``data.fit``: set the input size, anchors and length that ``datafit.fit_recipe`` chooses from the training
+    set, except the keys the user gave (a length given in part keeps the whole length); log what and why."""
+    from .config import set_key
+    from .datafit import fit_recipe
+
+    if cfg.data.lsj:
+        raise ConfigError("data.fit sizes the plain resize (data.min_size_train ...); it does not fit data.lsj")
+    size_given = sorted(set(FIT_SIZE_KEYS) & cfg.given_keys)
+    sizes = sorted(cfg.data.min_size_train)
+    fit = fit_recipe(train_set.records, ims_per_batch=cfg.solver.ims_per_batch,
+                     aspect_ratios=tuple(cfg.model.anchor_aspect_ratios),
+                     side=sizes[len(sizes) // 2] if size_given else None)
+    length_given = sorted(set(FIT_LENGTH_KEYS) & cfg.given_keys)
+    kept = [k for k in fit.overrides if k in cfg.given_keys or (k in FIT_LENGTH_KEYS and length_given)
+            or (k in FIT_SIZE_KEYS and size_given)]
+    for key, value in fit.overrides.items():
+        if key not in kept:
+            set_key(cfg, key, value)
+    s = cfg.solver
+    if not length_given and (s.schedule or s.epochs or s.reference_batch_size):
+        # The fitted length is in iterations of solver.ims_per_batch images: a preset's Nx rule, epochs or
+        # linear scaling would rescale it.  The LR stays what the preset's scaling gives at this batch.
+        lr = s.base_lr * s.ims_per_batch / s.reference_batch_size if s.reference_batch_size else s.base_lr
+        for key, value in (("solver.schedule", ""), ("solver.epochs", 0.0), ("solver.reference_batch_size", 0),
+                           ("solver.base_lr", lr)):
+            set_key(cfg, key, value)
+        fit.reasons.append(f"the preset's schedule rule off (solver.schedule, solver.epochs, "
+                           f"solver.reference_batch_size): the fitted length as it stands, base LR {lr:g}")
+    for reason in fit.reasons:
+        log.info("data.fit: %s", reason)
+    if kept:
+        log.info("data.fit: kept as given %s%s", ", ".join(kept),
+                 f" (the length is given by {', '.join(length_given)})" if length_given else "")
+    for warning in fit.warnings if dist.is_main() else ():
+        log.warning("data.fit: %s", warning)
+    train_set.transforms = build_transforms(train=True, min_sizes=cfg.data.min_size_train,
+                                            max_size=cfg.data.max_size_train, flip_prob=cfg.data.flip_prob)
 
 
 # What the detectors read from a target; the loader's other keys (image_id, seed, orig_size) stay here.
@@ -241,56 +236,23 @@ def train_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list
     names = names or list(loss_dict)
     losses = torch.stack([loss_dict[k] for k in names])
     total = losses.sum()
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
-    # One combined check on the device, agreed by all ranks: a non-finite loss or gradient skips the
-    # step (torchvision's reference engine stops on a non-finite loss, reading it on the host every
-    # iteration; with fp16 the GradScaler skips overflows by itself).  The host reads the count at
-    # log lines and checkpoints.
-    if scaler.is_enabled():
-        bad = dist.all_reduce_((~torch.isfinite(total.detach())).int(), "max").bool()
-        if clip is not None:  # on the true gradients: the scaler's factor divided out first
-            scaler.unscale_(optimizer)
-            clip([p.grad for p in params if p.grad is not None], None)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        bad = dist.all_reduce_((~torch.isfinite(total.detach() + grad_norm)).int(), "max").bool()
-        if clip is not None:
-            clip(grads, grad_norm)
-        skip_nonfinite_step(optimizer, bad)
+    bad = optimize(total, optimizer=optimizer, scaler=scaler, params=params, clip=clip)
     return names, torch.cat([losses.detach(), total.detach()[None]]), bad
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-          dry_run: bool = False, progress: bool = True, stop_at: int | None = None,
-          keep_at: tuple[int, ...] = (), branch_from: str | Path | None = None) -> dict[str, Any]:
+          dry_run: bool = False, progress: bool = True, keep_at: tuple[int, ...] = (),
+          branch_from: str | Path | None = None) -> dict[str, Any]:
     """Train (or, with ``dry_run``, describe) a run; returns the final metrics.
 
     Under ``torchrun`` every rank runs this function: each takes its slice of every global batch,
     DDP averages the gradients, and rank 0 alone writes the run directory.  Schedule branching
-    (one trunk, many lengths): ``keep_at`` saves the trunk's state at those iterations
-    (``branch_*.pth``); ``branch_from`` starts this run from such a trunk at its own first LR
-    drop, where the two runs part (the same run at the same LR before it).
+    (``branching``): ``keep_at`` saves the trunk's state at those iterations; ``branch_from``
+    starts this run from such a trunk at its own first LR drop, where the two runs part.
     """
-    resume = resume or branch_from is not None
     run_dir = Path(run_dir)
-    device = pick_device(cfg.train.device)
-    if not dry_run:
-        dist.init(device, timeout_s=cfg.train.dist_timeout)
-        if dist.restarted():  # torchrun --max-restarts runs the same command line again: continue, never wipe
-            log.warning("restart %s by torchrun: resuming %s", os.environ["TORCHELASTIC_RESTART_COUNT"], run_dir)
-            resume, force = True, False
-        prepare_on_main(run_dir, resume=resume, force=force)
-    setup_logging(None if dry_run else run_dir)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device),
-                    strict=cfg.train.deterministic == "on")
-    # Precision is the only thing the hardware changes: the schedule, LR and data are the same in bf16 and fp32.
-    dtype = amp_dtype(cfg.train.amp, device)
+    device, dtype, resume, force = start_run(cfg, run_dir, resume=resume or branch_from is not None, force=force,
+                                             dry_run=dry_run)
     rank, world = dist.rank(), dist.world_size()
     if cfg.solver.ims_per_batch % world:
         raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must divide "
@@ -304,194 +266,169 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     sched = resolve_schedule(cfg.solver, len(train_set) if train_set else None)
     check_schedule(sched)
     summary = describe_run(cfg, model, sched, dtype, train_set, device)
-    late = [k for k in keep_at if k >= sched.max_iter]
-    if late:  # a branch point the trunk never reaches (or its end, where model_final.pth is the state)
-        raise ConfigError(f"--keep-at {', '.join(map(str, late))}: at or past this run's end ({sched.max_iter} "
-                          "iterations); a trunk keeps the first LR drops of shorter lengths")
+    check_keep_at(keep_at, sched)
     if dry_run:
         return summary
+    assert train_set is not None
     if branch_from is not None:
         on_main(start_branch, branch_from, run_dir, branch_point(sched), config=to_dict(cfg),
-                num_images=len(train_set) if train_set else None, end=sched.max_iter)
-    assert train_set is not None
+                num_images=len(train_set), end=sched.max_iter)
 
     # ---- solver; resume: model, solver, RNG and the sampler's position ----------------------------
-    optimizer = build_optimizer(model, base_lr=sched.base_lr, momentum=cfg.solver.momentum,
-                                weight_decay=cfg.solver.weight_decay, weight_decay_norm=cfg.solver.weight_decay_norm,
-                                weight_decay_bias=cfg.solver.weight_decay_bias)
-    scheduler = build_lr_scheduler(optimizer, steps=sched.steps, gamma=cfg.solver.gamma,
-                                   warmup_iters=sched.warmup_iters, warmup_factor=cfg.solver.warmup_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, scheduler, scaler = build_solver(cfg, model, sched, dtype, device)
+    start_iter, seen, window = resume_from(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler,
+                                           scaler=scaler, device=device)
+    record = RunRecord(run_dir, config=to_dict(cfg), start_iter=start_iter, resumed=seen is not None, seen=seen,
+                       files={"subset_image_ids.json": train_set.image_ids()} if cfg.data.subset else None)
     meta = {"class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id,
             "num_keypoints": getattr(train_set, "num_keypoints", None)}
-    start_iter, seen, window = 0, None, None  # the loss window starts at the first step (loss names)
-    found = latest_checkpoint(run_dir) if resume else None
-    if found is not None:
-        path, state = found
-        restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_iter, seen = int(state["iteration"]), state["seen"]
-        window = LossWindow.from_state(state["window"], device) if state.get("window") else None
-        log.info("resumed from %s at iteration %d", path.name, start_iter)
-    elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
-    record = RunRecord(run_dir, config=to_dict(cfg), start_iter=start_iter, resumed=found is not None, seen=seen,
-                       files={"subset_image_ids.json": train_set.image_ids()} if cfg.data.subset else None)
-    eval_loader, gt = build_eval(cfg, val_paths, rank=rank, world_size=world, class_names=train_set.class_names)
-    voc_val = cfg.data.val.format == "voc"
-    if val_paths is not None and not voc_val:  # results are written with the training label map's category ids
-        check_categories(train_set.label_to_cat_id, val_paths[1], what="validation set")
-    # One process per device under torchrun; DDP averages gradients during the backward pass.
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
-    ) if world > 1 else model
+    evaluate = build_evaluator(cfg, model, train_set, val_paths, record=record, run_dir=run_dir, device=device,
+                               dtype=dtype, max_iter=sched.max_iter, progress=progress)
+    train_model = across_ranks(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = build_gradient_clipper(cfg.solver.clip_gradients, value=cfg.solver.clip_value,
                                   norm_type=cfg.solver.clip_norm_type)
 
-    def evaluate(iteration: int) -> dict[str, Any]:
-        """COCO AP on the validation set for the task's types (each rank its shard), logged by rank 0."""
-        # The evaluation stack (faster-coco-eval's COCOeval) is imported here, not at the top: what
-        # imports the training step (benchmarks/train_throughput.py on a GPU machine without
-        # faster-coco-eval) does not need it.
-        from .evaluation import TASK_IOU_TYPES, ap_line, evaluate_model
-
-        dist.broadcast_buffers(model)  # every shard scored with the statistics the checkpoint holds
-        with tqdm(total=len(eval_loader.dataset), desc="eval", leave=False, file=sys.stderr,
-                  disable=not progress or not dist.is_main()) as bar:
-            if voc_val:
-                # VOC mAP@0.5, both metrics; the means go into metrics.jsonl, the per-class APs (20 or 80
-                # of them, too many for each line) into voc_eval.txt and the log.
-                scores, tables = evaluate_model_voc(model, eval_loader, gt=gt, device=device, amp_dtype=dtype,
-                                                    results_path=run_dir / VOC_RESULTS, progress=bar)
-                result = {"iteration": iteration, **{k: scores[k] for k in VOC_MEANS}}
-                if dist.is_main():
-                    (run_dir / VOC_TABLES).write_text(f"iteration {iteration}\n\n{tables}")
-                    log.info("iteration %d, VOC AP per class:\n%s", iteration, tables)
-            else:
-                result = {"iteration": iteration, **evaluate_model(
-                    model, eval_loader, gt=gt, device=device, label_to_cat_id=train_set.label_to_cat_id,
-                    amp_dtype=dtype, results_path=run_dir / "coco_instances_results.json", progress=bar,
-                    iou_types=TASK_IOU_TYPES[cfg.model.task])}
-        record.write(result)
-        log.info("iteration %d: %s", iteration, ap_line(result))
-        if iteration == sched.max_iter and not voc_val and dist.is_main():
-            # The final evaluation's per-image matches, in the run's one record: a report computes paired
-            # bootstrap intervals of AP from them (scratchdet/bootstrap.py) without the data or results file.
-            from .bootstrap import matches_record, per_image_matches
-
-            results = run_dir / "coco_instances_results.json"
-            record.write({"iteration": iteration, "matches": {
-                t: matches_record(per_image_matches(gt, results, t)) for t in TASK_IOU_TYPES[cfg.model.task]}})
-        return result
-
-    def check_nonfinite(iteration: int) -> None:
-        """Stop when more steps were skipped than solver.skip_nonfinite allows (reads the device)."""
-        n, first, terms = window.nonfinite() if window is not None else (0, -1, [])
-        if n > cfg.solver.skip_nonfinite:
-            lr = sched.base_lr * scheduler.lr_lambdas[0](first)
-            raise NonFiniteLossError(
-                f"non-finite {', '.join(terms)} at iteration {first} (lr {lr:g}); {n} step(s) skipped by iteration "
-                f"{iteration} (solver.skip_nonfinite={cfg.solver.skip_nonfinite}); the last good checkpoint is "
-                f"kept in {run_dir}")
+    def lr_at(iteration: int) -> float:
+        return sched.base_lr * scheduler.lr_lambdas[0](iteration)
 
     def save(name: str, iteration: int) -> None:
-        check_nonfinite(iteration)
+        check_nonfinite(window, iteration, limit=cfg.solver.skip_nonfinite, lr_at=lr_at, run_dir=run_dir)
         record.checkpoint(name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                           iteration=iteration, meta=meta, window=window, keep=cfg.solver.keep_checkpoints)
 
-    # SIGTERM/SIGINT (a cluster's preemption, a Ctrl-C): finish the iteration, checkpoint, exit.
-    stop = {"signal": None}
-    old_handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-
     # ---- the loop -------------------------------------------------------------------------------
-    sampler = TrainSampler(train_set.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=cfg.train.seed,
-                           start=start_iter, rank=rank, world_size=world,
-                           group_by_aspect=cfg.dataloader.aspect_ratio_grouping)
-    loader = iter(train_loader(train_set, sampler, num_workers=cfg.dataloader.num_workers, seed=cfg.train.seed,
-                               pin_memory=device.type == "cuda"))
-    model.train()
-    bar = tqdm(total=sched.max_iter, initial=start_iter, desc="train", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress or not dist.is_main())
-    # images/s counts training only: evaluation and checkpoint time inside a window is taken out.
-    t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
-    last_eval: dict[str, Any] = {}
-    try:
-        for iteration in range(start_iter, sched.max_iter):
-            images, targets = next(loader)
-            record.count(images, targets)
-            lr = optimizer.param_groups[0]["lr"]
-            names, losses, bad = train_step(train_model, images, targets, optimizer=optimizer, scaler=scaler,
-                                            params=params, dtype=dtype, device=device,
-                                            names=window.names if window else None, clip=clip)
-            scheduler.step()
-            window = window or LossWindow(names, device)
-            window.add(losses, bad, iteration)
-            n_timed += 1
-            done = iteration + 1
-            if done % cfg.train.log_period == 0 or done == sched.max_iter:
-                means, steps = window.read()  # the host waits for the device here, once per log line
-                check_nonfinite(iteration)
-                elapsed = time.perf_counter() - t_window - t_other
-                n, first, terms = window.nonfinite()
-                line = {"iteration": done, **means, "lr": lr,
-                        "images_per_sec": round(n_timed * cfg.solver.ims_per_batch / elapsed, 3),
-                        "time_per_iter": round(elapsed / n_timed, 4), **record.reduce_seen(), **pretrain_seen}
-                if n:
-                    line.update(skipped_steps=n, skipped_step=f"{', '.join(terms)} at iteration {first}")
-                record.write(line if steps else {k: v for k, v in line.items() if k not in means})
-                if steps:
-                    bar.set_postfix(loss=f"{line['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{line['images_per_sec']:.1f}")
-                t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
-            bar.update(1)
-            evaluating = eval_loader is not None and cfg.test.eval_period and done % cfg.test.eval_period == 0 \
-                and done < sched.max_iter
-            checkpointing = done % cfg.solver.checkpoint_period == 0 and done < sched.max_iter
-            if evaluating or checkpointing:
-                sync_device(device)  # the steps queued before the pause are training time, counted as such
-                t_pause = time.perf_counter()
-                if evaluating:
-                    last_eval = evaluate(done)
-                if checkpointing:
+    with StopSignal() as stop:  # before the loader: a signal while it starts still checkpoints
+        sampler = TrainSampler(train_set.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=cfg.train.seed,
+                               start=start_iter, rank=rank, world_size=world,
+                               group_by_aspect=cfg.dataloader.aspect_ratio_grouping)
+        loader = iter(train_loader(train_set, sampler, num_workers=cfg.dataloader.num_workers, seed=cfg.train.seed,
+                                   pin_memory=device.type == "cuda"))
+        model.train()
+        bar = tqdm(total=sched.max_iter, initial=start_iter, desc="train", file=sys.stderr, dynamic_ncols=True,
+                   disable=not progress or not dist.is_main())
+        timer, last_eval = Throughput(device=device), {}
+        try:
+            for iteration in range(start_iter, sched.max_iter):
+                images, targets = next(loader)
+                record.count(images, targets)
+                lr = optimizer.param_groups[0]["lr"]
+                names, losses, bad = train_step(train_model, images, targets, optimizer=optimizer, scaler=scaler,
+                                                params=params, dtype=dtype, device=device,
+                                                names=window.names if window else None, clip=clip)
+                scheduler.step()
+                window = window or LossWindow(names, device)
+                window.add(losses, bad, iteration)
+                timer.step()
+                done = iteration + 1
+                if done % cfg.train.log_period == 0 or done == sched.max_iter:
+                    line = log_line(window, timer, iteration=done, lr=lr, ims_per_batch=cfg.solver.ims_per_batch,
+                                    seen={**record.reduce_seen(), **pretrain_seen}, bar=bar)
+                    check_nonfinite(window, iteration, limit=cfg.solver.skip_nonfinite, lr_at=lr_at, run_dir=run_dir)
+                    record.write(line)
+                bar.update(1)
+                evaluating = evaluate is not None and cfg.test.eval_period and done % cfg.test.eval_period == 0
+                checkpointing = done % cfg.solver.checkpoint_period == 0
+                if (evaluating or checkpointing) and done < sched.max_iter:
+                    with timer.paused():
+                        last_eval = evaluate(done) if evaluating else last_eval
+                        if checkpointing:
+                            save(f"model_{done:07d}.pth", done)
+                if done in keep_at and done < sched.max_iter:  # a name checkpoint pruning never matches
+                    save(branch_name(done), done)
+                if stop.received() and done < sched.max_iter:  # every rank stops after the same iteration
                     save(f"model_{done:07d}.pth", done)
-                sync_device(device)
-                t_other += time.perf_counter() - t_pause
-            # A schedule-branching trunk saves its branch points under a name prune() never matches;
-            # stop_at ends a run there unfinished (a checkpoint, no final evaluation), as a kill would.
-            if done in keep_at and done < sched.max_iter:
-                save(branch_name(done), done)
-            if stop_at is not None and done == stop_at and done < sched.max_iter:
-                save(f"model_{done:07d}.pth", done)
-                return {"stopped_at": done}
-            # A signal on any rank stops all of them after the same iteration, with one checkpoint.
-            if dist.any_rank(stop["signal"] is not None) and done < sched.max_iter:
-                save(f"model_{done:07d}.pth", done)
-                dist.barrier()  # the checkpoint is complete before any rank exits
-                raise Preempted(f"received signal {stop['signal'] or 'on another rank'}: checkpoint written at "
-                                f"iteration {done}; continue with: scratchdet train --resume {run_dir}")
-        bar.close()
-        if start_iter == sched.max_iter and window is not None and sched.max_iter % cfg.train.log_period \
-                and not dist.broadcast(dist.is_main() and any(r.get("iteration") == sched.max_iter and "loss" in r
-                                                              for r in read_metrics(run_dir))):
-            # A branch whose branch point is its end (a schedule without LR drops) runs no step here;
-            # its last log line (the trunk's steps since its last line) is the one a run alone writes
-            # (once: a branch killed before model_final.pth kept it).
-            means, steps = window.read()
-            if steps:
-                record.write({"iteration": sched.max_iter, **means, "lr": optimizer.param_groups[0]["lr"],
-                              **record.reduce_seen(), **pretrain_seen})
-        # ---- the end: final weights, final evaluation ------------------------------------------
-        save(ckpt.FINAL, sched.max_iter)
-        if eval_loader is not None:
-            last_eval = evaluate(sched.max_iter)
-    finally:
-        bar.close()
-        record.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+                    dist.barrier()  # the checkpoint is complete before any rank exits
+                    raise Preempted(f"received signal {stop.signum or 'on another rank'}: checkpoint written at "
+                                    f"iteration {done}; continue with: scratchdet train --resume {run_dir}")
+            bar.close()
+            if window is not None and needs_end_line(run_dir, start_iter=start_iter, max_iter=sched.max_iter,
+                                                     log_period=cfg.train.log_period):
+                means, steps = window.read()
+                if steps:  # the trunk's steps since its last line
+                    record.write({"iteration": sched.max_iter, **means, "lr": optimizer.param_groups[0]["lr"],
+                                  **record.reduce_seen(), **pretrain_seen})
+            # ---- the end: final weights, final evaluation ------------------------------------------
+            save(ckpt.FINAL, sched.max_iter)
+            if evaluate is not None:
+                last_eval = evaluate(sched.max_iter)
+        finally:
+            bar.close()
+            record.close()
     final = {**summary, **record.seen, **pretrain_seen, **last_eval}
     record.finish(final)
     return final
+
+
+def build_evaluator(cfg: Config, model: torch.nn.Module, train_set: CocoDetection, val_paths: tuple[str, str] | None,
+                    *, record: RunRecord, run_dir: Path, device: torch.device, dtype: torch.dtype | None,
+                    max_iter: int, progress: bool) -> Callable[[int], dict[str, Any]] | None:
+    """What the loop calls to evaluate at an iteration (None without a validation set): AP on this rank's shard
+    (``evaluation.evaluate_run``), written to ``metrics.jsonl`` and logged; at the end, the per-image matches."""
+    # Imported here: what imports train_step alone (benchmarks on a GPU image without faster-coco-eval) needs none of it.
+    from .evaluation import ap_line, build_eval, evaluate_run
+
+    loader, gt = build_eval(cfg, val_paths, rank=dist.rank(), world_size=dist.world_size(),
+                            class_names=train_set.class_names)
+    voc = cfg.data.val.format == "voc"
+    if val_paths is not None and not voc:  # results are written with the training label map's category ids
+        check_categories(train_set.label_to_cat_id, val_paths[1], what="validation set")
+    if loader is None:
+        return None
+
+    def evaluate(iteration: int) -> dict[str, Any]:
+        # The final evaluation's per-image matches go into the run's one record: a report bootstraps AP from them.
+        metrics, tables, matches = evaluate_run(
+            model, loader, gt, device=device, dtype=dtype, out_dir=run_dir, task=cfg.model.task, voc=voc,
+            label_to_cat_id=train_set.label_to_cat_id, iteration=iteration, matches=iteration == max_iter,
+            progress=progress)
+        # VOC: the means go into metrics.jsonl, the per-class APs (too many for each line) into the log.
+        result = {"iteration": iteration, **({k: metrics[k] for k in VOC_MEANS} if voc else metrics)}
+        record.write(result)
+        if tables is not None and dist.is_main():
+            log.info("iteration %d, VOC AP per class:\n%s", iteration, tables)
+        log.info("iteration %d: %s", iteration, ap_line(result))
+        if matches is not None:
+            record.write({"iteration": iteration, "matches": matches})
+        return result
+
+    return evaluate
+
+
+def across_ranks(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model as the step runs it: under torchrun (one process per device), DDP, which averages the
+    gradients during the backward pass; alone, the model itself."""
+    if dist.world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
+def build_solver(cfg: Config, model: torch.nn.Module, sched: Schedule, dtype: torch.dtype | None,
+                 device: torch.device) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """SGD (norm and bias weight decay apart), the warmup-and-steps LR schedule, the fp16 scaler (off otherwise)."""
+    s = cfg.solver
+    optimizer = build_optimizer(model, base_lr=sched.base_lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                                weight_decay_norm=s.weight_decay_norm, weight_decay_bias=s.weight_decay_bias)
+    scheduler = build_lr_scheduler(optimizer, steps=sched.steps, gamma=s.gamma, warmup_iters=sched.warmup_iters,
+                                   warmup_factor=s.warmup_factor)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def resume_from(run_dir: Path, resume: bool, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any, scaler: Any, device: torch.device) -> tuple[int, dict[str, int] | None, LossWindow | None]:
+    """With ``resume``, restore the newest valid checkpoint; returns the iteration to start at, what was
+    seen (None: a fresh run) and the loss window (None: it starts at the first step, with the loss names)."""
+    found = latest_checkpoint(run_dir) if resume else None
+    if found is None:
+        if resume:
+            log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+        return 0, None, None
+    path, state = found
+    restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    log.info("resumed from %s at iteration %d", path.name, int(state["iteration"]))
+    window = LossWindow.from_state(state["window"], device) if state.get("window") else None
+    return int(state["iteration"]), state["seen"], window
 
 
 def describe_run(cfg: Config, model: torch.nn.Module, sched: Any, dtype: torch.dtype | None,

@@ -18,8 +18,9 @@ import io
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faster_coco_eval.core.mask as mask_utils
 import numpy as np
@@ -266,7 +267,7 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: torch.device, l
     model.eval()
     results: list[dict] = []
     image_ids: list[int] = []
-    test_aug = getattr(loader, "test_aug", None)  # a tta.TestTimeAug that engine.build_eval set for test.aug
+    test_aug = getattr(loader, "test_aug", None)  # a tta.TestTimeAug that build_eval set for test.aug
     try:
         with torch.no_grad():
             for images, targets in loader:
@@ -303,7 +304,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torc
     parts = dist.gather_to_main((results, image_ids))
     metrics: dict[str, float] | None = None
     if parts is not None:
-        results, image_ids = _merge_shards(parts)
+        results, image_ids = merge_shards(parts)
         if results_path is not None:
             with open(results_path, "w") as f:
                 json.dump(results, f)
@@ -314,13 +315,39 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, gt: COCO, device: torc
     return dist.broadcast(metrics)
 
 
+def evaluate_model_voc(model: torch.nn.Module, loader: Iterable, *, gt: Any, device: torch.device,
+                       amp_dtype: torch.dtype | None = None, results_path: str | Path | None = None,
+                       progress: Any = None) -> tuple[dict[str, float], str]:
+    """VOC mAP of a model on a VOC loader (``voc_metrics``: both metrics, per class and mean) and the tables.
+
+    As ``evaluate_model``: under torchrun each rank predicts its shard, rank 0 scores the merged
+    results once, every rank returns the same. Results are COCO-style dicts whose category id is the label
+    (VOC has no ids; ``gt`` is built with the training set's ``class_names``, so label k is the same class).
+    """
+    from . import distributed as dist
+    from .voc import voc_metrics
+
+    identity = {k: k for k in range(1, gt.num_classes + 1)}
+    results, image_ids = run_inference(model, loader, device=device, label_to_cat_id=identity, amp_dtype=amp_dtype,
+                                       progress=progress)
+    parts = dist.gather_to_main((results, image_ids))
+    scored = None
+    if parts is not None:
+        results, image_ids = merge_shards(parts)
+        if results_path is not None:
+            with open(results_path, "w") as f:
+                json.dump(results, f)
+        scored = voc_metrics(gt, results, image_ids)
+    return dist.broadcast(scored)
+
+
 def ap_line(metrics: dict[str, Any]) -> str:
     """``bbox/AP 43.76  segm/AP 41.27``: the AP of every type the metrics hold (``voc/mAP07  voc/mAP`` for VOC)."""
     return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                      if k.endswith(("/AP", "/mAP", "/mAP07")) and v is not None) or "no AP"
 
 
-def _merge_shards(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict], list[int]]:
+def merge_shards(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict], list[int]]:
     """Rank r predicted images r, r + W, r + 2W, ... (``data.test_loader``): interleave them back."""
     by_image: dict[int, list[dict]] = {}
     for results, _ in parts:
@@ -328,3 +355,201 @@ def _merge_shards(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict]
             by_image.setdefault(r["image_id"], []).append(r)
     order = [ids[i] for i in range(max(len(ids) for _, ids in parts)) for _, ids in parts if i < len(ids)]
     return [r for image_id in order for r in by_image.get(image_id, [])], order
+
+
+# --------------------------------------------------------------------------- per-image matches
+#
+# COCO's AP is not a mean over images, so its sampling error cannot be read off per-image numbers: an image's
+# detections enter every category's precision/recall curve.  ``per_image_matches`` runs the evaluator once and keeps,
+# per category, what COCO's accumulate reads; a run's final evaluation writes them into metrics.jsonl
+# (``matches_record``), from which ``analysis/bootstrap.py`` resamples images and seeds.
+
+
+@dataclass(frozen=True)
+class CategoryMatches:
+    """One category's detections over all images, in COCO's accumulate order (score descending, stable)."""
+
+    image: np.ndarray  # [D] index into Matches.img_ids of each detection's image
+    score: np.ndarray  # [D]
+    tp: np.ndarray  # [T, D] bool: matched and not ignored, per IoU threshold
+    fp: np.ndarray  # [T, D] bool: unmatched and not ignored
+
+
+@dataclass(frozen=True)
+class Matches:
+    """What COCO's accumulate needs from one run's evaluation, per (category, image)."""
+
+    iou_type: str
+    img_ids: np.ndarray  # [I] the ground truth's image ids, sorted
+    cat_ids: np.ndarray  # [K]
+    iou_thrs: np.ndarray  # [T]
+    rec_thrs: np.ndarray  # [R]
+    npig: np.ndarray  # [K, I] non-ignored ground truth per category and image
+    categories: tuple[CategoryMatches, ...]  # [K]
+
+
+def per_image_matches(gt: COCO | str | Path, results: list[dict] | str | Path, iou_type: str) -> Matches:
+    """Evaluate results once (COCO's IoU thresholds, area 'all', its AP's maxDets) and keep the per-image matches."""
+    _check_iou_types((iou_type,))
+    gt = gt if isinstance(gt, COCO) else load_gt(gt)
+    dts = read_results(results) if isinstance(results, (str, Path)) else [dict(r) for r in results]
+    if dts and iou_type == "segm" and "segmentation" not in dts[0]:
+        raise ValueError("segm needs results with masks ('segmentation'); these have none")
+    dt = _results_coco(gt, dts)
+    if dts:
+        _set_areas(dts, iou_type)
+    with contextlib.redirect_stdout(io.StringIO()):
+        sigmas = oks_sigmas(gt) if iou_type == "keypoints" else None
+        # separate_eval keeps the per-image evaluations (faster-coco-eval's evalImgs); the default fuses them
+        # into accumulate and drops them.
+        ev = COCOeval_faster(gt, dt, iou_type, print_function=lambda *_: None, kpt_oks_sigmas=sigmas,
+                             separate_eval=True)
+        p = ev.params
+        if p.areaRngLbl[0] != "all":
+            raise RuntimeError(f"faster-coco-eval's first area range is {p.areaRngLbl[0]!r}, not 'all'")
+        # AP reads area 'all' only: the other ranges would be evaluated for nothing.
+        p.areaRng, p.areaRngLbl = p.areaRng[:1], p.areaRngLbl[:1]
+        ev.evaluate()
+    img_ids, cat_ids = np.asarray(p.imgIds, dtype=np.int64), np.asarray(p.catIds, dtype=np.int64)
+    num_t, num_i, max_det = len(p.iouThrs), len(img_ids), p.maxDets[-1]
+    evals = ev._evalImgs_cpp
+    if len(evals) != len(cat_ids) * num_i:
+        raise RuntimeError(f"faster-coco-eval returned {len(evals)} image evaluations, expected "
+                           f"{len(cat_ids)} categories x {num_i} images: its layout has changed")
+    npig = np.zeros((len(cat_ids), num_i), dtype=np.int64)
+    categories = []
+    for k in range(len(cat_ids)):
+        images, scores, matched, ignored = [], [], [], []
+        for i in range(num_i):
+            # The C++ ImageEvaluation is opaque but pickles: (detection matches [T*D] (gt id, 0 = none),
+            # gt matches, detection scores [D], gt ignores [G], detection ignores [T*D], matched pairs),
+            # with detections sorted by score and cut at maxDets as pycocotools' evaluateImg leaves them.
+            dtm, _, score, gt_ignore, dt_ignore, _ = evals[k * num_i + i].__getstate__()
+            npig[k, i] = len(gt_ignore) - sum(gt_ignore)
+            d = min(len(score), max_det)
+            if d:
+                images.append(np.full(d, i, dtype=np.int64))
+                scores.append(np.asarray(score[:d], dtype=np.float64))
+                n = len(score)
+                matched.append(np.asarray(dtm, dtype=np.uint64).reshape(num_t, n)[:, :d] != 0)
+                ignored.append(np.asarray(dt_ignore, dtype=bool).reshape(num_t, n)[:, :d])
+        if images:
+            score = np.concatenate(scores)
+            # accumulate's order: images concatenated in id order, then a stable sort by score.
+            order = np.argsort(-score, kind="mergesort")
+            m, ig = np.concatenate(matched, axis=1)[:, order], np.concatenate(ignored, axis=1)[:, order]
+            categories.append(CategoryMatches(np.concatenate(images)[order], score[order], m & ~ig, ~m & ~ig))
+        else:
+            categories.append(CategoryMatches(np.zeros(0, np.int64), np.zeros(0), np.zeros((num_t, 0), bool),
+                                              np.zeros((num_t, 0), bool)))
+    return Matches(iou_type, img_ids, cat_ids, np.asarray(p.iouThrs, dtype=np.float64),
+                   np.asarray(p.recThrs, dtype=np.float64), npig, tuple(categories))
+
+
+def matches_record(matches: Matches) -> dict:
+    """``matches`` as JSON-safe values, for the final evaluation's record in ``metrics.jsonl`` (the run's
+    one record: a report bootstraps from it without the validation set or the results file)."""
+    bits = (1 << np.arange(len(matches.iou_thrs), dtype=np.int64))[:, None]  # a detection's flags per threshold
+
+    def category(c: CategoryMatches) -> dict:
+        return {"image": c.image.tolist(), "score": [round(float(v), 6) for v in c.score],
+                "tp": (c.tp * bits).sum(0).tolist(), "fp": (c.fp * bits).sum(0).tolist()}
+
+    return {"iou_type": matches.iou_type, "img_ids": matches.img_ids.tolist(), "cat_ids": matches.cat_ids.tolist(),
+            "iou_thrs": matches.iou_thrs.tolist(), "rec_thrs": matches.rec_thrs.tolist(),
+            "npig": matches.npig.tolist(), "categories": [category(c) for c in matches.categories]}
+
+
+def matches_from_record(record: dict) -> Matches:
+    """The inverse of ``matches_record`` (the detections keep their stored order: COCO's accumulate order)."""
+    num_t = len(record["iou_thrs"])
+    bits = (1 << np.arange(num_t, dtype=np.int64))[:, None]
+
+    def category(c: dict) -> CategoryMatches:
+        tp, fp = np.asarray(c["tp"], dtype=np.int64), np.asarray(c["fp"], dtype=np.int64)
+        return CategoryMatches(np.asarray(c["image"], dtype=np.int64), np.asarray(c["score"], dtype=np.float64),
+                               (tp[None] & bits) != 0, (fp[None] & bits) != 0)
+
+    return Matches(record["iou_type"], np.asarray(record["img_ids"], dtype=np.int64),
+                   np.asarray(record["cat_ids"], dtype=np.int64), np.asarray(record["iou_thrs"], dtype=np.float64),
+                   np.asarray(record["rec_thrs"], dtype=np.float64),
+                   np.asarray(record["npig"], dtype=np.int64).reshape(len(record["cat_ids"]), len(record["img_ids"])),
+                   tuple(category(c) for c in record["categories"]))
+
+
+def matches_line(gt: COCO, results: str | Path, iou_types: Sequence[str]) -> dict[str, dict]:
+    """The per-image matches of every type, as the final evaluation's record holds them."""
+    return {t: matches_record(per_image_matches(gt, results, t)) for t in iou_types}
+
+
+# --------------------------------------------------------------------------- a run's validation set
+
+COCO_RESULTS = "coco_instances_results.json"
+
+
+def build_eval(cfg: Any, val: tuple[str, str] | None, *, rank: int = 0, world_size: int = 1,
+               class_names: list[str] | None = None) -> tuple[Any, Any] | tuple[None, None]:
+    """The validation loader (test-time resize, no flip; this rank's shard) and its ground truth: COCO's,
+    or for ``data.val.format: voc`` the VocDetection itself (read with the training set's ``class_names``)."""
+    from .data import CocoDetection, build_transforms, test_loader
+    from .voc import load_voc
+
+    if val is None:
+        return None, None
+    transforms = None if cfg.test.aug else build_transforms(
+        train=False, min_sizes=[cfg.data.min_size_test], max_size=cfg.data.max_size_test, flip_prob=0)
+    voc = cfg.data.val.format == "voc"
+    dataset = load_voc(val[0], val[1], class_names=class_names, transforms=transforms) if voc else \
+        CocoDetection(images=val[0], annotations=val[1], transforms=transforms, task=cfg.model.task)
+    loader = test_loader(dataset, batch_size=cfg.test.ims_per_batch, num_workers=cfg.dataloader.num_workers,
+                         max_images=cfg.test.max_images, rank=rank, world_size=world_size)
+    gt = dataset if voc else load_gt(val[1])
+    if cfg.test.aug:
+        # Test-time augmentation resizes each original image itself; run_inference predicts through it.
+        from .tta import TestTimeAug, keypoint_flip_map
+
+        loader.test_aug = TestTimeAug(min_sizes=cfg.test.aug_min_sizes, max_size=cfg.test.aug_max_size,
+                                      flip=cfg.test.aug_flip,
+                                      keypoint_flip=None if voc else keypoint_flip_map(gt.dataset["categories"]))
+    return loader, gt
+
+
+class RunEvaluation(NamedTuple):
+    """What ``evaluate_run`` gives: the numbers (every rank), VOC's per-class tables, and COCO's per-image
+    matches per type (rank 0, when asked: the record a report bootstraps from)."""
+
+    metrics: dict[str, float]
+    tables: str | None = None
+    matches: dict[str, dict] | None = None
+
+
+def evaluate_run(model: nn.Module, loader: Any, gt: Any, *, device: torch.device, dtype: torch.dtype | None,
+                 out_dir: Path, task: str, label_to_cat_id: dict[int, int], voc: bool = False,
+                 iteration: int | None = None, matches: bool = False, progress: bool = False) -> RunEvaluation:
+    """A model's AP on a run's validation set, as training and ``scratchdet eval`` both score it: COCO AP of
+    the task's types (``TASK_IOU_TYPES``), results in ``out_dir/coco_instances_results.json`` and, with
+    ``matches``, their per-image matches; or for a VOC set both VOC mAPs, per class and mean, results and
+    tables (headed by ``iteration``) in ``out_dir``.  Every rank predicts its shard and gets the same numbers."""
+    import sys
+
+    import torch
+    from tqdm import tqdm
+
+    from . import distributed as dist
+    from .voc import VOC_RESULTS, VOC_TABLES
+
+    dist.broadcast_buffers(model)  # every shard scored with the statistics the checkpoint holds
+    with torch.no_grad(), tqdm(total=len(loader.dataset), desc="eval", leave=False, file=sys.stderr,
+                               disable=not progress or not dist.is_main()) as bar:
+        if not voc:
+            metrics = evaluate_model(model, loader, gt=gt, device=device, label_to_cat_id=label_to_cat_id,
+                                     amp_dtype=dtype, results_path=out_dir / COCO_RESULTS, progress=bar,
+                                     iou_types=TASK_IOU_TYPES[task])
+            found = matches_line(gt, out_dir / COCO_RESULTS, TASK_IOU_TYPES[task]) if matches and dist.is_main() \
+                else None
+            return RunEvaluation(metrics, None, found)
+        scores, tables = evaluate_model_voc(model, loader, gt=gt, device=device, amp_dtype=dtype,
+                                            results_path=out_dir / VOC_RESULTS, progress=bar)
+    if dist.is_main():
+        (out_dir / VOC_TABLES).write_text(tables if iteration is None else f"iteration {iteration}\n\n{tables}")
+    return RunEvaluation(scores, tables)

@@ -52,7 +52,7 @@ def xavier_fill_(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- fp32 predictors
 
 
-def _fp32(x: Tensor) -> torch.autocast:
+def autocast_off(x: Tensor) -> torch.autocast:
     """A region where autocast is off for ``x``'s device (the caller passes fp32 inputs)."""
     return torch.autocast(x.device.type, enabled=False)
 
@@ -61,7 +61,7 @@ class FP32BoxPredictor(FastRCNNPredictor):
     """Class scores and box deltas computed in fp32 (two small fc layers)."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        with _fp32(x):
+        with autocast_off(x):
             return super().forward(x.float())
 
 

@@ -12,9 +12,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_keypoints
 
 from .data import ResizeShortestEdge, read_image
+from .device import pick_device
 from .evaluation import to_coco_results
 from .model import paste_detections
-from .run import load_run_model, pick_device
+from .run import load_run_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Sasha Trubetskoy's 20 distinct colours without white, black and the palest two (beige, mint), in his

@@ -14,12 +14,9 @@ for detection, and each image's crop and flip are drawn from its own seed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,30 +30,14 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, Schedule, dump_yaml, resolve_schedule, to_dict
-from .data import DataError
-from .data import _worker_init as worker_init  # one thread per worker; workers leave SIGTERM/SIGINT to the main process
+from .config import Config, ConfigError, to_dict
+from .data import DataError, worker_init  # worker_init: one thread per worker; SIGTERM/SIGINT left to the main process
+from .device import precision_name, precision_reason, use_channels_last
+from .loop import StopSignal, Throughput, check_nonfinite, log_line, optimize, start_run
 from .model import ResNet, count_parameters, trunk_kwargs
-from .run import (
-    LossWindow,
-    MetricsWriter,
-    NonFiniteLossError,
-    Preempted,
-    amp_dtype,
-    environment,
-    pick_device,
-    precision_name,
-    precision_reason,
-    prepare_run_dir,
-    restore_training_state,
-    save_training_state,
-    seed_everything,
-    setup_logging,
-    sync_device,
-    use_channels_last,
-    use_deterministic,
-)
-from .solver import build_gradient_clipper, build_optimizer, describe_clipping, lr_factor, skip_nonfinite_step
+from .run import LossWindow, Preempted, RunRecord, restore_training_state
+from .schedule import Schedule, resolve_schedule
+from .solver import GradientClipper, build_gradient_clipper, build_optimizer, describe_clipping, lr_factor
 
 log = logging.getLogger("scratchdet")
 
@@ -157,7 +138,9 @@ def check_options(cfg: Config) -> None:
 
 
 def build_dataset(cfg: Config) -> SeededImageFolder:
-    """The ImageFolder of ``pretrain.images`` with random-resized crop and flip (``data.flip_prob``)."""
+    """The ImageFolder of ``pretrain.images`` with random-resized crop and flip (``data.flip_prob``), after
+    ``check_options``."""
+    check_options(cfg)
     data = SeededImageFolder(cfg.pretrain.images, crop_size=cfg.pretrain.crop_size, flip_prob=cfg.data.flip_prob,
                             crop_scale=cfg.pretrain.crop_scale)
     if cfg.model.num_classes and cfg.model.num_classes != len(data.classes):
@@ -183,41 +166,116 @@ def lr_lambda(cfg: Config, sched: Schedule) -> Callable[[int], float]:
 def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
              progress: bool = True) -> Path:
     """Train the classifier (``resume``: from the run's newest valid checkpoint); returns ``backbone_final.pth``."""
-    run_dir = Path(run_dir)
-    check_options(cfg)
-    data = build_dataset(cfg)
-    device = pick_device(cfg.train.device)
-    prepare_run_dir(run_dir, resume=resume, force=force)  # a finished run (model_final.pth) needs --force
-    setup_logging(run_dir)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.train.seed, use_deterministic(cfg.train.deterministic, device),
-                    strict=cfg.train.deterministic == "on")
-    channels_last = use_channels_last(cfg.train.channels_last, device)
-    dtype = amp_dtype(cfg.train.amp, device)
+    run_dir, data = Path(run_dir), build_dataset(cfg)  # the options refused before anything is written
+    device, dtype, _, _ = start_run(cfg, run_dir, resume=resume, force=force, distributed=False)
     log.info("pretrain data: %s (%d images, %d classes)", cfg.pretrain.images, len(data), len(data.classes))
     # Linear scaling (solver.reference_batch_size) and solver.epochs as for detection; the Nx rule was refused above.
     sched = resolve_schedule(cfg.solver, len(data))
-    for note in sched.notes:
-        log.info("%s", note)
+    model, s = build_classifier(cfg, len(data.classes), device), cfg.solver
+    optimizer, scheduler, scaler = build_pretrain_solver(cfg, model, sched, dtype, device)
+    describe_pretrain(cfg, model, sched, dtype, device, len(data.classes))
+    start_iter, seen, window = resume_pretrain(cfg, run_dir, data, resume, model=model, optimizer=optimizer,
+                                               scheduler=scheduler, scaler=scaler, device=device)
+    record = RunRecord(run_dir, config=to_dict(cfg), start_iter=start_iter, resumed=seen is not None, seen=seen,
+                       counts=("images_seen", "pixels_seen"))
 
-    # ---- model and solver -----------------------------------------------------------------------
-    m, s = cfg.model, cfg.solver
-    trunk = ResNet(**trunk_kwargs(m))
-    model = Classifier(trunk, len(data.classes), m.pixel_mean, m.pixel_std).to(device)
-    if channels_last:  # before the optimizer: its momentum buffers take the parameters' layout
+    def check(iteration: int) -> None:
+        check_nonfinite(window, iteration, limit=s.skip_nonfinite, run_dir=run_dir, what="pretrain iteration",
+                        lr_at=lambda it: sched.base_lr * scheduler.lr_lambdas[0](it))
+
+    def save(name: str, iteration: int, keep: int = 0) -> None:
+        check(iteration)
+        # The trunk under "backbone" beside the whole classifier (torch.save stores shared storage once):
+        # weights.read_weights then reads any checkpoint of this run, and its folder, as a pretrained backbone.
+        record.checkpoint(name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                          iteration=iteration, meta=pretrain_meta(cfg, data, record.reduce_seen()), window=window,
+                          keep=keep, extra={"backbone": model.trunk.state_dict()})
+
+    with StopSignal() as stop:  # before the loader: a signal while it starts still checkpoints
+        sampler = PretrainSampler(len(data), batch_size=s.ims_per_batch, seed=cfg.train.seed, start=start_iter)
+        # The loader's own generator: creating its iterator must not draw from the global torch RNG.
+        loader = iter(DataLoader(data, batch_sampler=sampler, num_workers=cfg.dataloader.num_workers,
+                                 worker_init_fn=worker_init, pin_memory=device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(cfg.train.seed)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        clip = build_gradient_clipper(s.clip_gradients, value=s.clip_value, norm_type=s.clip_norm_type)
+        model.train()
+        bar = tqdm(total=sched.max_iter, initial=start_iter, desc="pretrain", file=sys.stderr, dynamic_ncols=True,
+                   disable=not progress)
+        timer = Throughput(device=device)
+        try:
+            for iteration in range(start_iter, sched.max_iter):
+                images, labels = next(loader)
+                record.add(len(images), len(images) * images.shape[-1] * images.shape[-2])
+                lr = optimizer.param_groups[0]["lr"]
+                loss, bad = classification_step(model, images, labels, optimizer=optimizer, scaler=scaler,
+                                                params=params, dtype=dtype, device=device, clip=clip)
+                scheduler.step()
+                window.add(torch.stack([loss, loss]), bad, iteration)
+                timer.step()
+                done = iteration + 1
+                if done % cfg.train.log_period == 0 or done == sched.max_iter:
+                    line = log_line(window, timer, iteration=done, lr=lr, ims_per_batch=s.ims_per_batch,
+                                    seen=record.reduce_seen(), keep=lambda m: {"loss": m["loss"]}, bar=bar)
+                    check(iteration)
+                    record.write(line)
+                bar.update(1)
+                periodic = done % s.checkpoint_period == 0 and done < sched.max_iter
+                if periodic:
+                    with timer.paused():
+                        save(f"model_{done:07d}.pth", done, keep=s.keep_checkpoints)
+                if stop.received() and done < sched.max_iter:
+                    if not periodic:
+                        save(f"model_{done:07d}.pth", done)
+                    raise Preempted(f"received signal {stop.signum}: checkpoint written at iteration {done}; "
+                                    f"continue with: scratchdet pretrain --resume {run_dir}")
+            bar.close()
+            # ---- the end: the backbone, then model_final.pth, which marks the run finished -----------
+            check(sched.max_iter)
+            out = run_dir / BACKBONE_FINAL
+            ckpt.save_checkpoint(out, {"backbone": model.trunk.state_dict(),
+                                       "meta": pretrain_meta(cfg, data, record.reduce_seen())})
+            save(ckpt.FINAL, sched.max_iter)
+        finally:
+            bar.close()
+            record.close()
+    log.info("pretrained backbone written to %s (%d images seen); fine-tune with model.init=%s",
+             out, record.seen["images_seen"], out)
+    return out
+
+
+def build_classifier(cfg: Config, num_classes: int, device: torch.device) -> Classifier:
+    """The detector's trunk (same ``model.*`` options, same norm) under a linear classifier, on the device."""
+    m = cfg.model
+    model = Classifier(ResNet(**trunk_kwargs(m)), num_classes, m.pixel_mean, m.pixel_std).to(device)
+    if use_channels_last(cfg.train.channels_last, device):  # before the optimizer: its momentum buffers take the layout
         model = model.to(memory_format=torch.channels_last)
     if m.norm == "SyncBN":
         log.info("model.norm=SyncBN: pretrain runs in one process, so batch statistics are this batch's (plain BN)")
+    return model
+
+
+def build_pretrain_solver(cfg: Config, model: Classifier, sched: Schedule, dtype: torch.dtype | None,
+                          device: torch.device) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """SGD, the LR schedule of ``lr_lambda`` and the fp16 scaler (off otherwise)."""
+    s = cfg.solver
     # Norm scales/shifts at weight_decay_norm and biases at weight_decay_bias, as in detection training.
     optimizer = build_optimizer(model, base_lr=sched.base_lr, momentum=s.momentum, weight_decay=s.weight_decay,
                                 weight_decay_norm=s.weight_decay_norm, weight_decay_bias=s.weight_decay_bias)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, sched))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    n_params, _ = count_parameters(model)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def describe_pretrain(cfg: Config, model: Classifier, sched: Schedule, dtype: torch.dtype | None,
+                      device: torch.device, num_classes: int) -> None:
+    """Log the schedule's notes, the classifier, its precision, clipping and the schedule."""
+    m, s = cfg.model, cfg.solver
+    for note in sched.notes:
+        log.info("%s", note)
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     log.info("classifier: R%d trunk, norm %s, %d classes, %s parameters; precision: %s%s [%s]", m.depth, m.norm,
-             len(data.classes), f"{n_params:,}", precision_name(dtype), ", channels-last" if channels_last else "",
-             precision_reason(cfg.train.amp, device))
+             num_classes, f"{count_parameters(model)[0]:,}", precision_name(dtype),
+             ", channels-last" if channels_last else "", precision_reason(cfg.train.amp, device))
     clipping = describe_clipping(s.clip_gradients, value=s.clip_value, norm_type=s.clip_norm_type)
     if clipping:
         log.info("%s", clipping)
@@ -225,148 +283,46 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
              s.ims_per_batch, sched.base_lr, cfg.pretrain.lr_schedule,
              f" drops at {list(sched.steps)}" if cfg.pretrain.lr_schedule == "step" else "", sched.warmup_iters)
 
-    # ---- resume: model, solver, RNG, counters and the stream's position (the iteration) ------------
-    start_iter, seen = 0, {"images_seen": 0, "pixels_seen": 0}
-    window = LossWindow(["loss_cls"], device)
+
+def resume_pretrain(cfg: Config, run_dir: Path, data: SeededImageFolder, resume: bool, *, model: Classifier,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                    device: torch.device) -> tuple[int, dict[str, int] | None, LossWindow]:
+    """With ``resume``, restore the newest valid checkpoint (of the same class folders); returns the iteration
+    to start at, what was seen (None: a fresh run) and the loss window."""
     found = ckpt.latest_valid(run_dir) if resume else None
-    if found is not None:
-        path, state = found
-        if list(state["meta"]["classes"]) != data.classes:
-            raise DataError(f"{path}: trained on the classes {state['meta']['classes']}, but {cfg.pretrain.images} now "
-                            f"has {data.classes}; resume with the same folder, or start a new run")
-        if state["meta"].get("images") != len(data):
-            log.warning("%s: the run saw %s images in %s, which now holds %d: the image stream after the resume is "
-                        "not the one the run would have seen", path, state["meta"].get("images"), cfg.pretrain.images,
-                        len(data))
-        restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_iter, seen = int(state["iteration"]), dict(state["seen"])
-        window = LossWindow.from_state(state["window"], device)
-        log.info("resumed from %s at iteration %d", path.name, start_iter)
-    elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
-    dump_yaml(cfg, run_dir / "config.yaml")
-    (run_dir / "env.json").write_text(json.dumps(environment(), indent=1))
-    metrics = MetricsWriter(run_dir, keep_until=start_iter if found else None)
+    if found is None:
+        if resume:
+            log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+        return 0, None, LossWindow(["loss_cls"], device)
+    path, state = found
+    if list(state["meta"]["classes"]) != data.classes:
+        raise DataError(f"{path}: trained on the classes {state['meta']['classes']}, but {cfg.pretrain.images} now "
+                        f"has {data.classes}; resume with the same folder, or start a new run")
+    if state["meta"].get("images") != len(data):
+        log.warning("%s: the run saw %s images in %s, which now holds %d: the image stream after the resume is "
+                    "not the one the run would have seen", path, state["meta"].get("images"), cfg.pretrain.images,
+                    len(data))
+    restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    log.info("resumed from %s at iteration %d", path.name, int(state["iteration"]))
+    return int(state["iteration"]), dict(state["seen"]), LossWindow.from_state(state["window"], device)
 
-    def meta() -> dict[str, Any]:
-        """What ``weights.read_weights`` reads from a pretrain file (``seen`` becomes the fine-tuning run's pretrain_*)."""
-        return {"format": "scratchdet-pretrain", "depth": m.depth, "norm": m.norm, "classes": list(data.classes),
-                "images": len(data), "seen": dict(seen), "config": to_dict(cfg)}
 
-    def check_nonfinite(iteration: int) -> None:
-        """Stop when more steps were skipped than solver.skip_nonfinite allows (a host sync)."""
-        n, first, terms = window.nonfinite()
-        if n > s.skip_nonfinite:
-            lr = sched.base_lr * scheduler.lr_lambdas[0](first)
-            raise NonFiniteLossError(
-                f"non-finite {', '.join(terms)} at pretrain iteration {first} (lr {lr:g}); "
-                f"{n} step(s) skipped by iteration {iteration} (solver.skip_nonfinite={s.skip_nonfinite}); the last good "
-                f"checkpoint is kept in {run_dir}")
+def pretrain_meta(cfg: Config, data: SeededImageFolder, seen: dict[str, int]) -> dict[str, Any]:
+    """What ``weights.read_weights`` reads from a pretrain file (``seen`` becomes the fine-tuning run's pretrain_*)."""
+    return {"format": "scratchdet-pretrain", "depth": cfg.model.depth, "norm": cfg.model.norm,
+            "classes": list(data.classes), "images": len(data), "seen": dict(seen), "config": to_dict(cfg)}
 
-    def save(name: str, iteration: int) -> None:
-        check_nonfinite(iteration)
-        # The trunk under "backbone" beside the whole classifier (torch.save stores shared storage once):
-        # weights.read_weights then reads any checkpoint of this run, and its folder, as a pretrained backbone.
-        save_training_state(run_dir / name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            iteration=iteration, meta=meta(), config=to_dict(cfg),
-                            progress={"seen": dict(seen), "window": window.state(), "backbone": trunk.state_dict()})
 
-    # SIGTERM/SIGINT (a cluster's preemption, a Ctrl-C): finish the iteration, checkpoint, exit.
-    stop: dict[str, int | None] = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum
-
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    # ---- the loop -------------------------------------------------------------------------------
-    sampler = PretrainSampler(len(data), batch_size=s.ims_per_batch, seed=cfg.train.seed, start=start_iter)
-    # The loader's own generator: creating its iterator must not draw from the global torch RNG.
-    loader = iter(DataLoader(data, batch_sampler=sampler, num_workers=cfg.dataloader.num_workers,
-                             worker_init_fn=worker_init, pin_memory=device.type == "cuda",
-                             generator=torch.Generator().manual_seed(cfg.train.seed)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = build_gradient_clipper(cfg.solver.clip_gradients, value=cfg.solver.clip_value,
-                                  norm_type=cfg.solver.clip_norm_type)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    bar = tqdm(total=sched.max_iter, initial=start_iter, desc="pretrain", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress)
-    # images/s counts training only: checkpoint time inside a window is taken out.
-    t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
-    model.train()
-    try:
-        for iteration in range(start_iter, sched.max_iter):
-            images, labels = next(loader)
-            seen["images_seen"] += len(images)
-            seen["pixels_seen"] += len(images) * images.shape[-1] * images.shape[-2]
-            images = images.to(device, non_blocking=True).float().contiguous(memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # A non-finite loss or gradient skips the step, flagged on the device (no host sync per
-            # step); the GradScaler skips fp16 overflows by itself.  The host reads the count at log lines.
-            if dtype == torch.float16:
-                bad = ~torch.isfinite(loss.detach())
-                if clip is not None:  # on the true gradients: the scaler's factor divided out first
-                    scaler.unscale_(optimizer)
-                    clip([p.grad for p in params if p.grad is not None], None)
-            else:
-                grads = [p.grad for p in params if p.grad is not None]
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                bad = ~torch.isfinite(loss.detach() + grad_norm)
-                if clip is not None:
-                    clip(grads, grad_norm)
-            if scaler.is_enabled():
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                skip_nonfinite_step(optimizer, bad)
-            scheduler.step()
-            window.add(torch.stack([loss.detach(), loss.detach()]), bad, iteration)
-            n_timed += 1
-            done = iteration + 1
-            if done % cfg.train.log_period == 0 or done == sched.max_iter:
-                means, steps = window.read()
-                check_nonfinite(iteration)
-                elapsed = time.perf_counter() - t_window - t_other
-                n, first, terms = window.nonfinite()
-                record = {"iteration": done, **({"loss": means["loss"]} if steps else {}), "lr": lr,
-                          "images_per_sec": round(n_timed * s.ims_per_batch / elapsed, 3),
-                          "time_per_iter": round(elapsed / n_timed, 4), **seen}
-                if n:
-                    record.update(skipped_steps=n, skipped_step=f"{', '.join(terms)} at iteration {first}")
-                metrics.write(record)
-                if steps:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}", ips=f"{record['images_per_sec']:.1f}")
-                t_window, n_timed, t_other = time.perf_counter(), 0, 0.0
-            bar.update(1)
-            periodic = done % s.checkpoint_period == 0 and done < sched.max_iter
-            if periodic:
-                sync_device(device)  # the steps queued before the checkpoint are training time
-                t_pause = time.perf_counter()
-                save(f"model_{done:07d}.pth", done)
-                ckpt.prune(run_dir, s.keep_checkpoints)
-                t_other += time.perf_counter() - t_pause
-            if stop["signal"] is not None and done < sched.max_iter:
-                if not periodic:
-                    save(f"model_{done:07d}.pth", done)
-                raise Preempted(f"received signal {stop['signal']}: checkpoint written at iteration {done}; continue "
-                                f"with: scratchdet pretrain --resume {run_dir}")
-        bar.close()
-        # ---- the end: the backbone, then model_final.pth, which marks the run finished -----------
-        check_nonfinite(sched.max_iter)
-        out = run_dir / BACKBONE_FINAL
-        ckpt.save_checkpoint(out, {"backbone": trunk.state_dict(), "meta": meta()})
-        save(ckpt.FINAL, sched.max_iter)
-    finally:
-        bar.close()
-        metrics.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    log.info("pretrained backbone written to %s (%d images seen); fine-tune with model.init=%s",
-             out, seen["images_seen"], out)
-    return out
+def classification_step(model: Classifier, images: Tensor, labels: Tensor, *, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, params: list[nn.Parameter], dtype: torch.dtype | None,
+                        device: torch.device, clip: GradientClipper | None = None) -> tuple[Tensor, Tensor]:
+    """One SGD step on a batch of crops, as ``engine.train_step`` for detection; returns the loss and ``bad``
+    (the step was skipped for a non-finite loss or gradient), both on the device."""
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    images = images.to(device, non_blocking=True).float().contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(images)
+    loss = nn.functional.cross_entropy(logits.float(), labels)
+    return loss.detach(), optimize(loss, optimizer=optimizer, scaler=scaler, params=params, clip=clip)

@@ -1,5 +1,5 @@
-"""A run's setup and its record: the run directory, logging, device and precision, the metrics
-writer, training-state checkpoints, and loading a finished run's model.
+"""A run's directory and its record: logging, the metrics writer, training-state checkpoints,
+exact resume, and loading a finished run's model.
 
 The training loop (``engine.train``) calls these; ``predict``, ``pretrain``, ``eval`` and the
 reports use them too, so what a run directory holds is defined here, in one place.
@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import platform
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from .device import cpu_bf16_support, pick_device, use_channels_last
 
 log = logging.getLogger("scratchdet")
 
@@ -75,181 +75,6 @@ def setup_logging(run_dir: Path | None = None) -> None:
         fh = logging.FileHandler(run_dir / "log.txt")
         fh.setFormatter(fmt)
         log.addHandler(fh)
-
-
-def pick_device(name: str) -> torch.device:
-    """``train.device`` as a device: ``auto`` is CUDA when there is a GPU, else the CPU.  Under
-    torchrun (LOCAL_RANK set) each process takes the GPU of its local rank, decided here, before
-    the process group exists, so every caller (training, ``eval``, the run stamp) gets an index."""
-    from .config import ConfigError
-
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        # Refused here, in one line, not by torch's "Found no NVIDIA driver" traceback from model.to(device).
-        raise ConfigError(f"train.device={name}: torch sees no CUDA GPU (torch {torch.__version__}, "
-                          f"{'CUDA build ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}, "
-                          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!r}); "
-                          "use train.device=cpu or auto")
-    if "LOCAL_RANK" not in os.environ:
-        if device.index is not None:
-            if device.index >= torch.cuda.device_count():
-                raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} GPU(s) visible "
-                                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-            # The current device is what torch uses where no device is named: the pin-memory thread, the
-            # caching allocator's first context, is_bf16_supported().  Without this, cuda:1 also sets up GPU 0.
-            torch.cuda.set_device(device)
-        return device
-
-    if device.index is not None:
-        # Every rank would take the same GPU, and NCCL refuses two ranks on one device.
-        raise ConfigError(f"train.device={name}: under torchrun each process takes the GPU of its local rank; give "
-                          "train.device=cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
-    gpus, local = torch.cuda.device_count(), dist.local_rank()
-    procs = max(int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), local + 1)
-    if procs > gpus:
-        raise ConfigError(f"{procs} processes on this machine but {gpus} visible GPU(s): one process per GPU "
-                          f"(--num-gpus / torchrun --nproc-per-node at most {gpus}), or train.device=cpu")
-    return torch.device("cuda", local)
-
-
-def sync_device(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA only): timers around evaluation and checkpoints
-    would otherwise count training steps still running on the GPU as the pause, or the reverse."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def use_deterministic(setting: str, device: torch.device) -> bool:
-    """``train.deterministic``: on, off, or auto (on for the CPU, off for CUDA, where deterministic
-    mode sends RoIAlign's backward to torchvision's slow pure-PyTorch path)."""
-    if setting == "auto":
-        return device.type == "cpu"
-    return setting == "on"
-
-
-def seed_everything(seed: int, deterministic: bool, *, strict: bool = False) -> None:
-    """Seed every RNG and choose the algorithms; ``strict`` (``train.deterministic=on``) makes an
-    op without a deterministic implementation an error instead of a warning."""
-    if deterministic and strict:
-        # cuBLAS reads this when it creates its handle (the first matmul, after dist.init): without it,
-        # its split-K reductions are nondeterministic and torch raises in deterministic mode.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(deterministic, warn_only=not strict)
-    # Deterministic mode also fills the memory of every new tensor (each op's output) with NaN, so that a kernel
-    # reading memory it never wrote still repeats itself: 10% of the default job's step on the CPU (0.48 against
-    # 0.43 s).  The detector reads no unwritten memory (its losses and weights are the same to the bit without
-    # the fill), so only strict mode (train.deterministic=on) keeps that guard.
-    torch.utils.deterministic.fill_uninitialized_memory = strict
-    # Detection inputs vary in size: cuDNN's per-shape autotuning would re-run for most batches.
-    torch.backends.cudnn.benchmark = False
-
-
-def use_channels_last(setting: str, device: torch.device) -> bool:
-    """``train.channels_last``: on, off, or auto: on where it was measured to pay, the CPU.  Not on
-    CUDA: ATen's GroupNorm makes CUDA inputs contiguous, so each GN layer would convert to NCHW and
-    the next conv back (unmeasured there, and the SyncBN models with it)."""
-    if setting == "auto":
-        return device.type == "cpu"
-    return setting == "on"
-
-
-def cpu_bf16_support() -> tuple[bool, str]:
-    """Whether this CPU computes bf16 matmuls and convolutions natively, and the flags that say so.
-
-    Native means instructions that multiply bf16: AVX512-BF16 or AMX-BF16 on x86, the BF16
-    extension (NEON or SVE) on ARM.  oneDNN's own "bf16 supported" (``_is_mkldnn_bf16_supported``)
-    is true on any AVX-512 CPU, where it converts bf16 to fp32 and back around fp32 arithmetic:
-    3-4x slower than fp32 on a Xeon without AVX512-BF16 (Skylake-SP to Ice Lake), so it is not asked.
-    """
-    if not torch.backends.mkldnn.is_available():  # torch's own bf16 convolutions are emulated without oneDNN
-        return False, "this torch is built without oneDNN"
-    caps = cpu_capabilities()
-    x86 = [f for f in ("avx512_bf16", "amx_bf16") if caps.get(f)]
-    arm = [f for f in ("bf16", "sve_bf16") if caps.get(f)]
-    found = x86 or arm
-    if found:
-        return True, " and ".join(found)
-    arch = caps.get("architecture") or platform.machine()
-    return False, f"no AVX512-BF16, AMX-BF16 or ARM BF16 among the {arch} CPU's flags"
-
-
-def cpu_capabilities() -> dict[str, Any]:
-    """The CPU's instruction-set flags as torch's cpuinfo reads them (``torch.cpu.get_capabilities``);
-    on a torch without that function, the flags of ``/proc/cpuinfo`` (Linux), else none."""
-    get = getattr(torch.cpu, "get_capabilities", None)
-    if get is not None:
-        return dict(get())
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags.update(value.split())
-    except OSError:
-        pass
-    # /proc/cpuinfo spells AMX-BF16 amx_bf16 and AVX512-BF16 avx512_bf16 on x86, and BF16 bf16 / svebf16 on ARM.
-    return {"architecture": platform.machine(), **{f: True for f in flags},
-            **({"sve_bf16": True} if "svebf16" in flags else {})}
-
-
-def cuda_bf16_support(device: torch.device) -> tuple[bool, str]:
-    """Whether this GPU computes bf16 natively (compute capability 8.0 or newer, or ROCm).  torch's
-    ``is_bf16_supported()`` also counts emulation (true on a V100 or T4, where bf16 runs slower than
-    fp32) and asks the current device, not the run's; this is its ``including_emulation=False`` answer
-    for ``device``."""
-    if torch.version.hip:
-        return True, "ROCm"
-    props = torch.cuda.get_device_properties(device)
-    major, minor = props.major, props.minor
-    return major >= 8, f"compute capability {major}.{minor}"
-
-
-def bf16_support(device: torch.device) -> tuple[bool, str]:
-    """``cuda_bf16_support`` or ``cpu_bf16_support``, by the device's type."""
-    return cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype; ``auto`` is bf16 where the hardware computes it natively (on a CPU
-    without native bf16, emulated bf16 would be slower than fp32), else off.  A forced ``bf16`` on
-    hardware that only emulates it runs, with a warning.  On CUDA, ``auto`` also lets the fp32
-    matmuls and convolutions that remain (GroupNorm's neighbours, the box predictors) use TF32, and
-    ``off`` keeps them in full fp32; the log says which."""
-    if amp in ("auto", "bf16"):
-        native, why = bf16_support(device)
-        if amp == "auto":
-            dtype = torch.bfloat16 if native else None
-        else:
-            dtype = torch.bfloat16
-            if not native:
-                log.warning("train.amp=bf16 on hardware that only emulates bf16 (%s, %s): expect it to be slower "
-                            "than fp32 (train.amp=auto or off trains in fp32 here)", device.type.upper(), why)
-    else:
-        dtype = {"off": None, "fp16": torch.float16}[amp]
-    if device.type == "cuda":
-        tf32 = amp == "auto"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32  # torch's default is True: `off` means fp32 convolutions too
-        log.info("CUDA precision: %s autocast; fp32 matmuls and convolutions in %s",
-                 precision_name(dtype) if dtype is not None else "no", "TF32" if tf32 else "full fp32")
-    return dtype
-
-
-def precision_reason(amp: str, device: torch.device) -> str:
-    """Why ``train.amp`` gives the precision it does here, for the log line ``precision: ...``."""
-    if amp != "auto":
-        return f"train.amp={amp}"
-    native, why = bf16_support(device)
-    return f"train.amp=auto: {'native bf16' if native else 'bf16 would be emulated'} ({why})"
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -399,8 +224,6 @@ class LossWindow:
         return window
 
 
-
-
 def device_rng_state(device: torch.device) -> torch.Tensor | None:
     """This process's GPU RNG state (None off CUDA, or before CUDA has started)."""
     if device.type != "cuda" or not torch.cuda.is_initialized():
@@ -460,7 +283,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
     """A trained run's model (``model_final.pth`` or the newest valid checkpoint), its config with
     ``overrides`` applied, and meta; built with the run's memory format, in eval mode."""
     from .config import from_dict, parse_override, set_key, validate
-    from .model import build_model, model_kwargs
+    from .model import build_model
 
     run_dir = Path(run_dir)
     if checkpoint is None:
@@ -482,91 +305,13 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
         set_key(cfg, *parse_override(text))
     validate(cfg)
     meta = state["meta"]
-    kwargs = model_kwargs(cfg.model, len(meta["class_names"]), meta.get("num_keypoints"))
-    model = build_model(**kwargs)
+    model = build_model(cfg.model, num_classes=len(meta["class_names"]), num_keypoints=meta.get("num_keypoints"))
     model.load_state_dict(state["model"])
     device = device or pick_device(cfg.train.device)
     model.to(device).eval()
     if use_channels_last(cfg.train.channels_last, device):  # as the run evaluated itself: the same kernels
         model.to(memory_format=torch.channels_last)
     return model, cfg, meta
-
-
-def branch_name(iteration: int) -> str:
-    """A trunk's checkpoint at a branch point (``ckpt.prune`` never matches this name)."""
-    return f"branch_{iteration:07d}.pth"
-
-
-# What a branch may change: the length and where its LR drops (start_branch checks the trunk is at its
-# base LR up to the branch point, whichever rule placed the drops).
-BRANCH_FREE_KEYS = ("solver.schedule", "solver.max_iter", "solver.steps", "solver.epochs")
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"section.key": value}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The keys, sorted, whose values differ between two flattened configs (a key missing from one differs)."""
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def start_branch(trunk_dir: str | Path, run_dir: str | Path, at: int, *, config: dict[str, Any] | None = None,
-                 num_images: int | None = None, end: int | None = None) -> bool:
-    """Start ``run_dir`` as a schedule branch of ``trunk_dir`` at iteration ``at``: the trunk's
-    branch checkpoint becomes the run's ``model_{at}.pth`` and the trunk's metrics up to ``at``
-    (each marked ``branched_from``) its ``metrics.jsonl``, so a plain resume trains the tail.
-    Returns False (and changes nothing) when the run has started already: it resumes as it is."""
-    import yaml
-
-    from .config import from_dict, resolve_schedule
-
-    trunk_dir, run_dir = Path(trunk_dir), Path(run_dir)
-    if (run_dir / ckpt.FINAL).exists() or ckpt.periodic_checkpoints(run_dir):
-        return False
-    if config is not None and (trunk_dir / "config.yaml").is_file():
-        # A branch is the trunk's own run up to ``at`` only when nothing but the schedule's length differs.
-        raw = yaml.safe_load((trunk_dir / "config.yaml").read_text()) or {}
-        theirs, ours = flatten(raw), flatten(config)
-        differ = [k for k in differing_keys(theirs, ours) if k not in BRANCH_FREE_KEYS]
-        if differ:
-            raise FileExistsError(f"{run_dir}: cannot branch from {trunk_dir}: its config differs in "
-                                  f"{', '.join(differ[:6])} (a branch may differ only in {', '.join(BRANCH_FREE_KEYS)})")
-        # ... and only when the trunk was still at its base LR up to ``at``: a trunk whose LR dropped
-        # earlier (a shorter length, or solver.steps of its own) is another run before the branch point.
-        trunk = resolve_schedule(from_dict(raw).solver, num_images)
-        if trunk.steps and trunk.steps[0] < at:
-            raise FileExistsError(f"{run_dir}: cannot branch from {trunk_dir} at iteration {at}: the trunk's LR "
-                                  f"dropped at iteration {trunk.steps[0]}, before the branch point (LR drops "
-                                  f"{list(trunk.steps)}); the trunk must be the arm's length with the latest "
-                                  "first drop")
-    source = trunk_dir / branch_name(at)
-    if (problem := ckpt.verify(source)) is not None:
-        raise FileNotFoundError(f"{source}: {problem}; the trunk {trunk_dir} saves it when it reaches iteration {at} "
-                                f"(train it with --keep-at {at})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # The curve before the branch point is the trunk's (the same run up to there): copied, marked.
-    # Written before the checkpoint, which marks the branch as started: a branch killed in between
-    # starts again rather than resuming without the trunk's curve.
-    # A branch point at the branch's end (``end``): the trunk's evaluation there is the branch's final one,
-    # which the branch runs itself (a run alone evaluates once at its end).
-    records = [{**r, "branched_from": str(trunk_dir.resolve())} for r in read_metrics(trunk_dir)
-               if "iteration" in r and r["iteration"] <= at
-               and not (r["iteration"] == at == end and ("matches" in r or any("/" in k for k in r)))]
-    ckpt.atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
-    target = run_dir / f"model_{at:07d}.pth"
-    ckpt.atomic_write_bytes(target, source.read_bytes())
-    digest = source.with_name(source.name + ".sha256").read_text().split()[0]  # verified above
-    ckpt.atomic_write_bytes(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n".encode())
-    log.info("schedule branch of %s at iteration %d (its first LR drop): %s", trunk_dir, at, run_dir)
-    return True
 
 
 def on_main(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -606,10 +351,11 @@ class RunRecord:
     seen, counted on each rank and summed over ranks when read (they describe the global batch)."""
 
     def __init__(self, run_dir: Path, *, config: dict[str, Any], start_iter: int, resumed: bool,
-                 seen: dict[str, int] | None = None, files: dict[str, Any] | None = None) -> None:
+                 seen: dict[str, int] | None = None, files: dict[str, Any] | None = None,
+                 counts: tuple[str, ...] = ("images_seen", "instances_seen", "pixels_seen")) -> None:
         self.run_dir, self.config = run_dir, config
-        self.seen = dict(seen or {"images_seen": 0, "instances_seen": 0, "pixels_seen": 0})
-        self._pending = [0, 0, 0]  # this rank's counts since the last reduction
+        self.seen = dict(seen or dict.fromkeys(counts, 0))
+        self._pending = [0] * len(self.seen)  # this rank's counts since the last reduction
         self.main = dist.is_main()
         if self.main:
             import yaml
@@ -621,16 +367,18 @@ class RunRecord:
         self.metrics = MetricsWriter(run_dir, keep_until=start_iter if resumed else None) if self.main else NullWriter()
 
     def count(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> None:
-        """Add a batch (host-side sizes: no device sync)."""
-        self._pending[0] += len(images)
-        self._pending[1] += sum(len(t["labels"]) for t in targets)
-        self._pending[2] += sum(im.shape[-1] * im.shape[-2] for im in images)
+        """Add a detection batch (host-side sizes: no device sync)."""
+        self.add(len(images), sum(len(t["labels"]) for t in targets), sum(im.shape[-1] * im.shape[-2] for im in images))
+
+    def add(self, *counts: int) -> None:
+        """Add to the counts, in ``seen``'s order."""
+        self._pending = [a + b for a, b in zip(self._pending, counts, strict=True)]
 
     def reduce_seen(self) -> dict[str, int]:
         """The run's totals, every rank's counts included (a collective: call on every rank)."""
         for key, n in zip(self.seen, dist.sum_ints(self._pending)):
             self.seen[key] += n
-        self._pending = [0, 0, 0]
+        self._pending = [0] * len(self.seen)
         return self.seen
 
     def write(self, record: dict[str, Any]) -> None:
@@ -638,15 +386,17 @@ class RunRecord:
 
     def checkpoint(self, name: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                    scaler: Any, iteration: int, meta: dict[str, Any], window: LossWindow | None,
-                   keep: int = 0) -> None:
-        """Write ``name`` (every rank calls this: the counters and the loss window are reduced)."""
+                   keep: int = 0, extra: dict[str, Any] | None = None) -> None:
+        """Write ``name`` (every rank calls this: the counters and the loss window are reduced); ``extra``:
+        more of the loop's state, saved beside them."""
         seen = self.reduce_seen()
         window_state = window.state() if window is not None else None
         device_rng = dist.gather_to_main(device_rng_state(_model_device(model)))  # each rank's own GPU stream
         if self.main:
             save_training_state(self.run_dir / name, model=model, optimizer=optimizer, scheduler=scheduler,
                                 scaler=scaler, iteration=iteration, meta=meta, config=self.config,
-                                progress={"seen": seen, "window": window_state}, device_rng=device_rng)
+                                progress={"seen": seen, "window": window_state, **(extra or {})},
+                                device_rng=device_rng)
             if keep:
                 ckpt.prune(self.run_dir, keep)
 

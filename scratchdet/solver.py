@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .model import NORM_TYPES
+from .norm import NORM_TYPES
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, weight_decay_norm: float,

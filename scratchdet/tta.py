@@ -16,7 +16,7 @@ Where it differs from Detectron's (the paper's): no box voting (Detectron's X-15
 Detectron merges every augmentation's raw boxes before one NMS), and every scale capped by the same
 ``max_size`` (Detectron runs its identity scale at 800/1333, the others at 2000).
 
-Images come in at their original size (``engine.build_eval`` skips the loader's resize when
+Images come in at their original size (``evaluation.build_eval`` skips the loader's resize when
 ``test.aug`` is on) and the result is in their coordinates, as a plain forward's is in its input's.
 """
 

@@ -1,6 +1,7 @@
 """Pascal VOC: the XML layout written from COCO (``coco_to_voc``), read as a dataset (``VocDetection``), and
 VOC box mAP (``evaluate_voc``: the VOC2007 11-point metric and the VOC2010+ area metric); ``load_voc`` reads what a
-config names (``data.*.format: voc``, one or more roots) and ``evaluate_model_voc`` scores a model on it.
+config names (``data.*.format: voc``, one or more roots) and ``voc_metrics`` scores results on it
+(``evaluation.evaluate_model_voc`` scores a model).
 
 Coordinates. VOC's ``bndbox`` holds 1-based, inclusive pixel indices: ``xmin=1, xmax=W`` is the whole width.
 scratchdet's boxes (CocoDetection's targets, the model's outputs, COCO results) are continuous, 0-based:
@@ -39,12 +40,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .data import DataError, LoadReport, _chw, _sample_rng, load_coco_json, read_image
+from .data import ROUNDING_PX, DataError, LoadReport, image_to_chw, load_coco_json, read_image, sample_rng
 
 log = logging.getLogger(__name__)
 
-# A box side moved by clipping less than this is float rounding, not a repair (as data._ROUNDING_PX).
-_ROUNDING_PX = 1e-6
 
 # What a run with a VOC validation set writes: its detections (COCO-style, category id = label), the
 # per-class tables of the last evaluation, and the two means logged in metrics.jsonl (percent).
@@ -307,7 +306,7 @@ def _check_box(obj: _RawObject, width: int, height: int, report: LoadReport) -> 
     if cx1 <= cx0 or cy1 <= cy0:
         report.add("objects whose bndbox lies outside the image", obj.where)
         return None
-    if max(cx0 - x0, cy0 - y0, x1 - cx1, y1 - cy1) > _ROUNDING_PX:
+    if max(cx0 - x0, cy0 - y0, x1 - cx1, y1 - cy1) > ROUNDING_PX:
         report.add("bndboxes clipped to the image (repaired)", obj.where)
         return [cx0 + 1, cy0 + 1, cx1, cy1]
     return [xmin, ymin, xmax, ymax]
@@ -435,11 +434,11 @@ class VocDetection(Dataset):
         h, w = rec.height, rec.width
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy).float(), format="XYXY", canvas_size=(h, w))
         labels = torch.from_numpy(rec.labels[keep])
-        image: torch.Tensor = tv_tensors.Image(_chw(pil))
+        image: torch.Tensor = tv_tensors.Image(image_to_chw(pil))
         if self.transforms is not None:
             # torchvision's own protocol (no masks to render, so no need of DetectionTransforms.apply); the same
             # draws from the sample's seed as CocoDetection.
-            with _sample_rng(seed):
+            with sample_rng(seed):
                 image, target = self.transforms(image, {"boxes": boxes, "labels": labels})
             boxes, labels = target["boxes"], target["labels"]
         target = {
@@ -545,32 +544,6 @@ def voc_metrics(gt: VocDetection, results: Sequence[dict], image_ids: Iterable[i
         out.update({f"voc/AP{suffix}/{k[3:]}": round(v, 4) for k, v in stats.items() if k.startswith("AP/")})
         texts.append(text)
     return out, "\n".join(texts)
-
-
-def evaluate_model_voc(model: torch.nn.Module, loader: Iterable, *, gt: VocDetection, device: torch.device,
-                       amp_dtype: torch.dtype | None = None, results_path: str | Path | None = None,
-                       progress: Any = None) -> tuple[dict[str, float], str]:
-    """VOC mAP of a model on a VOC loader (``voc_metrics``: both metrics, per class and mean) and the tables.
-
-    As ``evaluation.evaluate_model``: under torchrun each rank predicts its shard, rank 0 scores the merged
-    results once, every rank returns the same. Results are COCO-style dicts whose category id is the label
-    (VOC has no ids; ``gt`` is built with the training set's ``class_names``, so label k is the same class).
-    """
-    from . import distributed as dist
-    from .evaluation import _merge_shards, run_inference
-
-    identity = {k: k for k in range(1, gt.num_classes + 1)}
-    results, image_ids = run_inference(model, loader, device=device, label_to_cat_id=identity, amp_dtype=amp_dtype,
-                                       progress=progress)
-    parts = dist.gather_to_main((results, image_ids))
-    scored = None
-    if parts is not None:
-        results, image_ids = _merge_shards(parts)
-        if results_path is not None:
-            with open(results_path, "w") as f:
-                json.dump(results, f)
-        scored = voc_metrics(gt, results, image_ids)
-    return dist.broadcast(scored)
 
 
 # ---- VOC mAP --------------------------------------------------------------------------------------------------

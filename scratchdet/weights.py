@@ -148,7 +148,8 @@ def imagenet_source(depth: int, norm: str) -> str:
 # --------------------------------------------------------------------------- what a file holds
 
 # BN, SyncBN and FrozenBN layers hold the same tensors with the same meaning (a BN-trained scale and
-# shift), so weights move freely among them; GroupNorm's and a norm-free model's do not (issue 7, item 4).
+# shift), so weights move freely among them; GroupNorm's and a norm-free model's do not
+# (a GN scale applied to BN-normalized features, or the reverse, trains from wrongly scaled features).
 NORM_FAMILY = {"GN": "GN", "BN": "BN", "SyncBN": "BN", "FrozenBN": "BN", "none": "none"}
 _FAMILY_WEIGHTS = {"GN": "GroupNorm weights", "BN": "BatchNorm weights", "none": "weights without normalization layers"}
 _FAMILY_ADVICE = {"GN": "model.norm GN", "BN": "model.norm FrozenBN (or SyncBN, BN)", "none": "model.norm none"}
@@ -308,7 +309,7 @@ def has_batchnorm_statistics(state: dict[str, torch.Tensor]) -> bool:
 
 
 def check_norm(source: str | Path, weights: Weights, norm: str) -> None:
-    """Refuse weights whose normalization differs from ``model.norm`` (issue 7, item 4): nothing about the
+    """Refuse weights whose normalization differs from ``model.norm``: nothing about the
     tensors' shapes tells, so a mismatch would load silently and train from wrongly normalized features."""
     have, want = norm_family(weights.norm), norm_family(norm)
     if have == want:
@@ -380,7 +381,7 @@ def _load_trunk(trunk: nn.Module, weights: Weights, *, source: str | Path, norm:
     if weights.meta.get("affine_channel") and has_batchnorm_statistics(own):
         # Caffe2's AffineChannel is y = s * x + b: as BN, running mean 0 and var 1 (up to BN's eps, 1e-5), which
         # is what detectron2's FrozenBatchNorm2d fills in for MSRA models. Set them rather than report them
-        # missing and leave whatever the layer held (issue 7, item 4).
+        # missing and leave whatever the layer held (silently wrong statistics).
         filled = 0
         for k in own:
             layer = k[: -len("running_mean")]
@@ -459,7 +460,7 @@ def _load_detector(model: nn.Module, weights: Weights, *, source: Path, norm: st
 
 
 def load_init(model: nn.Module, init: str, *, depth: int, norm: str) -> dict[str, Any]:
-    """Initialize a Mask R-CNN from ``model.init``: ``imagenet`` or a path; see the README's "The pretrained arm".
+    """Initialize a Mask R-CNN from ``model.init``: ``imagenet`` or a path; see docs/pretrained.md.
 
     ImageNet weights, trunk state dicts, ``scratchdet pretrain`` checkpoints and Detectron ``.pkl`` files go into
     the trunk; a detection checkpoint (run directory, scratchdet checkpoint, detector state dict) into every part

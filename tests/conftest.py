@@ -43,3 +43,24 @@ def cocoapi() -> Path:
     if not (COCOAPI / "val2014_fake_eval_res.txt").is_file():
         pytest.skip(f"shared data not found at {COCOAPI} (present in CI; see shared/data/README.md)")
     return COCOAPI
+
+
+class Killed(Exception):
+    """A training run stopped as a kill would stop it: where it was, with only the files it had written."""
+
+
+def kill_after(monkeypatch, steps: int) -> None:
+    """The next training run in this test is killed once ``steps`` training steps are done (the step after
+    them never runs: no checkpoint, no final evaluation); runs after it train normally."""
+    import scratchdet.engine as engine
+
+    real, done = engine.train_step, [0]
+
+    def step(*args, **kwargs):
+        if done[0] == steps:
+            monkeypatch.setattr(engine, "train_step", real)
+            raise Killed(f"killed after {steps} steps")
+        done[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", step)

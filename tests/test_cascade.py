@@ -1,12 +1,15 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from scratchdet.cascade import CascadeRoIHeads
 from scratchdet.config import load_config
-from scratchdet.engine import read_metrics, train
-from scratchdet.model import build_model, model_kwargs, sampling_seeds
+from scratchdet.engine import train
+from scratchdet.layers import sampling_seeds
+from scratchdet.model import build_model
+from scratchdet.run import read_metrics
 
 from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 
@@ -15,7 +18,7 @@ CASCADE = ["model.roi_head=cascade"]
 
 def _detector(*extra, num_classes=3):
     cfg = load_config(None, TINY_MODEL + CASCADE + list(extra))
-    return build_model(**model_kwargs(cfg.model, num_classes))
+    return build_model(cfg.model, num_classes=num_classes)
 
 
 def _batch():
@@ -120,6 +123,5 @@ def test_box_decoding_stays_fp32_under_bf16_autocast():
 
 def test_cascade_refuses_keypoints():
     cfg = load_config(None, TINY_MODEL + ["model.keypoint_head_conv_dim=32", "model.keypoint_head_num_conv=2"])
-    kwargs = {**model_kwargs(cfg.model, 1), "task": "keypoints", "num_keypoints": 3, "roi_head": "cascade"}
     with pytest.raises(ValueError, match="keypoints"):
-        build_model(**kwargs)
+        build_model(replace(cfg.model, task="keypoints", num_keypoints=3, roi_head="cascade"), num_classes=1)

@@ -13,7 +13,8 @@ import torch
 
 from scratchdet import checkpoint as ckpt
 from scratchdet.config import load_config
-from scratchdet.engine import read_metrics, train
+from scratchdet.engine import train
+from scratchdet.run import read_metrics
 
 from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 

@@ -3,16 +3,8 @@ import re
 import pytest
 import yaml
 
-from scratchdet.config import (
-    Config,
-    ConfigError,
-    describe,
-    from_dict,
-    list_presets,
-    load_config,
-    resolve_schedule,
-    to_dict,
-)
+from scratchdet.config import Config, ConfigError, describe, from_dict, list_presets, load_config, to_dict
+from scratchdet.schedule import resolve_schedule
 
 
 def test_default_preset_and_overrides():
@@ -220,7 +212,7 @@ def test_epochs_set_iterations_and_keep_step_fractions():
 
 
 def test_short_scratch_schedule_warns_by_how_much():
-    from scratchdet.config import short_schedule_warning
+    from scratchdet.schedule import short_schedule_warning
 
     w = short_schedule_warning("random", 90_000 * 16)
     assert w and "1x of COCO" in w and "0.2 of that" in w
@@ -232,7 +224,7 @@ def test_yaml_off_is_the_string_off():
     assert load_config(None, ["train.amp=off"]).train.amp == "off"
 
 
-# ---- one schedule rule at any scale (issue 14), the length an override gives (issue 15)
+# ---- one schedule rule at any scale, the length an override gives
 
 
 def test_schedule_unit_gives_the_papers_drops_at_90k_and_its_shape_at_600():
@@ -251,7 +243,7 @@ def test_schedule_unit_gives_the_papers_drops_at_90k_and_its_shape_at_600():
 
 
 def test_warning_fires_for_scratch_4x_not_6x_as_table_1_says():
-    from scratchdet.config import short_schedule_warning
+    from scratchdet.schedule import short_schedule_warning
 
     # Table 1 (R50-FPN GN box AP): scratch 40.6 vs pretrained 40.9 at 4x, 41.3 vs 41.1 at 6x; Sec. 5.1:
     # scratch catches up "if a 5x or 6x schedule is used".
@@ -272,7 +264,7 @@ def test_readme_max_iter_example_moves_the_steps_inside_the_run():
     # Steps given with the length are the user's: kept, and checked.
     kept = load_config(None, ["solver.max_iter=100", "solver.steps=[60,90]"])
     assert kept.solver.steps == [60, 90]
-    from scratchdet.config import check_schedule
+    from scratchdet.schedule import check_schedule
 
     with pytest.raises(ConfigError, match="past the end"):
         check_schedule(resolve_schedule(load_config(None, ["solver.max_iter=100", "solver.steps=[60,120]"]).solver))
@@ -286,7 +278,7 @@ def test_readme_max_iter_example_moves_the_steps_inside_the_run():
 
 
 def test_given_keys_are_the_users_overrides_and_own_files(tmp_path):
-    # A dry run checks the data the user named (issue 15); a built-in preset's own paths are not the user's.
+    # A dry run checks the data the user named; a built-in preset's own paths are not the user's.
     assert load_config("mask_rcnn_R50_FPN_GN_scratch_3x").given_keys == frozenset()
     cfg = load_config("mask_rcnn_R50_FPN_GN_scratch_3x", ["data.train.images=x", "solver.max_iter=5"])
     assert cfg.given_keys == {"data.train.images", "solver.max_iter"}

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from scratchdet import distributed as dist
-from scratchdet.model import SyncBatchNorm
+from scratchdet.norm import SyncBatchNorm
 from scratchdet.run import read_metrics
 
 from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
@@ -185,10 +185,10 @@ def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path):
     per-rank learning rate each change the update by 50% or more.
     """
     from scratchdet.config import load_config
-    from scratchdet.model import build_model, model_kwargs
+    from scratchdet.model import build_model
 
     torch.manual_seed(0)
-    init = build_model(**model_kwargs(load_config(None, DDP_ARGS).model, 6)).state_dict()
+    init = build_model(load_config(None, DDP_ARGS).model, num_classes=6).state_dict()
     torch.save(init, tmp_path / "init.pth")  # a known starting point (a detector state dict for model.init)
     args = [*DDP_ARGS, "solver.max_iter=3", "train.log_period=1", "test.eval_period=0",
             f"model.init={tmp_path / 'init.pth'}"]
@@ -303,7 +303,7 @@ def test_global_batch_must_divide_among_processes(tmp_path):
 
 
 def test_torchrun_default_preset_with_syncbn_on_this_cpu(tmp_path):
-    # The issue's command, as a user types it (the default preset: 4 images, 2 per process).
+    # The command as a user types it (the default preset: 4 images, 2 per process).
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "scratchdet",
                            "train", "model.norm=SyncBN", "solver.max_iter=10", "--no-progress"],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)

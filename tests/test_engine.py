@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from scratchdet.config import load_config
-from scratchdet.engine import NonFiniteLossError, read_metrics, train
+from scratchdet.engine import train
 from scratchdet.evaluation import STAT_NAMES
+from scratchdet.run import NonFiniteLossError, read_metrics
 
 from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 
@@ -117,8 +118,8 @@ def test_bf16_autocast_trains_and_evaluates(tmp_path, monkeypatch):
     dtypes = set()
     build = engine.build_model
 
-    def recording_build(**kwargs):
-        model = build(**kwargs)
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
         model.backbone.body.layer1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
         return model
 
@@ -138,8 +139,8 @@ def test_images_per_sec_leaves_out_evaluation_and_checkpoints(tmp_path, monkeypa
     # the windows after them would average 50 s or more per iteration; left out, under a second.
     import types
 
-    import scratchdet.engine as engine
     import scratchdet.evaluation as evaluation
+    import scratchdet.loop as loop
     import scratchdet.run as run
 
     clock = {"now": 0.0}
@@ -148,8 +149,8 @@ def test_images_per_sec_leaves_out_evaluation_and_checkpoints(tmp_path, monkeypa
         clock["now"] += 0.001
         return clock["now"]
 
-    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=perf_counter))
-    # evaluate_model is patched where it lives: engine imports it when it evaluates.
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    # evaluate_model is patched where it lives: evaluation.evaluate_run calls it there.
     for module, name in ((evaluation, "evaluate_model"), (run, "save_training_state")):
         slow = getattr(module, name)
 
@@ -215,7 +216,7 @@ def test_syncbn_in_one_process_says_so(tmp_path, caplog):
 
 
 def test_deterministic_by_default_on_cpu_and_not_on_cuda(tmp_path):
-    from scratchdet.run import seed_everything, use_deterministic
+    from scratchdet.device import seed_everything, use_deterministic
 
     assert load_config(None).train.deterministic == "auto"
     assert use_deterministic("auto", torch.device("cpu")) and not use_deterministic("auto", torch.device("cuda"))
@@ -239,8 +240,8 @@ def test_subset_tensorboard_and_channels_last_in_a_run(tmp_path, monkeypatch):
     formats = []
     build = engine.build_model
 
-    def recording_build(**kwargs):
-        model = build(**kwargs)
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
         model.backbone.body.conv1.register_forward_pre_hook(
             lambda m, i: formats.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
         return model
@@ -325,9 +326,10 @@ def test_final_evaluation_records_its_per_image_matches(tmp_path):
     """metrics.jsonl alone holds what a paired bootstrap needs: the matches give the logged AP back."""
     import json
 
-    from scratchdet.bootstrap import ap_from_matches, matches_from_record
+    from scratchdet.analysis.bootstrap import ap_from_matches
     from scratchdet.config import load_config
     from scratchdet.engine import train
+    from scratchdet.evaluation import matches_from_record
 
     from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 

@@ -245,7 +245,7 @@ def _model_output(seed: int, n: int, hw: tuple[int, int]) -> dict[str, torch.Ten
 
 def _previous_results(output: dict[str, torch.Tensor], input_hw: tuple[int, int], orig_hw: tuple[int, int],
                       image_id: int, label_to_cat_id: dict[int, int]) -> list[dict]:
-    """scratchdet's paste_detections + to_coco_results before they were batched (issue 9), as they were."""
+    """scratchdet's paste_detections + to_coco_results before they were batched, as they were."""
     (h, w), (h0, w0) = input_hw, orig_hw
     boxes = output["boxes"] * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=output["boxes"].dtype)
     masks = _torchvision_paste(output["masks"], boxes, orig_hw, 0.5)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from scratchdet.config import ConfigError, load_config, resolve_schedule
+from scratchdet.config import ConfigError, ModelConfig, load_config
 from scratchdet.data import (
     CocoDetection,
     DataError,
@@ -26,6 +26,7 @@ from scratchdet.data import (
 )
 from scratchdet.evaluation import KEYPOINT_STAT_NAMES, evaluate_coco_types, to_coco_results
 from scratchdet.model import build_model, paste_detections
+from scratchdet.schedule import resolve_schedule
 from scratchdet.synth import KEYPOINT_NAMES, extreme_points, generate, write_keypoints
 
 from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
@@ -362,9 +363,9 @@ def test_paste_detections_scales_keypoints_to_the_original_image():
 # ---- the model, and training -------------------------------------------------------------------------------------
 
 def test_keypoint_rcnn_has_gn_in_its_head_and_fp32_heatmaps():
-    model = build_model(num_classes=1, depth=18, stem_channels=16, base_width=16, gn_groups=8, fpn_channels=32,
-                        box_head_conv_dim=32, box_head_fc_dim=64, task="keypoints", num_keypoints=5,
-                        keypoint_head_num_conv=3, keypoint_head_conv_dim=32)
+    model = build_model(ModelConfig(depth=18, stem_channels=16, base_width=16, gn_groups=8, fpn_channels=32,
+                                    box_head_conv_dim=32, box_head_fc_dim=64, task="keypoints", num_keypoints=5,
+                                    keypoint_head_num_conv=3, keypoint_head_conv_dim=32), num_classes=1)
     head = model.roi_heads.keypoint_head
     convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
     norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
@@ -392,7 +393,8 @@ def _kp_cfg(*extra):
 
 
 def test_keypoint_task_trains_and_evaluates_keypoint_ap(tmp_path):
-    from scratchdet.engine import read_metrics, train
+    from scratchdet.engine import train
+    from scratchdet.run import read_metrics
 
     run = tmp_path / "run"
     train(_kp_cfg("test.eval_period=3"), run, progress=False)
@@ -408,7 +410,8 @@ def test_keypoint_task_trains_and_evaluates_keypoint_ap(tmp_path):
 
 
 def test_keypoint_task_trains_on_tiny_coco_person_keypoints(tiny_coco, tmp_path):
-    from scratchdet.engine import read_metrics, train
+    from scratchdet.engine import train
+    from scratchdet.run import read_metrics
 
     cfg = load_config(None, TINY_MODEL + TINY_SOLVER + [
         "model.task=keypoints", "model.keypoint_head_num_conv=2", "model.keypoint_head_conv_dim=32",
@@ -424,7 +427,8 @@ def test_keypoint_task_trains_on_tiny_coco_person_keypoints(tiny_coco, tmp_path)
 
 
 def test_lsj_trains_a_mask_rcnn(tmp_path):
-    from scratchdet.engine import read_metrics, train
+    from scratchdet.engine import train
+    from scratchdet.run import read_metrics
 
     cfg = load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + [
         "data.lsj=true", "data.lsj_size=96", "data.lsj_scale=[0.5,1.5]", "solver.max_iter=2", "solver.steps=[1]",

@@ -1,18 +1,20 @@
 from collections import OrderedDict
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from scratchdet.config import load_config
-from scratchdet.model import NORM_TYPES, SyncBatchNorm, build_model, count_parameters, get_norm, model_kwargs, norm_layers
+from scratchdet.model import build_model, count_parameters
+from scratchdet.norm import NORM_TYPES, SyncBatchNorm, get_norm, norm_layers
 
 from .conftest import TINY_MODEL
 
 
 def test_paper_preset_is_groupnorm_everywhere_and_all_trainable():
     cfg = load_config("mask_rcnn_R50_FPN_GN_scratch_6x")
-    model = build_model(**model_kwargs(cfg.model))
+    model = build_model(cfg.model)
     norms = norm_layers(model)
     assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for _, m in norms)
     # GN in each of the four places the paper puts it.
@@ -26,7 +28,7 @@ def test_paper_preset_is_groupnorm_everywhere_and_all_trainable():
 @pytest.mark.parametrize("norm, cls", [("BN", nn.BatchNorm2d), ("SyncBN", SyncBatchNorm)])
 def test_one_switch_sets_every_norm(norm, cls):
     cfg = load_config(None, TINY_MODEL + [f"model.norm={norm}"])
-    model = build_model(**model_kwargs(cfg.model, 3))
+    model = build_model(cfg.model, num_classes=3)
     norms = norm_layers(model)
     assert norms and all(type(m) is cls for _, m in norms)
     assert any(n.startswith("roi_heads.mask_head.") for n, _ in norms)
@@ -34,7 +36,7 @@ def test_one_switch_sets_every_norm(norm, cls):
 
 def test_norm_none_has_no_norm_and_biased_convs():
     cfg = load_config(None, TINY_MODEL + ["model.norm=none"])
-    model = build_model(**model_kwargs(cfg.model, 3))
+    model = build_model(cfg.model, num_classes=3)
     assert norm_layers(model) == []
     convs = [m for m in model.backbone.body.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.bias is not None for c in convs)
@@ -71,7 +73,7 @@ def test_msra_init_statistics():
 def test_head_init_follows_detectron2():
     torch.manual_seed(0)
     cfg = load_config(None, TINY_MODEL)
-    model = build_model(**model_kwargs(cfg.model, 3))
+    model = build_model(cfg.model, num_classes=3)
     # Mask head's transposed conv: MSRA fill (fan_out of a ConvTranspose2d weight [in, out, k, k] is
     # in * k * k, as detectron2's c2_msra_fill computes it), bias 0 (torchvision leaves it random).
     deconv = model.roi_heads.mask_predictor.conv5_mask
@@ -98,7 +100,7 @@ def test_zero_init_residual_option():
 def test_train_step_and_inference_shapes():
     torch.manual_seed(0)
     cfg = load_config(None, TINY_MODEL)
-    model = build_model(**model_kwargs(cfg.model, 3))
+    model = build_model(cfg.model, num_classes=3)
     images = [torch.rand(3, 64, 96) * 255, torch.rand(3, 96, 64) * 255]
     masks = torch.zeros(1, 64, 96, dtype=torch.uint8)
     masks[0, 10:30, 20:50] = 1
@@ -136,7 +138,7 @@ def test_groupnorm_runs_in_fp32_under_autocast(seed):
 
 def _tiny_detector(**extra):
     cfg = load_config(None, TINY_MODEL + ["model.score_thresh_test=0.0"])
-    return build_model(**{**model_kwargs(cfg.model, 3), **extra})
+    return build_model(replace(cfg.model, **extra), num_classes=3)
 
 
 def test_boxes_stay_fp32_and_unquantized_under_bf16_autocast():
@@ -227,7 +229,7 @@ def _boxes(seed, n):
 def test_parallel_roi_pool_matches_torchvision(dtype, ratio):
     from torchvision.ops import MultiScaleRoIAlign
 
-    from scratchdet.model import ParallelRoIPool
+    from scratchdet.cpu_ops import ParallelRoIPool
 
     torch.set_num_threads(2)  # the parallel path needs at least 2 threads
     ours, stock = (cls(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=ratio)
@@ -282,7 +284,7 @@ def test_gather_roi_align_equals_torchvision_roi_align(ratio, channels_last, chu
 
     from torchvision.ops import roi_align
 
-    from scratchdet import model as m
+    from scratchdet import cpu_ops as m
 
     if chunk_bytes is not None:
         monkeypatch.setattr(m, "_GATHER_CHUNK_BYTES", chunk_bytes)  # one RoI per chunk: every chunk boundary
@@ -325,7 +327,7 @@ def test_gather_roi_align_equals_torchvision_roi_align(ratio, channels_last, chu
 def test_parallel_rpn_filters_proposals_like_torchvision():
     from torchvision.models.detection.rpn import RegionProposalNetwork
 
-    from scratchdet.model import ParallelRPN
+    from scratchdet.cpu_ops import ParallelRPN
 
     torch.set_num_threads(2)
     model = _tiny_detector()
@@ -351,11 +353,11 @@ def test_parallel_rpn_filters_proposals_like_torchvision():
 
 @pytest.mark.parametrize("task", ["masks", "keypoints"])
 def test_roi_sampling_ratio_reaches_every_pooler(task):
-    from scratchdet.model import ParallelRoIPool
+    from scratchdet.cpu_ops import ParallelRoIPool
 
     for ratio in (1, 2):
         cfg = load_config(None, TINY_MODEL + [f"model.roi_sampling_ratio={ratio}", f"model.task={task}",
                                               "model.num_keypoints=4", "data.synth.keypoints=true"])
-        model = build_model(**model_kwargs(cfg.model, 3))
+        model = build_model(cfg.model, num_classes=3)
         pools = [m for m in model.modules() if isinstance(m, ParallelRoIPool)]
         assert len(pools) == 2 and {p.sampling_ratio for p in pools} == {ratio}

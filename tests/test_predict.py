@@ -68,17 +68,19 @@ def test_unreadable_images_are_data_errors_naming_the_file(tmp_path):
         read_image(tmp_path / "a.png", expected_size=(4, 5), where="image id 3 in x.json")
 
 
-def test_an_unfinished_runs_checkpoint_is_named_not_taken_silently(tmp_path, caplog):
+def test_an_unfinished_runs_checkpoint_is_named_not_taken_silently(tmp_path, caplog, monkeypatch):
     import logging
 
     from scratchdet.config import load_config
     from scratchdet.engine import train
     from scratchdet.run import load_run_model
 
-    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH, Killed, kill_after
 
     run = tmp_path / "run"
-    train(load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER), run, stop_at=3, progress=False)
+    kill_after(monkeypatch, 4)  # after the checkpoint at iteration 3 (solver.checkpoint_period=3)
+    with pytest.raises(Killed):
+        train(load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER), run, progress=False)
     assert not (run / "model_final.pth").exists()
     with caplog.at_level(logging.INFO, logger="scratchdet"):
         load_run_model(run)
@@ -128,7 +130,7 @@ def test_labels_sit_on_a_filled_box_sized_to_the_image(drawn_text):
     assert (out[:, 200:202, 100:301] == color).all()  # the box's top edge, in the instance's colour
 
 
-def test_predict_names_the_checkpoints_classes_in_labels_and_json(tmp_path, caplog, drawn_text):
+def test_predict_names_the_checkpoints_classes_in_labels_and_json(tmp_path, caplog, drawn_text, monkeypatch):
     import logging
 
     from scratchdet.config import load_config
@@ -136,11 +138,13 @@ def test_predict_names_the_checkpoints_classes_in_labels_and_json(tmp_path, capl
     from scratchdet.engine import train
     from scratchdet.run import load_run_model
 
-    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH, Killed, kill_after
 
     run = tmp_path / "run"
     cfg = load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + ["model.score_thresh_test=0.0"])
-    train(cfg, run, stop_at=3, progress=False)
+    kill_after(monkeypatch, 4)  # after the checkpoint at iteration 3 (solver.checkpoint_period=3)
+    with pytest.raises(Killed):
+        train(cfg, run, progress=False)
     meta = load_run_model(run)[2]
     names, label_of = meta["class_names"], {int(c): int(lab) for lab, c in meta["label_to_cat_id"].items()}
     _, (val_images, _) = resolve_datasets(cfg.data)

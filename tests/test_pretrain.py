@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from scratchdet import checkpoint as ckpt
 from scratchdet.config import ConfigError, load_config
-from scratchdet.model import ResNet, build_model, model_kwargs, trunk_kwargs
+from scratchdet.model import ResNet, build_model, trunk_kwargs
 from scratchdet.run import NonFiniteLossError, read_metrics
 from scratchdet.weights import load_backbone
 
@@ -66,11 +67,11 @@ def test_pretrain_then_finetune_starts_from_the_pretrained_backbone(tmp_path):
     state = torch.load(path, weights_only=True)
     # The detector built with model.init=PATH starts from exactly those weights.
     ft_cfg = load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + [f"model.init={path}", "solver.max_iter=2"])
-    model = build_model(**model_kwargs(ft_cfg.model, 3))
+    model = build_model(ft_cfg.model, num_classes=3)
     load_backbone(model.backbone.body, str(path), depth=18, norm="GN")
     for k, v in state["backbone"].items():
         assert torch.equal(model.backbone.body.state_dict()[k], v), k
-    assert set(trunk_kwargs(ft_cfg.model)) <= set(model_kwargs(ft_cfg.model, 3))
+    assert set(trunk_kwargs(ft_cfg.model)) <= {f.name for f in fields(ft_cfg.model)}
     # And a fine-tuning run records what the pre-training saw beside what it sees.
     result = train(ft_cfg, tmp_path / "ft", progress=False)
     lines = [r for r in read_metrics(tmp_path / "ft") if "loss" in r]
@@ -78,7 +79,7 @@ def test_pretrain_then_finetune_starts_from_the_pretrained_backbone(tmp_path):
     assert result["pretrain_pixels_seen"] == 12 * 32 * 32
 
 
-# --------------------------------------------------------------------------- issue 7, item 17b: options
+# --------------------------------------------------------------------------- options
 
 
 def test_the_image_stream_is_a_pure_function_of_seed_and_position(folder):

@@ -1,4 +1,4 @@
-"""The CUDA and NCCL paths of ``run``, ``distributed``, SyncBN and ``benchmarks/gpu.sh``, on a CPU:
+"""The CUDA and NCCL paths of ``device``, ``run``, ``distributed``, SyncBN and ``benchmarks/gpu.sh``, on a CPU:
 monkeypatched device counts, ``torch.device("cuda", i)`` objects, torch's functions spied on.
 What only a GPU can show is listed in docs/gpu.md."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from scratchdet import device, run
 from scratchdet import distributed as dist
-from scratchdet import run
-from scratchdet.config import ConfigError, TrainConfig, load_config
+from scratchdet.config import ConfigError, ModelConfig, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,32 +45,32 @@ def _torchrun(monkeypatch, local_rank: int, nproc: int) -> None:
 def test_cuda_under_torchrun_is_the_local_ranks_gpu(monkeypatch, gpus):
     _torchrun(monkeypatch, local_rank=1, nproc=2)
     assert not dist.is_initialized()  # decided before dist.init, which needs the index for set_device
-    assert run.pick_device("cuda") == torch.device("cuda", 1)
-    assert run.pick_device("auto") == torch.device("cuda", 1)
-    assert run.pick_device("cpu") == torch.device("cpu")
+    assert device.pick_device("cuda") == torch.device("cuda", 1)
+    assert device.pick_device("auto") == torch.device("cuda", 1)
+    assert device.pick_device("cpu") == torch.device("cpu")
 
 
 def test_explicit_index_under_torchrun_is_refused(monkeypatch, gpus):
     _torchrun(monkeypatch, local_rank=0, nproc=2)
     with pytest.raises(ConfigError, match="local rank"):
-        run.pick_device("cuda:1")
+        device.pick_device("cuda:1")
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch, gpus):
     gpus(2)
     _torchrun(monkeypatch, local_rank=0, nproc=3)  # rank 0 sees it first: every rank refuses alike
     with pytest.raises(ConfigError, match="3 processes on this machine but 2 visible GPU"):
-        run.pick_device("auto")
+        device.pick_device("auto")
     with pytest.raises(ConfigError, match="3 processes"):
-        run.pick_device("cuda")
+        device.pick_device("cuda")
 
 
 def test_single_process_keeps_the_named_device(monkeypatch, gpus):
     for k in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert run.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert device.pick_device("cuda:1") == torch.device("cuda", 1)
     gpus(0)
-    assert run.pick_device("auto") == torch.device("cpu")
+    assert device.pick_device("auto") == torch.device("cpu")
 
 
 def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch, gpus):
@@ -78,10 +78,10 @@ def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch, gpus):
     # would use GPU 0 while the model trains on GPU 1.
     for k in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert run.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert device.pick_device("cuda:1") == torch.device("cuda", 1)
     assert gpus.current == [torch.device("cuda", 1)]
     with pytest.raises(ConfigError, match=r"train.device=cuda:2: only 2 GPU\(s\) visible"):
-        run.pick_device("cuda:2")
+        device.pick_device("cuda:2")
 
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
@@ -91,7 +91,7 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(monkeypatch, gpus, name):
         monkeypatch.delenv(k, raising=False)
     gpus(0)
     with pytest.raises(ConfigError, match=f"train.device={name}: torch sees no CUDA GPU") as e:
-        run.pick_device(name)
+        device.pick_device(name)
     assert "\n" not in str(e.value) and "train.device=cpu" in str(e.value)
 
 
@@ -178,7 +178,7 @@ def test_each_rank_restores_its_own_gpu_state(tmp_path, monkeypatch, cuda_rng):
 
 
 def test_syncbn_feeds_torchs_kernel_fp32_on_an_empty_batch(monkeypatch):
-    from scratchdet import model as model_mod
+    from scratchdet import norm as norm_mod
 
     seen = []
 
@@ -186,8 +186,8 @@ def test_syncbn_feeds_torchs_kernel_fp32_on_an_empty_batch(monkeypatch):
         seen.append(x.dtype)
         return x
     monkeypatch.setattr(nn.SyncBatchNorm, "forward", torch_forward)
-    monkeypatch.setattr(model_mod.dist, "world_size", lambda: 2)
-    bn = model_mod.SyncBatchNorm(4).train()
+    monkeypatch.setattr(norm_mod.dist, "world_size", lambda: 2)
+    bn = norm_mod.SyncBatchNorm(4).train()
     # "meta" is not "cpu": the path torch's SyncBatchNorm takes on CUDA, without a GPU.
     out = bn(torch.empty(0, 4, 14, 14, dtype=torch.bfloat16, device="meta"))
     assert seen == [torch.float32] and out.dtype == torch.bfloat16 and out.shape == (0, 4, 14, 14)
@@ -218,7 +218,7 @@ def _bn_elemt(x, weight, bias, mean, invstd, eps):
 
 
 def _torch_syncbn_worker(rank, world, init_file, sizes, out):
-    from scratchdet.model import SyncBatchNorm
+    from scratchdet.norm import SyncBatchNorm
 
     from .test_distributed import _join
 
@@ -264,9 +264,9 @@ def test_torchs_syncbn_path_leaves_running_stats_alone_when_every_rank_is_empty(
 
 def test_channels_last_auto_is_on_for_the_cpu_only():
     assert TrainConfig().channels_last == "auto"
-    assert run.use_channels_last("auto", torch.device("cpu"))
-    assert not run.use_channels_last("auto", torch.device("cuda", 0))
-    assert run.use_channels_last("on", torch.device("cuda", 0)) and not run.use_channels_last("off", torch.device("cpu"))
+    assert device.use_channels_last("auto", torch.device("cpu"))
+    assert not device.use_channels_last("auto", torch.device("cuda", 0))
+    assert device.use_channels_last("on", torch.device("cuda", 0)) and not device.use_channels_last("off", torch.device("cpu"))
     assert load_config(None, ["train.channels_last=true"]).train.channels_last == "on"  # YAML booleans still work
     assert load_config(None, ["train.channels_last=false"]).train.channels_last == "off"
     with pytest.raises(ConfigError, match="train.channels_last"):
@@ -303,21 +303,21 @@ def test_amp_auto_on_cuda_is_bf16_only_where_native(cuda_device, tf32_flags, cap
     assert TrainConfig().amp == "auto"
     cuda_device(major)
     with caplog.at_level("INFO", logger="scratchdet"):
-        assert run.amp_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16 if native else None)
+        assert device.amp_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16 if native else None)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert ("bf16 autocast; fp32 matmuls and convolutions in TF32" in caplog.text) == native
-    assert f"compute capability {major}.0" in run.precision_reason("auto", torch.device("cuda", 0))
+    assert f"compute capability {major}.0" in device.precision_reason("auto", torch.device("cuda", 0))
 
 
 def test_forced_bf16_on_a_gpu_that_emulates_it_runs_with_a_warning(cuda_device, tf32_flags, caplog):
     cuda_device(7)
     with caplog.at_level("WARNING", logger="scratchdet"):
-        assert run.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+        assert device.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
     assert "only emulates bf16" in caplog.text and "compute capability 7.0" in caplog.text
     caplog.clear()
     cuda_device(8)
     with caplog.at_level("WARNING", logger="scratchdet"):
-        assert run.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+        assert device.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
     assert "emulates" not in caplog.text
 
 
@@ -337,32 +337,32 @@ def test_amp_auto_on_the_cpu_asks_the_cpus_flags_not_onednn(monkeypatch, caps, n
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     # What the old check asked: true on any AVX-512 CPU, where bf16 is emulated (3-4x slower than fp32).
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert run.amp_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
-    assert run.cpu_bf16_support()[0] == native
-    assert ("bf16 would be emulated" in run.precision_reason("auto", torch.device("cpu"))) == (not native)
+    assert device.amp_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert device.cpu_bf16_support()[0] == native
+    assert ("bf16 would be emulated" in device.precision_reason("auto", torch.device("cpu"))) == (not native)
 
 
 def test_forced_bf16_on_a_cpu_that_emulates_it_runs_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: AVX512_ONLY)
     with caplog.at_level("WARNING", logger="scratchdet"):
-        assert run.amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+        assert device.amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert "only emulates bf16" in caplog.text and "slower than fp32" in caplog.text
-    assert run.amp_dtype("off", torch.device("cpu")) is None
+    assert device.amp_dtype("off", torch.device("cpu")) is None
 
 
 def test_cpu_flags_from_proc_cpuinfo_where_torch_has_no_capabilities(monkeypatch, tmp_path):
     # torch before get_capabilities: the kernel's flags line decides.
     monkeypatch.delattr(torch.cpu, "get_capabilities")
-    real = run.Path
+    real = device.Path
 
     def fake_path(p, *a):
         return real(tmp_path / "cpuinfo") if str(p) == "/proc/cpuinfo" else real(p, *a)
 
-    monkeypatch.setattr(run, "Path", fake_path)
+    monkeypatch.setattr(device, "Path", fake_path)
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw\n")
-    assert run.cpu_bf16_support()[0] is False
+    assert device.cpu_bf16_support()[0] is False
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert run.cpu_bf16_support() == (True, "avx512_bf16")
+    assert device.cpu_bf16_support() == (True, "avx512_bf16")
 
 
 def test_dry_run_prints_the_precision_the_cpu_computes(monkeypatch, tmp_path):
@@ -379,7 +379,7 @@ def test_dry_run_prints_the_precision_the_cpu_computes(monkeypatch, tmp_path):
 
 def test_amp_off_on_cuda_is_full_fp32(tf32_flags):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    assert run.amp_dtype("off", torch.device("cuda", 0)) is None
+    assert device.amp_dtype("off", torch.device("cuda", 0)) is None
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
@@ -389,7 +389,7 @@ def test_amp_off_on_cuda_is_full_fp32(tf32_flags):
 def test_deterministic_on_is_strict_and_sets_cublas(monkeypatch, tmp_path):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        run.seed_everything(0, True, strict=True)
+        device.seed_everything(0, True, strict=True)
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
@@ -398,7 +398,7 @@ def test_deterministic_on_is_strict_and_sets_cublas(monkeypatch, tmp_path):
 
 
 def test_train_asks_for_strict_determinism_with_on(monkeypatch, tmp_path):
-    from scratchdet import engine
+    from scratchdet import engine, loop
 
     asked = {}
 
@@ -408,7 +408,7 @@ def test_train_asks_for_strict_determinism_with_on(monkeypatch, tmp_path):
     def seed(seed, deterministic, **kw):
         asked.update(deterministic=deterministic, **kw)
         raise Stop
-    monkeypatch.setattr(engine, "seed_everything", seed)
+    monkeypatch.setattr(loop, "seed_everything", seed)  # where the run's set-up seeds
     with pytest.raises(Stop):
         engine.train(load_config(None, ["train.deterministic=on", "train.device=cpu"]), tmp_path / "r", dry_run=True)
     assert asked == {"deterministic": True, "strict": True}
@@ -498,8 +498,8 @@ def test_mask_targets_never_take_torchvisions_pure_pytorch_roi_align(monkeypatch
 
     from scratchdet.model import build_model
 
-    build_model(num_classes=2, depth=18, stem_channels=16, base_width=16, gn_groups=4, fpn_channels=32,
-                box_head_conv_dim=32, box_head_fc_dim=64, mask_head_conv_dim=32)
+    build_model(ModelConfig(depth=18, stem_channels=16, base_width=16, gn_groups=4, fpn_channels=32,
+                            box_head_conv_dim=32, box_head_fc_dim=64, mask_head_conv_dim=32), num_classes=2)
     ra = _sys.modules["torchvision.ops.roi_align"]
     expanded = []
 
@@ -552,18 +552,18 @@ def test_anchor_and_roi_samples_are_drawn_on_the_anchors_device(monkeypatch):
 def test_sync_device_waits_on_cuda_only(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    run.sync_device(torch.device("cpu"))
-    run.sync_device(torch.device("cuda", 1))
+    device.sync_device(torch.device("cpu"))
+    device.sync_device(torch.device("cuda", 1))
     assert calls == [torch.device("cuda", 1)]
 
 
 def test_training_pauses_wait_for_the_device(monkeypatch, tmp_path):
-    from scratchdet import engine
+    from scratchdet import engine, loop
 
     from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 
     synced = []
-    monkeypatch.setattr(engine, "sync_device", lambda device: synced.append(device), raising=False)
+    monkeypatch.setattr(loop, "sync_device", lambda device: synced.append(device))  # the throughput timer's pauses
     engine.train(load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + [
         "solver.max_iter=4", "solver.checkpoint_period=2", "test.eval_period=3"]), tmp_path / "r", progress=False)
     # A checkpoint after iteration 2 and an evaluation after 3: each pause synchronizes at its start and end

@@ -1,20 +1,22 @@
+
 """The solver: warmup + multi-step LR schedule, per-parameter weight decay, scheduler state."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from scratchdet.config import SolverConfig, load_config
-from scratchdet.model import build_model, model_kwargs
+from scratchdet.model import build_model
 from scratchdet.solver import build_lr_scheduler, build_optimizer, lr_factor, param_groups
 
 from .conftest import TINY_MODEL
 
-# Listed here rather than taken from scratchdet.model.NORM_TYPES, so the test does not trust the code it checks.
+# Listed here rather than taken from scratchdet.norm.NORM_TYPES, so the test does not trust the code it checks.
 NORMS = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 # Three different decays, so a parameter put in the wrong group shows up as a wrong value.
 WD, WD_NORM, WD_BIAS = 1e-4, 3e-5, 2e-4
@@ -165,14 +167,14 @@ def test_weight_decay_groups_of_a_small_net(norm):
 
 @pytest.mark.parametrize("norm", ["GN", "BN", "SyncBN"])
 def test_weight_decay_groups_of_the_built_model(norm):
-    model = build_model(**model_kwargs(load_config(None, [*TINY_MODEL, f"model.norm={norm}"]).model, 3))
+    model = build_model(load_config(None, [*TINY_MODEL, f"model.norm={norm}"]).model, num_classes=3)
     assert any(isinstance(m, NORMS) for m in model.modules())  # otherwise the test would check nothing
     check_groups(model, param_groups(model, weight_decay=WD, weight_decay_norm=WD_NORM, weight_decay_bias=WD_BIAS))
 
 
 def test_frozen_parameters_are_in_no_group():
     # freeze_at given to build_model directly: the config refuses it with random init (frozen layers never learn).
-    model = build_model(**{**model_kwargs(load_config(None, TINY_MODEL).model, 3), "freeze_at": 2})
+    model = build_model(replace(load_config(None, TINY_MODEL).model, freeze_at=2), num_classes=3)
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     assert frozen, "freeze_at=2 should freeze the stem and res2"
     groups = param_groups(model, weight_decay=WD, weight_decay_norm=WD_NORM, weight_decay_bias=WD_BIAS)

@@ -1,3 +1,6 @@
+
+from dataclasses import replace
+
 import pytest
 import torch
 from torchvision import tv_tensors
@@ -5,8 +8,9 @@ from torchvision import tv_tensors
 from scratchdet import tta
 from scratchdet.config import load_config
 from scratchdet.data import ResizeShortestEdge
-from scratchdet.engine import read_metrics, train
-from scratchdet.model import build_model, model_kwargs
+from scratchdet.engine import train
+from scratchdet.model import build_model
+from scratchdet.run import read_metrics
 from scratchdet.tta import keypoint_flip_map
 
 from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
@@ -15,7 +19,7 @@ from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 def _model(*extra, **kwargs):
     torch.manual_seed(0)
     cfg = load_config(None, TINY_MODEL + ["model.score_thresh_test=0.0"] + list(extra))
-    return build_model(**{**model_kwargs(cfg.model, 3), **kwargs}).eval()
+    return build_model(replace(cfg.model, **kwargs), num_classes=3).eval()
 
 
 def _image(h=96, w=128, seed=0):

@@ -616,8 +616,8 @@ def test_voc_preset_files_match_their_generator_and_are_listed(capsys):
 def test_voc_presets_state_the_recipe_and_dry_run_offline(name, tmp_path, caplog):
     import logging
 
-    from scratchdet.config import resolve_schedule
     from scratchdet.engine import train
+    from scratchdet.schedule import resolve_schedule
 
     cfg = load_config(name)
     pretrained = "pretrained" in name
@@ -652,10 +652,10 @@ TINY_SIZES = ["data.min_size_train=[128]", "data.max_size_train=192", "data.min_
 
 
 def test_faster_rcnn_trains_on_voc_written_by_to_voc_and_reports_voc_map(tiny_coco, tmp_path, capsys):
+    from scratchdet.analysis.report import build_report, is_detection_run
+    from scratchdet.analysis.study import member_progress
     from scratchdet.cli import main
-    from scratchdet.report import build_report, is_detection_run
     from scratchdet.run import read_metrics
-    from scratchdet.study import member_progress
 
     voc, run = tmp_path / "voc", tmp_path / "run"
     for split in ("train", "val"):
@@ -741,8 +741,7 @@ def test_evaluate_model_voc_scores_ground_truth_predictions_100(tiny_voc, tmp_pa
     # The wiring a model's detections go through before evaluate_voc: resized input -> original pixels ->
     # COCO-style results with category id = label -> VOC boxes. Ground truth predicted at the test size must
     # come back at IoU >= 0.95 (tiny_coco has objects of a few pixels: a pixel off anywhere would fail them).
-    from scratchdet.engine import build_eval
-    from scratchdet.voc import evaluate_model_voc
+    from scratchdet.evaluation import build_eval, evaluate_model_voc
 
     cfg = load_config(None, ["model.task=boxes", "data.val.format=voc", f"data.val.images={tiny_voc}",
                              "data.val.annotations=val", "data.min_size_test=96", "data.max_size_test=160",

@@ -1,6 +1,7 @@
 import logging
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from scratchdet.checkpoint import save_checkpoint
 from scratchdet.config import load_config, to_dict
-from scratchdet.model import ResNet, build_model, model_kwargs
+from scratchdet.model import ResNet, build_model
 from scratchdet.weights import (
     WeightsError,
     caffe2_to_torchvision,
@@ -134,19 +135,19 @@ def test_caffe2_unknown_blob_is_an_error():
 
 def test_freeze_at_freezes_stem_and_res2():
     cfg = load_config(None, TINY_MODEL + ["model.freeze_at=2", "model.init=imagenet"])  # built, not loaded
-    model = build_model(**model_kwargs(cfg.model, 3))
+    model = build_model(cfg.model, num_classes=3)
     body = model.backbone.body
     assert not any(p.requires_grad for p in body.conv1.parameters())
     assert not any(p.requires_grad for p in body.layer1.parameters())
     assert all(p.requires_grad for p in body.layer2.parameters())
 
 
-# --------------------------------------------------------------------------- issue 7, item 4: norm mismatches
+# --------------------------------------------------------------------------- norm mismatches
 
 
 def _detector(norm="GN", num_classes=3, **overrides):
     """The tiny Mask R-CNN; FrozenBN set here because the config refuses it without model.init."""
-    return build_model(**{**model_kwargs(load_config(None, TINY_MODEL).model, num_classes), "norm": norm, **overrides})
+    return build_model(replace(load_config(None, TINY_MODEL).model, norm=norm, **overrides), num_classes=num_classes)
 
 
 def _randomize(model):
@@ -217,7 +218,7 @@ def test_pretrain_and_run_checkpoints_say_their_norm(tmp_path):
         load_init(_detector("FrozenBN"), str(path), depth=18, norm="FrozenBN")
 
 
-# --------------------------------------------------------------------------- issue 7, item 5: detection checkpoints
+# --------------------------------------------------------------------------- detection checkpoints
 
 PARTS = ["trunk", "FPN", "RPN", "box head", "box predictor", "mask head", "mask predictor"]
 CLASS_LAYERS = [f"roi_heads.{layer}.{p}" for layer in ("box_predictor.cls_score", "box_predictor.bbox_pred",

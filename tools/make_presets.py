@@ -382,7 +382,7 @@ def lsj_expected() -> dict[str, str]:
 
 # ---- small_real: the default's small GroupNorm model, from scratch, sized for real photos (COCO's 640 px, a phone's)
 # on a CPU. Not a paper recipe. The default trains at 256 px for its synthetic shapes; photos resized that far lose
-# their small objects (issue 15: tiny_coco's 640x427 images shrank 2.5x). Here the shorter side is drawn from
+# their small objects (tiny_coco's 640x427 images shrank 2.5x). Here the shorter side is drawn from
 # 512-640 (multi-scale, the paper's scale augmentation moved down by 1.25x), the longer capped at 1066 (640 * 1333 /
 # 800, Detectron's ratio), tested at 640/1066; FPN's anchors 32-512 (Lin et al., for COCO objects at 800 px: at 640
 # px the smallest COCO objects are still in reach). The length is in epochs, so one preset fits any set's size; the

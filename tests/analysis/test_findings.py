@@ -1,4 +1,4 @@
-"""The study's answers (scratchdet/findings.py) on runs written as their two files: no training."""
+"""The study's answers (scratchdet/analysis/findings.py) on runs written as their two files: no training."""
 
 import contextlib
 import csv
@@ -11,9 +11,10 @@ import pytest
 import yaml
 from faster_coco_eval import COCO
 
-from scratchdet.bootstrap import ap_from_matches, matches_record, per_image_matches
-from scratchdet.findings import Paired, analyze, breakdown, catch_up, plateau_check, plateau_statement, prediction
-from scratchdet.report import build_report, load_runs, study_points
+from scratchdet.analysis.bootstrap import ap_from_matches
+from scratchdet.analysis.findings import Paired, analyze, breakdown, catch_up, plateau_check, plateau_statement, prediction
+from scratchdet.analysis.report import build_report, load_runs, study_points
+from scratchdet.evaluation import matches_record, per_image_matches
 
 IMS = 4  # images per batch of every fake run
 

@@ -57,9 +57,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .config import ConfigError, load_config, resolve_preset, to_dict
-from .run import BRANCH_FREE_KEYS, branch_name, differing_keys, flatten
+from .. import checkpoint as ckpt
+from ..branching import BRANCH_FREE_KEYS, branch_name
+from ..config import ConfigError, differing_keys, flatten, load_config, resolve_preset, to_dict
 
 SPEC_FILE = "study.yaml"
 STATE_FILE = "study.json"
@@ -248,7 +248,7 @@ def grid_keys(spec: dict[str, Any]) -> set[str]:
 def _schedule_as_run(cfg: Any) -> Any:
     """The schedule ``engine.train`` will run for ``cfg`` (the same in every precision); a ConfigError
     when it depends on the data set's size (``solver.epochs``)."""
-    from .config import resolve_schedule
+    from ..schedule import resolve_schedule
 
     subset = cfg.data.subset
     return cfg, resolve_schedule(cfg.solver, int(subset) if subset >= 1 else None)
@@ -269,7 +269,7 @@ def _nearest_arm(name: str, keys: dict[str, dict[str, Any]]) -> str:
 def plan_branches(study: Study) -> None:
     """Group the runs into arms (configs equal but for the schedule's length) and make the run with
     the latest first LR drop of each arm its trunk, the others its branches (``Member`` fields)."""
-    from .config import branch_point
+    from ..branching import branch_point
 
     runs = [m for m in study.members if m.kind == "train"]
     arms: dict[str, list[tuple[Member, int]]] = {}
@@ -353,7 +353,7 @@ def save_spec(study: Study) -> None:
     study.root.mkdir(parents=True, exist_ok=True)
     text = "# written by `scratchdet study`; `scratchdet study THIS_DIR` resumes the study\n" + \
         yaml.safe_dump(study.spec, sort_keys=False)
-    _atomic_write(study.root / SPEC_FILE, text)
+    ckpt.atomic_write_bytes(study.root / SPEC_FILE, text.encode())
 
 
 def check_configs(study: Study) -> None:
@@ -366,12 +366,6 @@ def check_configs(study: Study) -> None:
 
 
 # --------------------------------------------------------------------------- state (study.json)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_state(root: str | Path) -> dict[str, Any]:
@@ -388,7 +382,7 @@ def read_state(root: str | Path) -> dict[str, Any]:
 def _record(study: Study, name: str, **entry: Any) -> None:
     state = read_state(study.root)
     state["members"].setdefault(name, {}).update(entry)
-    _atomic_write(study.root / STATE_FILE, json.dumps(state, indent=1))
+    ckpt.atomic_write_bytes(study.root / STATE_FILE, json.dumps(state, indent=1).encode())
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -417,14 +411,14 @@ def _config_drift(run_dir: Path, cfg: Any) -> list[str]:
     saved = _saved_config(run_dir)
     if saved is None:
         return []
-    from .config import without_removed
+    from ..config import without_removed
 
     return differing_keys(without_removed(flatten(saved)), flatten(to_dict(cfg)))
 
 
 def ensure_synth_cls(root: Path, params: dict[str, Any]) -> Path:
     """Generate the pretrain stage's ImageFolder once (into a temporary folder, then renamed)."""
-    from .synth import generate_cls
+    from ..synth import generate_cls
 
     out = root / SYNTH_CLS_DIR
     manifest = out / "synth_cls.json"
@@ -455,13 +449,13 @@ def run_member(study: Study, member: Member, *, progress: bool) -> None:
         raise ConfigError(f"{run_dir} was started with another config ({', '.join(drift[:6])} differ{why}); remove the "
                           "run directory to train it under the study's current spec, or restore the spec")
     if member.kind == "pretrain":
-        from .pretrain import pretrain
+        from ..pretrain import pretrain
 
         if study.synth_cls is not None:
             ensure_synth_cls(study.root, study.synth_cls)
         pretrain(cfg, run_dir, resume=True, progress=progress)
     else:
-        from .engine import train
+        from ..engine import train
 
         trunk = study.root / member.trunk if member.trunk is not None else None
         train(cfg, run_dir, resume=True, progress=progress, keep_at=member.keep_at, branch_from=trunk)
@@ -533,7 +527,7 @@ def run_study(study: Study, *, progress: bool = True) -> dict[str, str]:
 
 def member_progress(run_dir: Path) -> dict[str, Any]:
     """Iteration reached and the latest AP, from the run's ``metrics.jsonl``."""
-    from .run import read_metrics
+    from ..run import read_metrics
 
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     out: dict[str, Any] = {"iteration": max((r.get("iteration", 0) for r in records), default=0)}
@@ -545,7 +539,7 @@ def member_progress(run_dir: Path) -> dict[str, Any]:
 
 def planned_iterations(study: Study, member: Member) -> int | None:
     """The member's schedule length from its config (None when it depends on the data set's size: solver.epochs)."""
-    from .config import resolve_schedule
+    from ..schedule import resolve_schedule
 
     try:
         cfg = study.config(member)
@@ -663,7 +657,7 @@ def _branch_args(study: Study, m: Member) -> list[str]:
 
 def emit_slurm(study: Study, *, nproc: int, nodes: int) -> dict[str, str]:
     """sbatch scripts: ``pretrain.sbatch`` (when there is a pretrain stage), ``study.sbatch``, a job
-    array with one task per trunk or run alone (``srun torchrun``, the README's multi-node pattern),
+    array with one task per trunk or run alone (``srun torchrun``, docs/distributed.md's multi-node pattern),
     and ``branches.sbatch`` (when runs branch), one task per schedule branch, each submitted to start
     after its own trunk's task of ``study.sbatch`` succeeded (``--dependency=afterok:JOB_TASK``).  A task
     skips a finished run and resumes a started one, so an array can be resubmitted after a failure."""

@@ -13,7 +13,7 @@ cluster as those two files is reportable.  What it draws:
   (``data.subset`` x init, the paper's Sec. 5.2, Figs. 7-8), each with random init minus pretrained;
 - what each run had (data, model, batch, schedule) and a caption per figure, so the page stands alone;
   run names, never machine paths, on the page;
-- the findings (scratchdet/findings.py: catch-up with paired bootstrap intervals, plateau check, a saturating-fit
+- the findings (scratchdet/analysis/findings.py: catch-up with paired bootstrap intervals, plateau check, a saturating-fit
   prediction, the small-data breakdown, AP against images / pixels seen with pre-training counted), each saying on
   the page what the runs lack where they cannot answer, and as text in ``findings.txt``;
 - one self-contained HTML page (figures inlined as base64 PNG, no script, no network), CSV tables,
@@ -41,9 +41,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from .config import ConfigError, Schedule, SolverConfig, merge_dict, resolve_schedule  # noqa: E402
-from .evaluation import STAT_NAMES  # noqa: E402
-from .run import read_metrics  # noqa: E402
+from ..config import ConfigError, SolverConfig, flatten, merge_dict  # noqa: E402
+from ..evaluation import STAT_NAMES  # noqa: E402
+from ..run import read_metrics  # noqa: E402
+from ..schedule import Schedule, resolve_schedule
 
 IOU_TYPES = ("bbox", "segm")
 TYPE_TITLES = {"bbox": "box AP", "segm": "mask AP"}
@@ -56,16 +57,6 @@ SUBSET_KEYS = ("data.subset",)
 SEEN_KEYS = ("images_seen", "instances_seen", "pixels_seen")
 # One wording for the two arms in every table, legend and caption (model.init: random is "random init").
 RANDOM, PRETRAINED = "random init", "pretrained"
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _key(value: Any) -> str:
@@ -87,9 +78,9 @@ class Run:
     schedule: Schedule | None = field(init=False)
 
     def __post_init__(self) -> None:
-        from .config import without_removed
+        from ..config import without_removed
 
-        self.flat = without_removed(_flatten(self.config))
+        self.flat = without_removed(flatten(self.config))
         self.schedule = _schedule(self.config, self.flat)
 
     @property
@@ -142,7 +133,7 @@ class Run:
 
     @property
     def pretrain_offset(self) -> float:
-        """The pre-training stage's images in this run's iterations (the grey band of Fig. 1)."""
+        """The pre-training stage's images in this run's iterations (where Fig. 1 starts a pretrained curve)."""
         return self.seen["pretrain_images_seen"] / self.ims_per_batch
 
     def metric(self, iou_type: str, stat: str = "AP") -> float | None:
@@ -454,63 +445,101 @@ def lr_drops(runs: list[Run]) -> dict[int, list[str]]:
     return dict(sorted(out.items()))
 
 
+def _series(runs: list[Run]) -> list[list[Run]]:
+    """The runs as curves: the seed replicates of one arm (equal but for ``train.seed``) pooled into one."""
+    all_dims = dims(runs)
+    by: dict[tuple[Any, ...], list[Run]] = {}
+    for r in runs:
+        by.setdefault((pair_key(r, all_dims), r.pretrained), []).append(r)
+    return list(by.values())
+
+
+def _pooled(reps: list[Run], iou_type: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Iterations, mean AP over the replicates that evaluated there (an unfinished one misses the last), and
+    their lowest and highest AP."""
+    curves = [dict(zip(*_curve(r, iou_type))) for r in reps]
+    xs = sorted(set().union(*curves)) if curves else []
+    ys = [[c[x] for c in curves if x in c] for x in xs]
+    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
 def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str = "") -> Figure:
-    """Box and mask AP vs iteration (Fig. 1): colour = what the runs differ in, solid random init, dashed
-    pretrained, one labelled dotted line per LR drop; with ``pretrain_offset`` the pre-training on an axis of its
-    own left of each panel (in the fine-tuning axis' units it would dwarf the curves)."""
-    colors = _colors(runs)
-    keys = color_keys(runs)
-    offsets = {r.name: r.pretrain_offset for r in runs if pretrain_offset and r.pretrained and r.pretrain_offset > 0}
-    entries = (len(keys) if len(keys) > 1 else 0) + 2 + bool(offsets)
+    """Box and mask AP vs iteration (Fig. 1), one row of panels per data size as the paper's figures: colour is
+    the schedule (darker, longer) or what else the runs differ in, solid random init, dashed pretrained; seed
+    replicates pooled into their mean with a band from the lowest to the highest seed; each LR drop a short tick
+    at the panel's foot in its curve's colour.  ``pretrain_offset``: a pretrained curve starts after its
+    pre-training, counted in the run's iterations."""
+    import matplotlib as mpl
+
+    rows = sorted({subset_label(r): SUBSET_DIM.order(r) for r in runs}.items(), key=lambda kv: kv[1])
+    series = _series(runs)
+    others = [d for d in _color_dims(runs) if d.title not in (SCHEDULE_DIM.title, SUBSET_DIM.title)]
+    lengths = sorted({SCHEDULE_DIM.order(rs[0]) for rs in series})
+    cmap = mpl.colormaps["viridis"]
+
+    def kind(rs: list[Run]) -> str:  # what a curve is, data size aside (the row says it)
+        return ", ".join([schedule_label(rs[0])] + [f"{d.title}: {d.label(rs[0])}" for d in others])
+
+    kinds = list(dict.fromkeys(kind(rs) for rs in sorted(series, key=lambda rs: SCHEDULE_DIM.order(rs[0]))))
+
+    def color(rs: list[Run]) -> str:
+        if others:  # a colour per kind of curve: the legend names each
+            return COLORS[kinds.index(kind(rs)) % len(COLORS)]
+        k = lengths.index(SCHEDULE_DIM.order(rs[0]))
+        return mpl.colors.to_hex(cmap(0.85 - 0.75 * k / max(len(lengths) - 1, 1)))
+
+    # The pre-training drawn on the same axis only where it does not dwarf the runs (else the legend says it).
+    longest = max((r.max_iter or 0) for r in runs) or 1
+    shift = {r.name: r.pretrain_offset for r in runs if pretrain_offset and r.pretrained and r.pretrain_offset > 0}
+    drawn = bool(shift) and max(shift.values()) <= 2 * longest
+
+    def label(rs: list[Run]) -> str:
+        text = f"{PRETRAINED if rs[0].pretrained else RANDOM}, {kind(rs)}"
+        if rs[0].name in shift and not drawn:
+            text += f" (after {shift[rs[0].name]:,.0f} it of pre-training, not drawn)"
+        return text
+
+    ordered = sorted(series, key=lambda rs: (rs[0].pretrained, SCHEDULE_DIM.order(rs[0]), label(rs)))
     ncol = 2
-    legend_h = 0.2 * -(-entries // ncol) + 0.15  # inches under the axes for the legend
-    fig = Figure(figsize=(11, 3.9 + legend_h), dpi=100)
-    if offsets:
-        outer = fig.add_gridspec(1, 2, wspace=0.2)
-        pre_axes, axes = [], []
-        for k in range(2):
-            inner = outer[0, k].subgridspec(1, 2, width_ratios=(1, 4), wspace=0.06)
-            pre_axes.append(fig.add_subplot(inner[0, 0]))
-            axes.append(fig.add_subplot(inner[0, 1], sharey=pre_axes[-1]))
-    else:
-        pre_axes, axes = [], list(fig.subplots(1, 2))
-    drops = lr_drops(runs)
-    for k, (ax, t) in enumerate(zip(axes, IOU_TYPES)):
-        for r in runs:
-            xs, ys = _curve(r, t)
-            ax.plot(xs, ys, color=colors[r.name], ls="--" if r.pretrained else "-", lw=2, marker="o", ms=3.5)
-        for x, labels in drops.items():
-            ax.axvline(x, color="#555555", ls=":", lw=1.2)
-            ax.text(x, 0.98, " LR/10: " + ", ".join(labels), transform=ax.get_xaxis_transform(), rotation=90,
-                    ha="right", va="top", fontsize=7, color="#333333")
-        ax.set_title(TYPE_TITLES[t])
-        ax.set_xlabel("iterations of detection training")
-        ax.grid(True, alpha=0.3)
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        if pre_axes:
-            pre = pre_axes[k]
-            for band in sorted(set(offsets.values()), reverse=True):
-                pre.axvspan(0, band, color=PRETRAIN_GREY, lw=0)
-            pre.set_xlim(0, max(offsets.values()))
-            pre.xaxis.set_major_formatter(EngFormatter(sep=""))
-            pre.set_xlabel("pre-training\n(its images in iterations)", fontsize=8)
-            pre.set_title("pre-training", fontsize=9)
-            pre.set_ylabel(f"{TYPE_TITLES[t]} (%)")
-            ax.tick_params(labelleft=False)
-        else:
+    legend_h = 0.2 * -(-(len({label(rs) for rs in ordered}) + 2) // ncol) + 0.15
+    fig = Figure(figsize=(11, 0.6 + 3.0 * len(rows) + legend_h), dpi=100)
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for i, (size, _) in enumerate(rows):
+        for j, t in enumerate(IOU_TYPES):
+            ax = axes[i, j]
+            for rs in ordered:
+                if subset_label(rs[0]) != size:
+                    continue
+                offset = shift.get(rs[0].name, 0.0) if drawn else 0.0
+                xs, mean, lo, hi = _pooled(rs, t)
+                xs = [x + offset for x in xs]
+                c = color(rs)
+                ax.plot(xs, mean, color=c, ls="--" if rs[0].pretrained else "-", lw=2, marker="o", ms=3.5)
+                if len(rs) > 1:
+                    ax.fill_between(xs, lo, hi, color=c, alpha=0.2, lw=0)
+                steps = [x + offset for x in (rs[0].schedule.steps if rs[0].schedule else ())]
+                ax.plot(steps, [0] * len(steps), ls="none", marker="|", ms=9, mew=1.5, color=c,
+                        transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.set_title(f"{TYPE_TITLES[t]}" + (f", data size: {size}" if len(rows) > 1 or size != "all" else ""),
+                         fontsize=10)
+            ax.set_xlabel("iterations of detection training" + (" (pretrained: after its pre-training)"
+                                                                 if drawn else ""))
             ax.set_ylabel(f"{TYPE_TITLES[t]} (%)")
-    handles = [Line2D([], [], color=c, lw=6, label=label) for c, label in keys.items()] if len(keys) > 1 else []
-    handles += [Line2D([], [], color="k", lw=2, ls="-", label=RANDOM),
-                Line2D([], [], color="k", lw=2, ls="--", label=PRETRAINED)]
-    if offsets:
-        handles.append(Patch(color=PRETRAIN_GREY, label="pre-training (own axis; its images in the run's iterations)"))
+            ax.grid(True, alpha=0.3)
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
+    entries = {label(rs): (color(rs), "--" if rs[0].pretrained else "-") for rs in ordered}  # one per curve kind
+    handles = [Line2D([], [], color=c, lw=2, ls=ls, label=text) for text, (c, ls) in entries.items()]
+    if any(len(rs) > 1 for rs in series):
+        handles.append(Patch(color="#555555", alpha=0.25, label="seeds pooled: the mean, a band from lowest to highest"))
+    handles.append(Line2D([], [], color="#555555", ls="none", marker="|", ms=9, mew=1.5,
+                          label="LR drop (divided by 10), in its curve's colour"))
     fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.subplots_adjust(left=0.06, right=0.98, top=0.86 if title else 0.9, bottom=(legend_h + 0.5) / (3.9 + legend_h))
-    if not pre_axes:
-        fig.subplots_adjust(wspace=0.2)
+    height = 0.6 + 3.0 * len(rows) + legend_h
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - (0.5 if title else 0.35) / height, hspace=0.45, wspace=0.2,
+                        bottom=(legend_h + 0.45) / height)
     return fig
 
 
@@ -610,27 +639,37 @@ def _figure(png: bytes, alt: str, caption: str) -> str:
 
 def curves_caption(runs: list[Run], pretrain_offset: bool) -> str:
     """What the AP figure shows, in words: the page says it, not a README."""
-    keys = color_keys(runs)
-    text = ("Box AP (left) and mask AP (right) on the validation set, in percent, at each evaluation of each run, "
-            f"against its iterations of detection training. Line style is the init: solid {RANDOM}, dashed "
-            f"{PRETRAINED}. ")
-    if len(keys) > 1:
-        text += "Colour is what else the runs differ in (" + "; ".join(keys.values()) + "). "
-    else:
-        text += "All runs share one colour: they differ in nothing but the init. "
-    drops = lr_drops(runs)
-    if drops:
-        text += ("Dotted lines: the LR drops (divided by 10), one per drop, labelled with the schedules that drop "
-                 "there (" + "; ".join(f"{x}: {', '.join(v)}" for x, v in drops.items()) + "). ")
+    sizes = sorted({subset_label(r) for r in runs})
+    text = ("Box AP (left) and mask AP (right) on the validation set, in percent, at each evaluation, against "
+            "iterations of detection training" + (f"; one row per data size ({', '.join(sizes)})" if len(sizes) > 1
+                                                  else "") +
+            f". Line style is the init: solid {RANDOM}, dashed {PRETRAINED}; colour the schedule, darker for longer "
+            "(or, where the runs differ in more, what they differ in: the legend names each curve). ")
+    if any(len(rs) > 1 for rs in _series(runs)):
+        text += ("Runs that differ only in train.seed are one curve: the mean over the seeds, with a band from the "
+                 "lowest to the highest seed at each evaluation. ")
+    if lr_drops(runs):
+        text += "Ticks at each panel's foot: the LR drops (divided by 10), in the colour of the curve they belong to. "
     if any(r.pretrained and r.pretrain_offset > 0 for r in runs) and pretrain_offset:
-        text += ("Grey, on its own axis left of each panel: the pretrained runs' pre-training, its images counted in "
-                 "the fine-tuning run's iterations (on the same axis it would dwarf the curves). ")
+        text += ("With the pre-training counted (its images in the run's iterations): where it is at most twice the "
+                 "longest run, the pretrained curves start after it; where it would dwarf the curves, the legend "
+                 "gives its length and the seen figure draws it. ")
     return text + "Data, model, batch and schedule of every run: the table 'Runs' below."
 
 
-def study_points(runs: list[Run]) -> list[Any]:
-    """The runs as ``findings.Point`` s: paired by ``pair_key`` (twins share it), grouped by it less the schedule."""
+AP_MODES = ("final", "best")
+
+
+def study_points(runs: list[Run], ap: str = "final") -> list[Any]:
+    """The runs as ``findings.Point`` s: paired by ``pair_key`` (twins share it), grouped by it less the schedule.
+
+    ``ap``: each run's AP at its final evaluation, or (``best``, for presets that say "report each arm's best
+    evaluation") at each type's best; per-image matches, recorded at the final evaluation only, give intervals
+    only where the best is the final one."""
     from .findings import Point
+
+    if ap not in AP_MODES:
+        raise ConfigError(f"report --ap {ap!r}: one of {', '.join(AP_MODES)}")
 
     all_dims = dims(runs)
     shown = [d for d in _color_dims(runs) if d.title != SCHEDULE_DIM.title]
@@ -643,14 +682,30 @@ def study_points(runs: list[Run]) -> list[Any]:
                         and x.get("iteration") == last.get("iteration")), None)
         s = r.seen
         images = s["images_seen"] or ((r.max_iter or 0) * r.ims_per_batch if r.finished else 0)
+        values = {t: v for t in IOU_TYPES if (v := r.metric(t)) is not None}
+        note, pixels = "", s["pixels_seen"]
+        if ap == "best" and r.evals:
+            # One evaluation per run, the best by its first type's AP (box AP), every type read there, with
+            # what the run had seen by then: AP and images seen come from the same moment.
+            first = next(t for t in IOU_TYPES if any(f"{t}/AP" in x for x in r.evals))
+            chosen = max(r.evals, key=lambda x: x.get(f"{first}/AP", -1.0))  # the earliest of equal bests
+            it = int(chosen["iteration"])
+            values = {t: float(chosen[f"{t}/AP"]) for t in IOU_TYPES if f"{t}/AP" in chosen}
+            if it != last.get("iteration"):
+                at = [x for x in r.records if x.get("iteration") == it and "images_seen" in x]
+                images = at[-1]["images_seen"] if at else it * r.ims_per_batch
+                pixels = at[-1].get("pixels_seen", 0) if at else 0
+                note = (f"run {r.name}'s best evaluation (iteration {it}) is not its final one, and per-image "
+                        "matches are recorded at the final evaluation only: no intervals")
+                matches = None
         points.append(Point(
             name=r.name, pretrained=r.pretrained, pair=key, group=key[1:], seed=int(r.flat.get("train.seed", 0) or 0),
             group_label=", ".join(f"{d.title}: {d.label(r)}" for d in shown), schedule=schedule_label(r),
             subset=float(r.flat.get("data.subset", 0) or 0), subset_label=subset_label(r), images=images,
-            pixels=s["pixels_seen"],
+            pixels=pixels,
             pretrain_images=s["pretrain_images_seen"] if _logged(r, "pretrain_images_seen") else None,
             pretrain_pixels=s["pretrain_pixels_seen"] if _logged(r, "pretrain_pixels_seen") else None,
-            ap={t: v for t in IOU_TYPES if (v := r.metric(t)) is not None}, finished=r.finished, matches=matches,
+            ap=values, ap_mode=ap, matches_note=note, finished=r.finished, matches=matches,
             losses=[(int(x["iteration"]), float(x["loss"])) for x in r.records if "loss" in x and "iteration" in x],
             evals=[(int(x["iteration"]), {t: float(x[f"{t}/AP"]) for t in IOU_TYPES if f"{t}/AP" in x})
                    for x in r.evals]))
@@ -697,8 +752,9 @@ img {{ display: block; max-width: 100%; height: auto; }}
 
 def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str, str] | None = None,
                  pretrain_offset: bool = False, title: str = "scratchdet report", resamples: int = 1000,
-                 seed: int = 0, margin: float | None = None) -> dict[str, Any]:
-    """Write the report into ``out``; returns what was written and the tables (for the CLI to print)."""
+                 seed: int = 0, margin: float | None = None, ap: str = "final") -> dict[str, Any]:
+    """Write the report into ``out``; returns what was written and the tables (for the CLI to print).
+    ``ap``: the findings read each run's final evaluation, or its best (``study_points``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
@@ -729,7 +785,7 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
     from .bootstrap import DEFAULT_MARGIN
     from .findings import analyze, findings_text
 
-    found = analyze(study_points(runs), resamples=resamples, seed=seed,
+    found = analyze(study_points(runs, ap), resamples=resamples, seed=seed,
                     margin=DEFAULT_MARGIN if margin is None else margin)
     pngs = {}
     for sec in found:
@@ -759,12 +815,13 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
     for t in tables:
         write_csv(t, out / "tables" / t.csv_name)
         written.append(out / "tables" / t.csv_name)
-    # Folder names only: the page is shared, the machine's directories are not (issue: no machine paths).
+    # Folder names only: the page is shared, the machine's directories are not.
     sources = ", ".join(html.escape(Path(p).resolve().name) for p in (paths or compare or ()))
     page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>{html.escape(title)}</h1><p class=\"meta\">{len(runs)} runs from {sources}; read from each run's "
-            "metrics.jsonl and config.yaml.</p>\n" + "\n".join(sections) + "\n</body></html>\n")
+            f"metrics.jsonl and config.yaml. Findings read each run's {ap} evaluation (report --ap {ap}).</p>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
     (out / "index.html").write_text(page, encoding="utf-8")
     written.insert(0, out / "index.html")
     return {"runs": runs, "tables": tables, "written": written, "compare": pair, "findings": found}

@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
-from .bootstrap import DEFAULT_MARGIN, Matches, matches_from_record, replicate_bootstrap, verdict
+from ..evaluation import Matches, matches_from_record
+from .bootstrap import DEFAULT_MARGIN, replicate_bootstrap, verdict
 from .curvefit import (
     FORM_PARAMS,
     MIN_POINTS_FOR_INTERVAL,
@@ -64,12 +65,14 @@ class Point:
     pixels: int
     pretrain_images: int | None  # None: the run's records carry no pre-training counts
     pretrain_pixels: int | None
-    ap: dict[str, float]  # final AP per iou type
+    ap: dict[str, float]  # AP per iou type: the final evaluation's, or the best one's (``ap_mode``)
     finished: bool | None
     matches: dict[str, Any] | None  # the final evaluation's matches record per iou type, None when not recorded
     losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training loss) per log line
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (iteration, AP per type)
     seed: int = 0  # train.seed: runs that differ only in it are replicates
+    ap_mode: str = "final"  # report --ap: "final" (the last evaluation) or "best" (each type's best evaluation)
+    matches_note: str = ""  # why ``matches`` lacks a type though the run recorded it (its best is not its final)
 
     @property
     def arm(self) -> str:
@@ -148,6 +151,8 @@ def _arms(points: list[Point]) -> dict[tuple[tuple[str, ...], bool], list[Point]
 
 
 def _missing_matches(p: Point) -> str:
+    if p.matches_note:
+        return p.matches_note
     if p.finished is False:
         return f"run {p.name} is unfinished (no final evaluation): no intervals"
     return f"no per-image matches in run {p.name} (trained before they were recorded): no intervals"
@@ -478,10 +483,11 @@ def prediction(points: list[Point], *, resamples: int, seed: int, level: float) 
     lv = _level(level)
     if fits:
         sec.tables.append(TableData(
-            "Prediction: saturating fits of final AP against images seen (extrapolation)",
+            f"Prediction: saturating fits of {points[0].ap_mode} AP against images seen (extrapolation)",
             ["arm", "init", "x / target", "AP", "lengths", "plateau (AP) or images to reach", f"{lv} lo", f"{lv} hi",
              "rmse", "c at search limit"], fits,
-            "AP(x) = a - b (x / x0)^(-1/c), a saturating power law in images seen, fitted to each length's final AP; "
+            "AP(x) = a - b (x / x0)^(-1/c), a saturating power law in images seen, fitted to each length's "
+            f"{points[0].ap_mode} AP; "
             "intervals by residual bootstrap. An "
             "extrapolation beyond the longest run: a model's guess, not a measurement.", "prediction.csv"))
     if hold:
@@ -605,6 +611,7 @@ def seen_figure(arms: dict[tuple[tuple[str, ...], bool], list[Point]]) -> Figure
     fig = Figure(figsize=(11, 7.2), dpi=100)
     axes = fig.subplots(2, 2)
     groups = list(dict.fromkeys(g for g, _ in arms))
+    mode = next(iter(arms.values()))[0].ap_mode
     for (group, pre), arm in arms.items():
         # One group: colour tells the arms apart (as in the breakdown figure); several: colour is the group.
         color = GROUP_COLORS[groups.index(group) % len(GROUP_COLORS)] if len(groups) > 1 else ARM_COLORS[pre]
@@ -624,7 +631,7 @@ def seen_figure(arms: dict[tuple[tuple[str, ...], bool], list[Point]]) -> Figure
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             ax.set_xlabel(f"{what} seen (pretrained: pre-training + detection training)")
-            ax.set_ylabel(f"final {TYPE_TITLES[t]} (%)")
+            ax.set_ylabel(f"{mode} {TYPE_TITLES[t]} (%)")
             ax.grid(True, alpha=0.3, which="both")
     handles = [Line2D([], [], color="k", lw=2, ls="-", marker="o", label=RANDOM),
                Line2D([], [], color="k", lw=2, ls="--", marker="s", label=f"{PRETRAINED}, pre-training counted"),

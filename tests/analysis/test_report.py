@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scratchdet.analysis.report import COLORS, HEADER_BG, build_report
 from scratchdet.cli import main
 from scratchdet.config import load_config
 from scratchdet.evaluation import STAT_NAMES
-from scratchdet.report import COLORS, HEADER_BG, build_report
 from scratchdet.run import read_metrics
 
-from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+from ..conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 
 # Two evaluations per run (iterations 3 and 6), every detection kept: curves with two points and non-zero AP.
 TINY = TINY_MODEL + TINY_SYNTH + TINY_SOLVER + ["test.eval_period=3", "model.score_thresh_test=0.0"]
@@ -53,11 +53,16 @@ def test_report_from_two_runs_draws_figures_and_holds_their_numbers(runs, tmp_pa
     # The study folder (as `scratchdet study` leaves it: the pretrain stage beside the runs) is reported as its runs.
     assert main(["report", str(runs / "study"), "--out", str(out), "--pretrain-offset"]) == 0
     assert "Table 1: schedule x init" in capsys.readouterr().out
-    for stem in ("ap_curves", "seen"):
+    from matplotlib.colors import to_rgb
+
+    from scratchdet.analysis.report import curves_figure, load_runs
+
+    curve = curves_figure(load_runs([runs / "study"])).axes[0].lines[0].get_color()  # the schedule's colour
+    for stem, color in (("ap_curves", tuple(round(255 * v) for v in to_rgb(curve))), ("seen", BLUE)):
         png = np.asarray(Image.open(out / f"{stem}.png").convert("RGB"))
         non_white = (png < 240).any(-1).mean()
         assert png.std() > 20 and non_white > 0.05, stem  # not blank
-        assert _near(png, BLUE) > 100, stem  # the runs' lines / bars are drawn in their color
+        assert _near(png, color) > 100, stem  # the runs' lines / bars are drawn in their color
         assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
     records = {name: read_metrics(runs / "study" / name) for name in ("scratch", "pretrained")}
     last = {name: [r for r in recs if "bbox/AP" in r][-1] for name, recs in records.items()}
@@ -127,12 +132,17 @@ def test_report_page_renders_in_headless_chromium(runs, tmp_path):
                    capture_output=True, timeout=120, check=True)
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[:2] == (2000, 1200) and image.std() > 20  # not blank
+    from matplotlib.colors import to_rgb
+
+    from scratchdet.analysis.report import curves_figure, load_runs
+
+    curve = curves_figure(load_runs([runs / "study"])).axes[0].lines[0].get_color()
     top = image[:1000]
-    assert _near(top, BLUE) > 100  # the curves (the inlined PNG decoded and drawn)
+    assert _near(top, tuple(round(255 * v) for v in to_rgb(curve))) > 100  # the curves (the inlined PNG drawn)
     assert _near(image, HEADER) > 2000  # the tables' header rows
 
 
-# ---- the page stands on its own (issue 15, item 8), on runs written as their two files: no training needed.
+# ---- the page stands on its own, on runs written as their two files: no training needed.
 
 HOME = "/home/someone/experiments"  # a machine path in the runs' configs: it must not reach the page
 PRE_IMAGES = 96_000  # the pre-training's images: 24,000 iterations at batch 4, against runs of 360-720
@@ -180,42 +190,92 @@ def _legend_texts(fig) -> list[str]:
     return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
 
 
-def _drop_lines(ax) -> list[float]:
-    """The vertical lines of an axis (axvline: both x the same), not the curves."""
-    return sorted(float(line.get_xdata()[0]) for line in ax.lines
-                  if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1])
+def _ticks(ax) -> list[float]:
+    """The LR-drop ticks of an axis: the markers drawn without a line ('|')."""
+    return sorted(float(x) for line in ax.lines if line.get_marker() == "|" for x in line.get_xdata())
 
 
-def test_legend_is_one_entry_per_colour_and_one_per_init(grid):
-    from scratchdet.report import curves_figure, load_runs
+def test_one_panel_per_data_size_arms_in_the_papers_words(grid):
+    from scratchdet.analysis.report import curves_figure, load_runs
 
     runs = load_runs([grid])
-    texts = _legend_texts(curves_figure(runs))
-    assert len(texts) == 4 + 2, texts  # 4 colours (schedule x data size) + solid/dashed, not 8 run names
-    assert "random init" in texts and "pretrained" in texts
-    assert not {r.name for r in runs} & set(texts)
-    assert sum("data size: 150 images" in t for t in texts) == 2  # a colour says what it stands for
+    fig = curves_figure(runs)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["box AP, data size: 150 images", "mask AP, data size: 150 images",
+                      "box AP, data size: 600 images", "mask AP, data size: 600 images"]
+    for ax in fig.axes:  # each panel holds its data size's four curves, nothing empty
+        assert len([line for line in ax.lines if line.get_marker() == "o"]) == 4
+    texts = _legend_texts(fig)
+    assert texts[:4] == ["random init, 360 it", "random init, 720 it", "pretrained, 360 it", "pretrained, 720 it"]
+    assert len(texts) == 5 and "LR drop" in texts[4]  # no run names, no config strings
+    assert not {r.name for r in runs} & set(texts) and not any("solver." in t or "data size" in t for t in texts)
 
 
-def test_one_labelled_lr_drop_marker_per_schedule(grid):
-    from scratchdet.report import curves_figure, load_runs
+def test_lr_drops_are_short_ticks_in_their_curves_colour(grid):
+    from scratchdet.analysis.report import curves_figure, load_runs
 
     fig = curves_figure(load_runs([grid]))
     for ax in fig.axes:
-        # 360 it drops at 240 and 320, 720 it at 480 and 640: four markers whatever the number of runs.
-        assert _drop_lines(ax) == [240, 320, 480, 640]
-        labels = [t.get_text() for t in ax.texts]
-        assert len(labels) == 4 and all("LR/10" in t for t in labels)
-        assert sum("720 it" in t for t in labels) == 2
+        # 360 it drops at 240 and 320, 720 it at 480 and 640; each curve ticks its own (twins share the places).
+        assert sorted(set(_ticks(ax))) == [240, 320, 480, 640]
+        assert not ax.texts  # no stacked labels
+        colors = {line.get_color() for line in ax.lines if line.get_marker() == "|"}
+        assert colors == {line.get_color() for line in ax.lines if line.get_marker() == "o"}
 
 
-def test_pretraining_is_drawn_on_its_own_scale(grid):
-    from scratchdet.report import curves_figure, load_runs
+def test_seed_replicates_are_one_curve_with_a_band(grid):
+    import json
 
-    fig = curves_figure(load_runs([grid]), pretrain_offset=True)
-    spans = sorted(ax.get_xlim()[1] for ax in fig.axes)
-    # Fine-tuning axes end near the longest run (720), not at 24,000 + 720; pre-training has an axis of its own.
-    assert sum(s <= 800 for s in spans) == 2 and sum(s >= PRE_IMAGES / 4 for s in spans) == 2, spans
+    import yaml
+
+    from scratchdet.analysis.report import curves_figure, load_runs
+
+    for name, seed, bump in (("rand_720_600", 0, 0.0), ("rand_720_600_s1", 1, 4.0)):
+        if bump:
+            shutil.copytree(grid / "rand_720_600", grid / name)
+            lines = [json.loads(x) for x in (grid / name / "metrics.jsonl").read_text().splitlines()]
+            (grid / name / "metrics.jsonl").write_text("".join(
+                json.dumps({k: v + bump if k.endswith("/AP") else v for k, v in x.items()}) + "\n" for x in lines))
+        cfg = yaml.safe_load((grid / name / "config.yaml").read_text())
+        (grid / name / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {"seed": seed}}))
+    fig = curves_figure(load_runs([grid]))
+    ax = fig.axes[2]  # box AP at 600 images
+    curves = [line for line in ax.lines if line.get_marker() == "o"]
+    assert len(curves) == 4 and len(ax.collections) == 1  # the two seeds: one mean curve, one band
+    mean = next(c for c in curves if c.get_xdata()[-1] == 720 and c.get_linestyle() == "-")
+    assert list(mean.get_ydata()) == pytest.approx([19.2, 29.2, 39.2])  # the mean of 17.2 and 21.2, ...
+    assert "seeds pooled" in " ".join(_legend_texts(fig))
+
+
+def test_pretraining_is_counted_without_an_empty_panel_or_a_squashed_axis(grid):
+    from scratchdet.analysis.report import curves_figure, load_runs
+
+    runs = load_runs([grid])
+    fig = curves_figure(runs, pretrain_offset=True)
+    assert len(fig.axes) == 4  # no panel of its own, nothing empty
+    # 24,000 iterations of pre-training against runs of 360-720: drawn, it would squash them; the legend says it.
+    assert max(ax.get_xlim()[1] for ax in fig.axes) < 800
+    assert "pretrained, 720 it (after 24,000 it of pre-training, not drawn)" in _legend_texts(fig)
+    for r in runs:  # a pre-training short enough to draw: the pretrained curves start after it
+        r.records[:] = [{**x, "pretrain_images_seen": 4 * 300} if "pretrain_images_seen" in x else x for x in r.records]
+    fig = curves_figure(runs, pretrain_offset=True)
+    firsts = sorted(line.get_xdata()[0] for line in fig.axes[0].lines if line.get_marker() == "o")
+    assert firsts == [120, 240, 120 + 300, 240 + 300]
+
+
+def test_an_unfinished_seed_does_not_hide_the_finished_ones_last_evaluation(grid):
+    import yaml
+
+    from scratchdet.analysis.report import curves_figure, load_runs
+
+    shutil.copytree(grid / "rand_720_600", grid / "rand_720_600_s1")
+    lines = (grid / "rand_720_600_s1" / "metrics.jsonl").read_text().splitlines()
+    (grid / "rand_720_600_s1" / "metrics.jsonl").write_text("\n".join(lines[:-2]) + "\n")  # killed before 720
+    for name, seed in (("rand_720_600", 0), ("rand_720_600_s1", 1)):
+        cfg = yaml.safe_load((grid / name / "config.yaml").read_text())
+        (grid / name / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {"seed": seed}}))
+    ax = curves_figure(load_runs([grid])).axes[2]
+    assert max(max(line.get_xdata()) for line in ax.lines if line.get_marker() == "o") == 720
 
 
 def test_page_says_what_each_run_had_and_names_no_machine_path(grid, tmp_path):
@@ -264,3 +324,35 @@ def test_findings_on_runs_without_matches_or_pretrain_pixels_say_what_they_lack(
     assert page.count("data:image/png;base64,") == 2  # Fig. 1 and the seen bars only
     assert (out / "findings.txt").read_text().startswith("== Catch-up")
     assert (out / "tables" / "catch_up.csv").is_file() and (out / "tables" / "plateau.csv").is_file()
+
+
+def test_ap_best_reads_each_types_best_evaluation_and_gives_no_interval_it_cannot_back(grid, tmp_path):
+    # Presets that say "report each arm's best evaluation": the AP falls after its peak in rand_720_600, whose
+    # final evaluation alone holds per-image matches, so best mode reads the peak and drops the interval.
+    import json
+
+    from scratchdet.analysis.report import load_runs, study_points
+    from scratchdet.config import ConfigError
+
+    path = grid / "rand_720_600" / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[-1]["bbox/AP"] = 1.0  # the final box AP falls under the evaluation before it (27.2)
+    lines.append({"iteration": 720, "matches": {"bbox": {"dummy": 1}, "segm": {"dummy": 1}}})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    final = {p.name: p for p in study_points(load_runs([grid]))}
+    best = {p.name: p for p in study_points(load_runs([grid]), "best")}
+    assert final["rand_720_600"].ap["bbox"] == 1.0 and best["rand_720_600"].ap["bbox"] == 27.2
+    # One evaluation, the best by box AP (iteration 480): mask AP and images seen are read there too.
+    assert best["rand_720_600"].ap["segm"] == 26.2 and final["rand_720_600"].ap["segm"] == 36.2
+    assert best["rand_720_600"].images == 4 * 480 and final["rand_720_600"].images == 4 * 720
+    assert best["rand_720_600"].matches is None and set(final["rand_720_600"].matches) == {"bbox", "segm"}
+    assert "best evaluation (iteration 480) is not its final one" in best["rand_720_600"].matches_note
+    assert best["pre_720_600"].ap == final["pre_720_600"].ap  # rising curves: the best is the final
+    with pytest.raises(ConfigError, match="--ap"):
+        study_points(load_runs([grid]), "last")
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines[:-1]))  # the page, without the stand-in matches
+    out = tmp_path / "report"
+    assert main(["report", str(grid), "--out", str(out), "--ap", "best"]) == 0
+    page = (out / "index.html").read_text()
+    assert "Findings read each run's best evaluation (report --ap best)" in page
+    assert "data size: 600 images, box AP" in page and "fits of best AP" not in page  # 2 lengths: no fit

@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scratchdet.cli import build_parser, main, parse_args
-from scratchdet.config import ConfigError, load_config, to_dict
-from scratchdet.run import read_metrics
-from scratchdet.study import (
+from scratchdet.analysis.study import (
     PRETRAIN_NAME,
     emit_slurm,
     emit_torchrun,
@@ -23,11 +20,14 @@ from scratchdet.study import (
     open_study,
     read_state,
 )
+from scratchdet.cli import build_parser, main, parse_args
+from scratchdet.config import ConfigError, load_config, to_dict
+from scratchdet.run import read_metrics
 from scratchdet.synth import CLASSES, generate_cls
 
-from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+from ..conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = TINY_MODEL + TINY_SYNTH + TINY_SOLVER
 PRETRAIN = {"synth_cls": {"seed": 0, "per_class": 3, "size": 32},
             "overrides": ["pretrain.crop_size=32", "solver.max_iter=2", "solver.ims_per_batch=6", "solver.steps=[]",
@@ -85,7 +85,7 @@ def test_grid_expands_into_named_runs_and_emitted_commands_give_the_same_configs
     assert lines[1].startswith("scratchdet pretrain default ")
     train_lines = lines[2:]
     assert len(train_lines) == 8
-    from scratchdet.study import execution_order
+    from scratchdet.analysis.study import execution_order
 
     for line, member in zip(train_lines, execution_order(study)[1:]):  # each trunk (1x) before its branch
         words = shlex.split(line)
@@ -203,8 +203,8 @@ def test_shipped_mini_study_expands(tmp_path):
 
 
 def test_shipped_catch_up_study_plans_one_trunk_per_arm_and_other_classes(tmp_path):
-    from scratchdet.config import check_schedule, resolve_schedule
-    from scratchdet.study import check_configs, iteration_counts
+    from scratchdet.analysis.study import check_configs, iteration_counts
+    from scratchdet.schedule import check_schedule, resolve_schedule
 
     study = open_study(ROOT / "studies" / "rethink_cpu.yaml", tmp_path / "r")
     check_configs(study)
@@ -225,8 +225,8 @@ def test_member_saved_with_a_removed_key_resumes_without_drift(tmp_path):
     # any other difference still is.
     import yaml
 
+    from scratchdet.analysis.study import _config_drift
     from scratchdet.config import load_config, to_dict
-    from scratchdet.study import _config_drift
 
     cfg = load_config("default")
     saved = to_dict(cfg)
@@ -238,7 +238,7 @@ def test_member_saved_with_a_removed_key_resumes_without_drift(tmp_path):
     assert _config_drift(run, load_config("default", ["solver.base_lr=0.2"])) == ["solver.base_lr"]
 
 
-def test_branched_run_equals_alone_bitwise(tmp_path):
+def test_branched_run_equals_alone_bitwise(tmp_path, monkeypatch):
     """A schedule branch resumed from a longer trunk's checkpoint ends equal to the run trained alone."""
     import json
     import shutil
@@ -248,14 +248,16 @@ def test_branched_run_equals_alone_bitwise(tmp_path):
     from scratchdet.config import load_config
     from scratchdet.engine import train
 
-    from .conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH
+    from ..conftest import TINY_MODEL, TINY_SOLVER, TINY_SYNTH, Killed, kill_after
 
     def cfg(total: int, drop: int):
         return load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + [
             f"solver.max_iter={total}", f"solver.steps=[{drop}]", "solver.checkpoint_period=100"])
 
     trunk = tmp_path / "trunk"
-    assert train(cfg(8, 7), trunk, progress=False, stop_at=7, keep_at=(4, 6)) == {"stopped_at": 7}
+    kill_after(monkeypatch, 7)  # the trunk dies after its branch points
+    with pytest.raises(Killed):
+        train(cfg(8, 7), trunk, progress=False, keep_at=(4, 6))
     assert not (trunk / "model_final.pth").exists()
     for total, drop in ((6, 4), (8, 6)):
         alone, branch = tmp_path / f"alone{total}", tmp_path / f"branch{total}"
@@ -277,8 +279,8 @@ def test_schedule_grid_trains_one_trunk_and_branches_equal_alone(tmp_path, monke
     import torch
 
     import scratchdet.engine as engine
+    from scratchdet.analysis.study import format_status, run_study
     from scratchdet.engine import train
-    from scratchdet.study import format_status, run_study
 
     # Unit 9: 1x is 9 iterations, LR drops at 3 and 7; 2x is 18, drops at 12 and 16 (the paper's shape).
     sched = ["solver.schedule_unit=9", "solver.reference_batch_size=2", "solver.warmup_iters=2",
@@ -345,8 +347,8 @@ def test_branch_refuses_a_trunk_of_another_config_and_a_missing_branch_point(tmp
 def test_branch_killed_while_starting_starts_again_with_the_trunks_curve(tmp_path, monkeypatch):
     """The copied metrics are written before the checkpoint that marks a branch as started."""
     from scratchdet import checkpoint as ckpt
+    from scratchdet.branching import start_branch
     from scratchdet.engine import train
-    from scratchdet.run import start_branch
 
     trunk = tmp_path / "trunk"
     train(load_config(None, TINY + ["solver.max_iter=10", "solver.steps=[8]"]), trunk, progress=False, keep_at=(4,))

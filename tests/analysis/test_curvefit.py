@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from scratchdet.curvefit import fit_saturating, holdout_error, reach
+from scratchdet.analysis.curvefit import fit_saturating, holdout_error, reach
 
 # A from-scratch arm's AP against images seen: plateau 40, 30 points below it at the first eval, the gap
 # closing as 1 / images seen (c = 1: each doubling halves it), lengths doubling-ish from 100k to 12M images.
@@ -83,7 +83,7 @@ def test_holdout_error_predicts_the_later_points():
 
 def test_fewer_points_than_parameters_plus_two_give_no_interval():
     # 4 lengths and 3 parameters left the residual bootstrap one degree of freedom: intervals 5-10x too narrow.
-    from scratchdet.curvefit import MIN_POINTS_FOR_INTERVAL
+    from scratchdet.analysis.curvefit import MIN_POINTS_FOR_INTERVAL
 
     xs = XS[:MIN_POINTS_FOR_INTERVAL - 1]
     fit = fit_saturating(xs, _curve(xs) + np.array([0.3, -0.2, 0.1, -0.3]))
@@ -96,14 +96,14 @@ def test_fewer_points_than_parameters_plus_two_give_no_interval():
 def test_backtest_on_the_papers_table1():
     # Fit each arm on the paper's 2x-4x (R50-FPN GN box AP), predict its 5x and 6x: the errors are what the
     # saturating power law would have claimed, and docs/statistics.md reports them.
-    from scratchdet.config import TABLE1_R50_GN
-    from scratchdet.curvefit import backtest_table1
+    from scratchdet.analysis.curvefit import backtest_table1
+    from scratchdet.schedule import TABLE1_R50_GN
 
     errors = backtest_table1(fit_upto=4)
     assert set(errors) == {"random init", "pretrained"} and all(set(e) == {5, 6} for e in errors.values())
     assert all(math.isfinite(v) for e in errors.values() for v in e.values())
     # 3 points, 3 parameters: the fit passes through 2x-4x, so the errors are the form's alone.
-    from scratchdet.curvefit import fit_saturating as fs
+    from scratchdet.analysis.curvefit import fit_saturating as fs
 
     xs = np.array([2, 3, 4], float) * 90_000 * 16
     fit = fs(xs, np.array([TABLE1_R50_GN[n][0] for n in (2, 3, 4)]), resamples=200)
@@ -112,7 +112,7 @@ def test_backtest_on_the_papers_table1():
 
 @pytest.mark.parametrize("truth, expect", [("power", "power law"), ("log", "log-linear")])
 def test_the_rule_picks_the_form_that_predicted_the_held_out_length(truth, expect):
-    from scratchdet.curvefit import FORM_PARAMS, choose_form, leave_last_out
+    from scratchdet.analysis.curvefit import FORM_PARAMS, choose_form, leave_last_out
 
     xs = 200 * np.array([1, 2, 4, 8, 16], float)
     ys = 40 - 30 * (xs / xs[0]) ** -1.0 if truth == "power" else 10 + 5 * np.log(xs / xs[0])

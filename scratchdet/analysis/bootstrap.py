@@ -1,7 +1,7 @@
 """Bootstrap intervals for COCO AP over validation images and training seeds: is scratch behind pretrained?
 
 COCO's AP is not a mean over images, so its sampling error cannot be read off per-image numbers: an
-image's detections enter every category's precision/recall curve.  ``per_image_matches`` runs the
+image's detections enter every category's precision/recall curve.  ``evaluation.per_image_matches`` runs the
 evaluator once and keeps, per category, what COCO's accumulate reads (scores, matched and ignore flags
 per IoU threshold, non-ignored ground truth per image); ``ap_from_matches`` redoes accumulate with each
 image counted as often as a bootstrap resample draws it, and ``paired_bootstrap`` scores two runs on the
@@ -14,15 +14,9 @@ difference against an equivalence margin: a test that fails to find a gap does n
 
 from __future__ import annotations
 
-import contextlib
-import io
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
-from faster_coco_eval import COCO, COCOeval_faster
 
-from .evaluation import _check_iou_types, _results_coco, _set_areas, load_gt, oks_sigmas, read_results
+from ..evaluation import Matches  # the per-image matches a run's final evaluation records (evaluation.py)
 
 # Elements of one [resamples, IoU thresholds, detections] block: bounds the memory of a category with many detections.
 _BLOCK = 2_000_000
@@ -30,87 +24,6 @@ _BLOCK = 2_000_000
 # reads 39.5 / 40.8 at 3x (a 1.3-point gap) as not yet caught up and 40.6 / 40.9 at 4x, 40.7 / 40.9 at 5x and
 # 41.3 / 41.1 at 6x (0.2-0.3 points) as matching: a 1-point margin separates the two.  ``report --margin`` sets another.
 DEFAULT_MARGIN = 1.0
-
-
-@dataclass(frozen=True)
-class CategoryMatches:
-    """One category's detections over all images, in COCO's accumulate order (score descending, stable)."""
-
-    image: np.ndarray  # [D] index into Matches.img_ids of each detection's image
-    score: np.ndarray  # [D]
-    tp: np.ndarray  # [T, D] bool: matched and not ignored, per IoU threshold
-    fp: np.ndarray  # [T, D] bool: unmatched and not ignored
-
-
-@dataclass(frozen=True)
-class Matches:
-    """What COCO's accumulate needs from one run's evaluation, per (category, image)."""
-
-    iou_type: str
-    img_ids: np.ndarray  # [I] the ground truth's image ids, sorted
-    cat_ids: np.ndarray  # [K]
-    iou_thrs: np.ndarray  # [T]
-    rec_thrs: np.ndarray  # [R]
-    npig: np.ndarray  # [K, I] non-ignored ground truth per category and image
-    categories: tuple[CategoryMatches, ...]  # [K]
-
-
-def per_image_matches(gt: COCO | str | Path, results: list[dict] | str | Path, iou_type: str) -> Matches:
-    """Evaluate results once (COCO's IoU thresholds, area 'all', its AP's maxDets) and keep the per-image matches."""
-    _check_iou_types((iou_type,))
-    gt = gt if isinstance(gt, COCO) else load_gt(gt)
-    dts = read_results(results) if isinstance(results, (str, Path)) else [dict(r) for r in results]
-    if dts and iou_type == "segm" and "segmentation" not in dts[0]:
-        raise ValueError("segm needs results with masks ('segmentation'); these have none")
-    dt = _results_coco(gt, dts)
-    if dts:
-        _set_areas(dts, iou_type)
-    with contextlib.redirect_stdout(io.StringIO()):
-        sigmas = oks_sigmas(gt) if iou_type == "keypoints" else None
-        # separate_eval keeps the per-image evaluations (faster-coco-eval's evalImgs); the default fuses them
-        # into accumulate and drops them.
-        ev = COCOeval_faster(gt, dt, iou_type, print_function=lambda *_: None, kpt_oks_sigmas=sigmas,
-                             separate_eval=True)
-        p = ev.params
-        if p.areaRngLbl[0] != "all":
-            raise RuntimeError(f"faster-coco-eval's first area range is {p.areaRngLbl[0]!r}, not 'all'")
-        # AP reads area 'all' only: the other ranges would be evaluated for nothing.
-        p.areaRng, p.areaRngLbl = p.areaRng[:1], p.areaRngLbl[:1]
-        ev.evaluate()
-    img_ids, cat_ids = np.asarray(p.imgIds, dtype=np.int64), np.asarray(p.catIds, dtype=np.int64)
-    num_t, num_i, max_det = len(p.iouThrs), len(img_ids), p.maxDets[-1]
-    evals = ev._evalImgs_cpp
-    if len(evals) != len(cat_ids) * num_i:
-        raise RuntimeError(f"faster-coco-eval returned {len(evals)} image evaluations, expected "
-                           f"{len(cat_ids)} categories x {num_i} images: its layout has changed")
-    npig = np.zeros((len(cat_ids), num_i), dtype=np.int64)
-    categories = []
-    for k in range(len(cat_ids)):
-        images, scores, matched, ignored = [], [], [], []
-        for i in range(num_i):
-            # The C++ ImageEvaluation is opaque but pickles: (detection matches [T*D] (gt id, 0 = none),
-            # gt matches, detection scores [D], gt ignores [G], detection ignores [T*D], matched pairs),
-            # with detections sorted by score and cut at maxDets as pycocotools' evaluateImg leaves them.
-            dtm, _, score, gt_ignore, dt_ignore, _ = evals[k * num_i + i].__getstate__()
-            npig[k, i] = len(gt_ignore) - sum(gt_ignore)
-            d = min(len(score), max_det)
-            if d:
-                images.append(np.full(d, i, dtype=np.int64))
-                scores.append(np.asarray(score[:d], dtype=np.float64))
-                n = len(score)
-                matched.append(np.asarray(dtm, dtype=np.uint64).reshape(num_t, n)[:, :d] != 0)
-                ignored.append(np.asarray(dt_ignore, dtype=bool).reshape(num_t, n)[:, :d])
-        if images:
-            score = np.concatenate(scores)
-            # accumulate's order: images concatenated in id order, then a stable sort by score.
-            order = np.argsort(-score, kind="mergesort")
-            m, ig = np.concatenate(matched, axis=1)[:, order], np.concatenate(ignored, axis=1)[:, order]
-            categories.append(CategoryMatches(np.concatenate(images)[order], score[order], m & ~ig, ~m & ~ig))
-        else:
-            categories.append(CategoryMatches(np.zeros(0, np.int64), np.zeros(0), np.zeros((num_t, 0), bool),
-                                              np.zeros((num_t, 0), bool)))
-    return Matches(iou_type, img_ids, cat_ids, np.asarray(p.iouThrs, dtype=np.float64),
-                   np.asarray(p.recThrs, dtype=np.float64), npig, tuple(categories))
 
 
 def ap_from_matches(matches: Matches, image_weights: np.ndarray | None = None) -> float:
@@ -266,34 +179,3 @@ def verdict(diff: float, lo: float, hi: float, *, name_a: str, name_b: str, marg
         return f"{name_b} ahead of {name_a} by {diff:.2f} AP {ci}"
     return (f"inconclusive: {name_b} vs {name_a} {diff:+.2f} {ci}, the interval holds 0 but reaches past the "
             f"+-{margin:g} AP margin (not shown equivalent, not shown behind)")
-
-
-def matches_record(matches: Matches) -> dict:
-    """``matches`` as JSON-safe values, for the final evaluation's record in ``metrics.jsonl`` (the run's
-    one record: a report bootstraps from it without the validation set or the results file)."""
-    bits = (1 << np.arange(len(matches.iou_thrs), dtype=np.int64))[:, None]  # a detection's flags per threshold
-
-    def category(c: CategoryMatches) -> dict:
-        return {"image": c.image.tolist(), "score": [round(float(v), 6) for v in c.score],
-                "tp": (c.tp * bits).sum(0).tolist(), "fp": (c.fp * bits).sum(0).tolist()}
-
-    return {"iou_type": matches.iou_type, "img_ids": matches.img_ids.tolist(), "cat_ids": matches.cat_ids.tolist(),
-            "iou_thrs": matches.iou_thrs.tolist(), "rec_thrs": matches.rec_thrs.tolist(),
-            "npig": matches.npig.tolist(), "categories": [category(c) for c in matches.categories]}
-
-
-def matches_from_record(record: dict) -> Matches:
-    """The inverse of ``matches_record`` (the detections keep their stored order: COCO's accumulate order)."""
-    num_t = len(record["iou_thrs"])
-    bits = (1 << np.arange(num_t, dtype=np.int64))[:, None]
-
-    def category(c: dict) -> CategoryMatches:
-        tp, fp = np.asarray(c["tp"], dtype=np.int64), np.asarray(c["fp"], dtype=np.int64)
-        return CategoryMatches(np.asarray(c["image"], dtype=np.int64), np.asarray(c["score"], dtype=np.float64),
-                               (tp[None] & bits) != 0, (fp[None] & bits) != 0)
-
-    return Matches(record["iou_type"], np.asarray(record["img_ids"], dtype=np.int64),
-                   np.asarray(record["cat_ids"], dtype=np.int64), np.asarray(record["iou_thrs"], dtype=np.float64),
-                   np.asarray(record["rec_thrs"], dtype=np.float64),
-                   np.asarray(record["npig"], dtype=np.int64).reshape(len(record["cat_ids"]), len(record["img_ids"])),
-                   tuple(category(c) for c in record["categories"]))

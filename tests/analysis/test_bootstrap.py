@@ -7,18 +7,15 @@ import numpy as np
 import pytest
 from faster_coco_eval import COCO
 
-from scratchdet.bootstrap import (
+from scratchdet.analysis.bootstrap import ap_from_matches, paired_bootstrap, replicate_bootstrap, verdict
+from scratchdet.evaluation import (
     CategoryMatches,
     Matches,
-    ap_from_matches,
+    evaluate_coco,
     matches_from_record,
     matches_record,
-    paired_bootstrap,
     per_image_matches,
-    replicate_bootstrap,
-    verdict,
 )
-from scratchdet.evaluation import evaluate_coco
 
 
 def _coco(dataset: dict) -> COCO:
