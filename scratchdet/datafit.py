@@ -5,11 +5,12 @@
 the log say what was chosen and why).  The rules, fixed in advance and stated here:
 
 - **Input size.** The default's 256 px shorter side is the CPU budget it was timed at.  It is kept unless the
-  training boxes' 10th percentile (sqrt of box area) falls under ``data.TINY_BOX`` (8 px: two cells of the
-  stride-4 P2 map, under which no anchor setting brings an object back); then the shorter side grows, in steps
-  of 32 px, until that percentile reaches 8 px, at most to ``max_side`` (512 px: 4x the default's pixels, about
-  4x its step on a CPU).  The longer side's cap follows the images' 90th-percentile aspect ratio, at most
-  1333/800 as in the paper's 800x1333.
+  training boxes' 10th percentile (sqrt of box area, resized as training resizes them, the longer side's cap
+  included) falls under ``data.TINY_BOX`` (8 px: two cells of the stride-4 P2 map, under which no anchor
+  setting brings an object back); then the shorter side grows, in steps of 32 px, until that percentile
+  reaches 8 px, at most to ``max_side`` (512 px: 4x the default's pixels, about 4x its step on a CPU).  The
+  longer side's cap follows the images' 90th-percentile aspect ratio, at most 1333/800 as in the paper's
+  800x1333.
 - **Anchors.** Five sizes an octave apart (one per FPN level, P2-P6), the smallest the power of 2 nearest the
   boxes' 10th percentile at that input size, at least 8 px; the start one octave lower or higher is taken
   instead when it covers more boxes (YOLOv5's AutoAnchor check: the share of boxes with an anchor of their
@@ -69,8 +70,16 @@ def fit_recipe(records: list[Any], *, ims_per_batch: int = 8, aspect_ratios: tup
     boxes = np.sqrt(dims[:, 0] * dims[:, 1])  # in the images' own pixels
     reasons, warnings = [], []
 
+    aspect = min(float(np.percentile(long / short, 90)), MAX_ASPECT)
+
+    def longer_cap(side: int) -> int:  # the longer side's cap at this shorter side (the images' 90th-pct aspect)
+        return int(math.ceil(side * aspect / 32) * 32)
+
+    def scale_at(side: int) -> np.ndarray:  # each box's resize, as the training resize does it (the cap included)
+        return np.minimum(side / short, longer_cap(side) / long)[owner]
+
     def p10_at(side: int) -> float:
-        return float(np.percentile(boxes * (side / short[owner]), 10))
+        return float(np.percentile(boxes * scale_at(side), 10))
 
     start = min(BASE_SIDE, max_side)
     if side is not None:
@@ -90,10 +99,8 @@ def fit_recipe(records: list[Any], *, ims_per_batch: int = 8, aspect_ratios: tup
         side = start
         reasons.append(f"input {side} px (shorter side){', the default' if side == BASE_SIDE else ''}: the boxes' "
                        f"10th percentile is {p10_at(side):.1f} px there, at least {TINY_BOX:g}")
-    aspect = min(float(np.percentile(long / short, 90)), MAX_ASPECT)
-    max_size = int(math.ceil(side * aspect / 32) * 32)
-
-    at_size = dims * (side / short[owner])[:, None]
+    max_size = longer_cap(side)
+    at_size = dims * scale_at(side)[:, None]
     p10 = float(np.percentile(np.sqrt(at_size[:, 0] * at_size[:, 1]), 10))
     first = max(8, 2 ** round(math.log2(max(p10, 1.0))))
     candidates = [first, first * 2] + ([first // 2] if first >= 16 else [])

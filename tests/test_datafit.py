@@ -146,9 +146,9 @@ def test_data_fit_on_the_nuclei_set_prints_size_anchors_and_coverage():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     # 10% of the nuclei are under 6 px at the default 256 px: the fit enlarges the input and starts the anchors at 8.
-    assert "input 352 px" in out.stdout and "anchors [8, 16, 32, 64, 128] px" in out.stdout
-    assert "cover 94.8% of the boxes" in out.stdout
-    assert "overrides: data.min_size_train=[352]" in out.stdout and "model.anchor_sizes=[8,16,32,64,128]" in out.stdout
+    assert "input 384 px" in out.stdout and "anchors [8, 16, 32, 64, 128] px" in out.stdout
+    assert "cover 93.4% of the boxes" in out.stdout
+    assert "overrides: data.min_size_train=[384]" in out.stdout and "model.anchor_sizes=[8,16,32,64,128]" in out.stdout
 
 
 def _fitted(preset, *overrides, sides=(5.0,) * 48):
