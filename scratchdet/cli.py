@@ -565,8 +565,9 @@ COMMANDS: dict[str, dict[str, Any]] = {
                   "a 1.3-point gap as not caught up and 0.2-0.3 as matching); an interval inside +-margin is "
                   "'equivalent', one that holds 0 but reaches past it 'inconclusive'"),
         _arg("--ap", choices=("final", "best"), default="final",
-             help="which evaluation of each run the findings read: the final one, or each type's best (for presets "
-                  "that say 'report each arm's best evaluation'; intervals only where the best is the final)")]},
+             help="which evaluation of each run the findings read: the final one, or the best one by box AP, every "
+                  "type and the images seen read there (for presets that say 'report each arm's best evaluation'; "
+                  "intervals only where the best is the final)")]},
     "presets": {"help": "list the shipped presets", "func": _presets, "args": []},
     "config": {"help": "list every option with its default and meaning, or print a resolved preset",
                "func": _config, "args": [_arg("preset", nargs="?", help="print this preset resolved (with overrides)"),

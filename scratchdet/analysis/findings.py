@@ -71,8 +71,8 @@ class Point:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training loss) per log line
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (iteration, AP per type)
     seed: int = 0  # train.seed: runs that differ only in it are replicates
-    ap_mode: str = "final"  # report --ap: "final" (the last evaluation) or "best" (each type's best evaluation)
-    matches_note: str = ""  # why ``matches`` lacks a type though the run recorded it (its best is not its final)
+    ap_mode: str = "final"  # report --ap: "final" (the last evaluation) or "best" (the best by box AP)
+    matches_note: str = ""  # why ``matches`` is None though the run recorded them (its best is not its final)
 
     @property
     def arm(self) -> str:

@@ -664,8 +664,8 @@ def study_points(runs: list[Run], ap: str = "final") -> list[Any]:
     """The runs as ``findings.Point`` s: paired by ``pair_key`` (twins share it), grouped by it less the schedule.
 
     ``ap``: each run's AP at its final evaluation, or (``best``, for presets that say "report each arm's best
-    evaluation") at each type's best; per-image matches, recorded at the final evaluation only, give intervals
-    only where the best is the final one."""
+    evaluation") at its best evaluation by box AP; per-image matches, recorded at the final evaluation only,
+    give intervals only where the best is the final one."""
     from .findings import Point
 
     if ap not in AP_MODES:

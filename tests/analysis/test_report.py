@@ -326,7 +326,7 @@ def test_findings_on_runs_without_matches_or_pretrain_pixels_say_what_they_lack(
     assert (out / "tables" / "catch_up.csv").is_file() and (out / "tables" / "plateau.csv").is_file()
 
 
-def test_ap_best_reads_each_types_best_evaluation_and_gives_no_interval_it_cannot_back(grid, tmp_path):
+def test_ap_best_reads_the_best_evaluation_and_gives_no_interval_it_cannot_back(grid, tmp_path):
     # Presets that say "report each arm's best evaluation": the AP falls after its peak in rand_720_600, whose
     # final evaluation alone holds per-image matches, so best mode reads the peak and drops the interval.
     import json
