@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import ConfigError, differing_keys, flatten, from_dict, without_removed
 from .run import read_metrics
 from .schedule import Schedule, resolve_schedule
@@ -100,7 +101,5 @@ def needs_end_line(run_dir: Path, *, start_iter: int, max_iter: int, log_period:
     """Whether a branch must write its last log line itself: a branch whose branch point is its end (a
     schedule without LR drops) runs no step, and its last line (the trunk's steps since its last line) is
     the one a run alone writes, once (a branch killed before model_final.pth kept it).  A collective."""
-    from . import distributed as dist
-
     return start_iter == max_iter and bool(max_iter % log_period) and not dist.broadcast(
         dist.is_main() and any(r.get("iteration") == max_iter and "loss" in r for r in read_metrics(run_dir)))

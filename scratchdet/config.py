@@ -402,7 +402,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     builtin = path.resolve().parent == PRESET_DIR.resolve()
-    user_keys = set() if builtin else _dotted_keys(values)
+    user_keys = set() if builtin else set(flatten(values))
     # The schedule as it stood before the last solver.max_iter override, and the keys given after it:
     # steps and warmup set before a new length (by the preset or an earlier override) move with it.
     before = (cfg.solver.max_iter, list(cfg.solver.steps), cfg.solver.warmup_iters)
@@ -420,14 +420,6 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     cfg.given_keys = frozenset(user_keys)
     validate(cfg)
     return cfg
-
-
-def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
-    """The leaf keys of a nested YAML mapping, dotted (``data.train.images``)."""
-    keys: set[str] = set()
-    for k, v in values.items():
-        keys |= _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-    return keys
 
 
 def follow_length(cfg: Config, before: tuple[int, list[int], int], given: set[str]) -> tuple[str, ...]:

@@ -9,8 +9,8 @@ the log say what was chosen and why).  The rules, fixed in advance and stated he
   included) falls under ``data.TINY_BOX`` (8 px: two cells of the stride-4 P2 map, under which no anchor
   setting brings an object back); then the shorter side grows, in steps of 32 px, until that percentile
   reaches 8 px, at most to ``max_side`` (512 px: 4x the default's pixels, about 4x its step on a CPU).  The
-  longer side's cap follows the images' 90th-percentile aspect ratio, at most 1333/800 as in the paper's
-  800x1333.
+  longer side's cap follows the images' 90th-percentile aspect ratio, at most 1333/800 (our choice: the ratio of
+  the config's own defaults, data.min_size_train 800 and data.max_size_train 1333).
 - **Anchors.** Five sizes an octave apart (one per FPN level, P2-P6), the smallest the power of 2 nearest the
   boxes' 10th percentile at that input size, at least 8 px; the start one octave lower or higher is taken
   instead when it covers more boxes (YOLOv5's AutoAnchor check: the share of boxes with an anchor of their

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .config import ConfigError
 
 log = logging.getLogger("scratchdet")
 
@@ -27,8 +28,6 @@ def pick_device(name: str) -> torch.device:
     """``train.device`` as a device: ``auto`` is CUDA when there is a GPU, else the CPU.  Under
     torchrun (LOCAL_RANK set) each process takes the GPU of its local rank, decided here, before
     the process group exists, so every caller (training, ``eval``, the run stamp) gets an index."""
-    from .config import ConfigError
-
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type != "cuda":
         return device

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .branching import branch_name, branch_point, check_keep_at, needs_end_line, start_branch
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, set_key, to_dict
 from .data import (
     CocoDetection,
     TrainSampler,
@@ -177,7 +177,6 @@ FIT_SIZE_KEYS = ("data.min_size_train", "data.max_size_train", "data.min_size_te
 def apply_fit(cfg: Config, train_set: CocoDetection) -> None:
     """``data.fit``: set the input size, anchors and length that ``datafit.fit_recipe`` chooses from the training
     set, except the keys the user gave (a length given in part keeps the whole length); log what and why."""
-    from .config import set_key
     from .datafit import fit_recipe
 
     if cfg.data.lsj:
@@ -289,11 +288,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     clip = build_gradient_clipper(cfg.solver.clip_gradients, value=cfg.solver.clip_value,
                                   norm_type=cfg.solver.clip_norm_type)
 
-    def lr_at(iteration: int) -> float:
-        return sched.base_lr * scheduler.lr_lambdas[0](iteration)
-
     def save(name: str, iteration: int) -> None:
-        check_nonfinite(window, iteration, limit=cfg.solver.skip_nonfinite, lr_at=lr_at, run_dir=run_dir)
+        check_nonfinite(window, iteration, limit=cfg.solver.skip_nonfinite, scheduler=scheduler, run_dir=run_dir)
         record.checkpoint(name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                           iteration=iteration, meta=meta, window=window, keep=cfg.solver.keep_checkpoints)
 
@@ -324,7 +320,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
                 if done % cfg.train.log_period == 0 or done == sched.max_iter:
                     line = log_line(window, timer, iteration=done, lr=lr, ims_per_batch=cfg.solver.ims_per_batch,
                                     seen={**record.reduce_seen(), **pretrain_seen}, bar=bar)
-                    check_nonfinite(window, iteration, limit=cfg.solver.skip_nonfinite, lr_at=lr_at, run_dir=run_dir)
+                    check_nonfinite(window, iteration, limit=cfg.solver.skip_nonfinite, scheduler=scheduler,
+                                    run_dir=run_dir)
                     record.write(line)
                 bar.update(1)
                 evaluating = evaluate is not None and cfg.test.eval_period and done % cfg.test.eval_period == 0

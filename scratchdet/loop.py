@@ -109,14 +109,15 @@ class Throughput:
         return out
 
 
-def check_nonfinite(window: LossWindow | None, iteration: int, *, limit: int, lr_at: Callable[[int], float],
-                    run_dir: Path, what: str = "iteration") -> None:
+def check_nonfinite(window: LossWindow | None, iteration: int, *, limit: int, scheduler: Any, run_dir: Path,
+                    what: str = "iteration") -> None:
     """Stop when more steps were skipped for a non-finite loss or gradient than ``solver.skip_nonfinite``
-    allows (reads the device)."""
+    allows (reads the device); the message gives the LR the ``LambdaLR`` scheduler set at the first one."""
     n, first, terms = window.nonfinite() if window is not None else (0, -1, [])
     if n > limit:
+        lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](first)
         raise NonFiniteLossError(
-            f"non-finite {', '.join(terms)} at {what} {first} (lr {lr_at(first):g}); {n} step(s) skipped by "
+            f"non-finite {', '.join(terms)} at {what} {first} (lr {lr:g}); {n} step(s) skipped by "
             f"iteration {iteration} (solver.skip_nonfinite={limit}); the last good checkpoint is kept in {run_dir}")
 
 

@@ -180,8 +180,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: b
                        counts=("images_seen", "pixels_seen"))
 
     def check(iteration: int) -> None:
-        check_nonfinite(window, iteration, limit=s.skip_nonfinite, run_dir=run_dir, what="pretrain iteration",
-                        lr_at=lambda it: sched.base_lr * scheduler.lr_lambdas[0](it))
+        check_nonfinite(window, iteration, limit=s.skip_nonfinite, scheduler=scheduler, run_dir=run_dir,
+                        what="pretrain iteration")
 
     def save(name: str, iteration: int, keep: int = 0) -> None:
         check(iteration)

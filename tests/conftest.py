@@ -64,3 +64,18 @@ def kill_after(monkeypatch, steps: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "train_step", step)
+
+
+def coco_from_dict(dataset: dict):
+    """A faster-coco-eval COCO ground truth built in memory from a COCO-format dict (a copy), its index printed nowhere."""
+    import contextlib
+    import io
+    import json
+
+    from faster_coco_eval import COCO
+
+    gt = COCO()
+    gt.dataset = json.loads(json.dumps(dataset))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt

@@ -1,11 +1,8 @@
-import contextlib
-import io
 import json
 
 import faster_coco_eval.core.mask as mask_utils
 import numpy as np
 import pytest
-from faster_coco_eval import COCO
 
 from scratchdet.analysis.bootstrap import ap_from_matches, paired_bootstrap, replicate_bootstrap, verdict
 from scratchdet.evaluation import (
@@ -17,13 +14,7 @@ from scratchdet.evaluation import (
     per_image_matches,
 )
 
-
-def _coco(dataset: dict) -> COCO:
-    gt = COCO()
-    gt.dataset = json.loads(json.dumps(dataset))
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    return gt
+from ..conftest import coco_from_dict
 
 
 def _small_case(seed: int = 0, num_images: int = 6) -> tuple[dict, list[dict]]:
@@ -50,8 +41,8 @@ def _small_case(seed: int = 0, num_images: int = 6) -> tuple[dict, list[dict]]:
 
 def test_all_weights_one_is_cocos_ap_on_a_small_case():
     dataset, results = _small_case()
-    stats, _ = evaluate_coco(_coco(dataset), results, "bbox")
-    matches = per_image_matches(_coco(dataset), results, "bbox")
+    stats, _ = evaluate_coco(coco_from_dict(dataset), results, "bbox")
+    matches = per_image_matches(coco_from_dict(dataset), results, "bbox")
     assert ap_from_matches(matches) == pytest.approx(stats["AP"], abs=1e-9)
     assert ap_from_matches(matches, np.ones(len(dataset["images"]))) == pytest.approx(stats["AP"], abs=1e-9)
 
@@ -79,15 +70,15 @@ def test_a_weight_counts_an_image_that_many_times():
             big["annotations"] += [{**a, "id": len(big["annotations"]) + j + 1, "image_id": new_id}
                                    for j, a in enumerate(a for a in dataset["annotations"] if a["image_id"] == im["id"])]
             big_results += [{**r, "image_id": new_id} for r in results if r["image_id"] == im["id"]]
-    stats, _ = evaluate_coco(_coco(big), big_results, "bbox")
-    matches = per_image_matches(_coco(dataset), results, "bbox")
+    stats, _ = evaluate_coco(coco_from_dict(big), big_results, "bbox")
+    matches = per_image_matches(coco_from_dict(dataset), results, "bbox")
     assert ap_from_matches(matches, weights) == pytest.approx(stats["AP"], abs=1e-9)
     assert ap_from_matches(matches, weights) != pytest.approx(ap_from_matches(matches), abs=1e-3)
 
 
 def test_no_detections_score_zero():
     dataset, _ = _small_case()
-    assert ap_from_matches(per_image_matches(_coco(dataset), [], "bbox")) == 0.0
+    assert ap_from_matches(per_image_matches(coco_from_dict(dataset), [], "bbox")) == 0.0
 
 
 def test_identical_runs_differ_by_exactly_zero(cocoapi):
@@ -150,10 +141,10 @@ def test_seeded_bootstrap_repeats(cocoapi):
 
 def test_runs_on_different_images_or_too_few_resamples_are_refused():
     dataset, results = _small_case()
-    a = per_image_matches(_coco(dataset), results, "bbox")
+    a = per_image_matches(coco_from_dict(dataset), results, "bbox")
     fewer = {**dataset, "images": dataset["images"][:-1],
              "annotations": [x for x in dataset["annotations"] if x["image_id"] != dataset["images"][-1]["id"]]}
-    b = per_image_matches(_coco(fewer), [r for r in results if r["image_id"] != dataset["images"][-1]["id"]], "bbox")
+    b = per_image_matches(coco_from_dict(fewer), [r for r in results if r["image_id"] != dataset["images"][-1]["id"]], "bbox")
     with pytest.raises(ValueError, match="different image sets"):
         paired_bootstrap(a, b)
     with pytest.raises(ValueError, match="at least 200"):

@@ -1,30 +1,21 @@
 """The study's answers (scratchdet/analysis/findings.py) on runs written as their two files: no training."""
 
-import contextlib
 import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from faster_coco_eval import COCO
 
 from scratchdet.analysis.bootstrap import ap_from_matches
 from scratchdet.analysis.findings import Paired, analyze, breakdown, catch_up, plateau_check, plateau_statement, prediction
 from scratchdet.analysis.report import build_report, load_runs, study_points
 from scratchdet.evaluation import matches_record, per_image_matches
 
+from ..conftest import coco_from_dict
+
 IMS = 4  # images per batch of every fake run
-
-
-def _coco(dataset: dict) -> COCO:
-    gt = COCO()
-    gt.dataset = json.loads(json.dumps(dataset))
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    return gt
 
 
 def _case(num_images: int = 30, seed: int = 0) -> tuple[dict, list[dict]]:
@@ -62,8 +53,8 @@ def _worse(results: list[dict], share: float, seed: int = 1) -> list[dict]:
 def case() -> dict:
     """Matches records of a good run and a worse one on the same 30 validation images (box; mask reuses them)."""
     dataset, results = _case()
-    good = per_image_matches(_coco(dataset), results, "bbox")
-    bad = per_image_matches(_coco(dataset), _worse(results, 0.5), "bbox")
+    good = per_image_matches(coco_from_dict(dataset), results, "bbox")
+    bad = per_image_matches(coco_from_dict(dataset), _worse(results, 0.5), "bbox")
     return {"good": good, "bad": bad}
 
 
@@ -350,7 +341,7 @@ def test_plateau_pairs_each_seeds_lengths(tmp_path, case):
     # drawn apart, seed 1's short run meets seed 0's long one (the same matches: no gain) and the interval
     # reaches under 1 AP.
     dataset, results = _case()
-    mid = per_image_matches(_coco(dataset), _worse(results, 0.25), "bbox")
+    mid = per_image_matches(coco_from_dict(dataset), _worse(results, 0.25), "bbox")
     levels = [(case["bad"], mid), (mid, case["good"])]
     for seed, (short, long_) in enumerate(levels):
         _seed_run(tmp_path, f"rand_40_s{seed}", seed, pretrained=False, max_iter=40, matches=short)
