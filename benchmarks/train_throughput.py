@@ -45,7 +45,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign
 
 from scratchdet.config import load_config
-from scratchdet.data import CocoDetection, TrainSampler, build_transforms, collate, resolve_datasets
+from scratchdet.data import CocoDetection, TrainSampler, batch_sizes, build_transforms, collate, resolve_datasets
 from scratchdet.device import (
     amp_dtype,
     cpu_bf16_support,
@@ -87,7 +87,7 @@ def prepare(case: str, n: int, extra: list[str] = ()) -> tuple[Any, list]:
     ds = CocoDetection(images=images, annotations=annotations, filter_empty=True, transforms=build_transforms(
         train=True, min_sizes=cfg.data.min_size_train, max_size=cfg.data.max_size_train, flip_prob=cfg.data.flip_prob))
     cfg.model.num_classes = ds.num_classes
-    stream = iter(TrainSampler(ds.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=0))
+    stream = iter(TrainSampler(ds.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=0, sizes=batch_sizes(cfg.data)))
     return cfg, [collate([ds[k] for k in next(stream)]) for _ in range(n)]
 
 

@@ -124,7 +124,11 @@ class DataConfig:
     train: DatasetConfig = field(default_factory=DatasetConfig, metadata={"help": "training set"})
     val: DatasetConfig = field(default_factory=DatasetConfig, metadata={"help": "validation set (evaluated)"})
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "the embedded synthetic dataset"})
-    min_size_train: list[int] = opt([800], "shorter side at training; several values = multi-scale, one drawn per image")
+    min_size_train: list[int] = opt([800], "shorter side at training; several values = multi-scale, one drawn per "
+                                           "image or per batch (data.multiscale)")
+    multiscale: str = opt("image", "with several data.min_size_train: draw one per image ('image', as detectron2) or "
+                                   "one per batch ('batch': every image of a batch at that size, so a smaller size "
+                                   "saves its compute instead of being padded up to the batch's largest image)")
     max_size_train: int = opt(1333, "longer side cap at training")
     min_size_test: int = opt(800, "shorter side at inference")
     max_size_test: int = opt(1333, "longer side cap at inference")
@@ -500,6 +504,11 @@ def validate(cfg: Config) -> None:
     if cfg.model.task == "keypoints" and not cfg.data.train.annotations and not cfg.data.synth.keypoints:
         raise ConfigError("model.task keypoints on the synthetic dataset: set data.synth.keypoints=true (its keypoint "
                           "annotations), or give data.train.annotations a COCO person-keypoints file")
+    if cfg.data.multiscale not in ("image", "batch"):
+        raise ConfigError(f"data.multiscale: {cfg.data.multiscale!r} (give image or batch)")
+    if cfg.data.lsj and cfg.data.multiscale == "batch":
+        raise ConfigError("data.multiscale=batch draws data.min_size_train per batch; data.lsj draws its own scale "
+                          "per image: choose one")
     if cfg.data.lsj and not 0 < cfg.data.lsj_scale[0] <= cfg.data.lsj_scale[-1]:
         raise ConfigError(f"data.lsj_scale: {cfg.data.lsj_scale} is not a range of positive factors [low, high]")
     if cfg.model.roi_sampling_ratio < 0:

@@ -501,10 +501,13 @@ class ResizeShortestEdge(v2.Transform):
         super().__init__()
         self.min_sizes, self.max_size = [int(s) for s in min_sizes], int(max_size)
 
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+    def make_params(self, flat_inputs: list[Any], size: int | None = None) -> dict[str, Any]:
+        """The output size; ``size`` given (a shorter side drawn once for the whole batch, ``TrainSampler(sizes=)``),
+        nothing is drawn here."""
         h, w = v2.query_size(flat_inputs)
-        size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] if len(self.min_sizes) > 1 \
-            else self.min_sizes[0]
+        if size is None:
+            size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] if len(self.min_sizes) > 1 \
+                else self.min_sizes[0]
         scale = size / min(h, w)
         if max(h, w) * scale > self.max_size:
             scale = self.max_size / max(h, w)
@@ -545,13 +548,15 @@ class DetectionTransforms(v2.Compose):
 
     def apply(self, image: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
               masks: InstanceMasks | None, keypoints: torch.Tensor | None = None,
-              flip_index: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+              flip_index: Sequence[int] | None = None, *, size: int | None = None) -> tuple[torch.Tensor, ...]:
         """``(image [3, H, W] uint8, boxes [N, 4], labels [N], masks [N, H, W] uint8)`` as ``self(image, target)``
         returns them (plain tensors) for the image as a tensor and ``masks.render()`` as its masks; masks None
         when ``masks`` is None. With ``keypoints`` [N, K, 3] (x, y, visibility; continuous pixel coordinates) a
-        fifth item, the keypoints moved along (swapped by ``flip_index`` on a flip, see ``_finish_keypoints``)."""
-        # Compose.forward's draws, in its order: the resize's size, then the flip's coin (flip when rand < p).
-        params = self.resize.make_params([image])
+        fifth item, the keypoints moved along (swapped by ``flip_index`` on a flip, see ``_finish_keypoints``).
+        ``size``: the shorter side, drawn for the whole batch (``TrainSampler(sizes=)``) instead of here."""
+        # Compose.forward's draws, in its order: the resize's size (unless given), then the flip's coin (flip when
+        # rand < p).
+        params = self.resize.make_params([image], size)
         flip = self.flip is not None and not bool(torch.rand(1) >= self.flip.p)
         height, width = boxes.canvas_size
         if keypoints is not None:
@@ -659,9 +664,11 @@ class LSJTransforms(DetectionTransforms):
 
     def apply(self, image: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
               masks: InstanceMasks | None, keypoints: torch.Tensor | None = None,
-              flip_index: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+              flip_index: Sequence[int] | None = None, *, size: int | None = None) -> tuple[torch.Tensor, ...]:
         """As ``DetectionTransforms.apply``: image [3, S, S], boxes [N, 4], labels [N], masks [N, S, S] or None,
-        and keypoints [N, K, 3] when given."""
+        and keypoints [N, K, 3] when given. ``size`` must be None: LSJ draws its own scale per image."""
+        if size is not None:
+            raise ValueError("large-scale jitter draws its scale per image: a size drawn per batch does not apply")
         jitter: LargeScaleJitter = self.resize
         params = jitter.make_params([image])
         flip = self.flip is not None and not bool(torch.rand(1) >= self.flip.p)
@@ -802,8 +809,13 @@ class CocoDetection(Dataset):
         path, where = self.image_file(rec)
         return read_image(path, expected_size=(rec.width, rec.height), where=where)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``key``: an index, ``(index, sample_seed)``, or ``(index, sample_seed, size)`` with the shorter side drawn
+        for the sample's batch (``TrainSampler(sizes=)``; built-in transforms only)."""
+        index, seed, size = (key + (None,))[:3] if isinstance(key, tuple) else (key, None, None)
+        if size is not None and not isinstance(self.transforms, DetectionTransforms):
+            raise ValueError(f"{self.annotations}: a size drawn per batch needs build_transforms' resize, not "
+                             f"{type(self.transforms).__name__}")
         rec = self.records[index]
         pil = self.load_image(rec)
         anns = [a for a in rec.anns if not a.get("iscrowd", 0)]
@@ -813,11 +825,11 @@ class CocoDetection(Dataset):
         boxes = _clamp(boxes, h, w)
         labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         if self.task != "masks":
-            return self._boxes_or_keypoints_item(rec, seed, pil, anns, boxes, labels)
+            return self._boxes_or_keypoints_item(rec, seed, pil, anns, boxes, labels, size)
         masks = InstanceMasks.from_annotations(anns, h, w, str(self.annotations))
         if isinstance(self.transforms, DetectionTransforms):
             with sample_rng(seed):
-                image, boxes, labels, mask_array = self.transforms.apply(pil, boxes, labels, masks)
+                image, boxes, labels, mask_array = self.transforms.apply(pil, boxes, labels, masks, size=size)
         else:
             # Any other transform gets what torchvision's transforms expect: tv_tensors, every mask decoded.
             image = tv_tensors.Image(image_to_chw(pil))
@@ -839,7 +851,8 @@ class CocoDetection(Dataset):
         return image, target
 
     def _boxes_or_keypoints_item(self, rec: ImageRecord, seed: int | None, pil: Image.Image, anns: list[dict],
-                                 boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                                 boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
+                                 size: int | None = None) -> tuple[torch.Tensor, dict]:
         """An item of a boxes or keypoints dataset: no masks decoded."""
         keypoints = None
         if self.task == "keypoints":
@@ -852,7 +865,7 @@ class CocoDetection(Dataset):
         if isinstance(self.transforms, DetectionTransforms):
             with sample_rng(seed):
                 image, boxes, labels, _, *rest = self.transforms.apply(pil, boxes, labels, None, keypoints,
-                                                                       self.keypoint_flip_index)
+                                                                       self.keypoint_flip_index, size=size)
             keypoints = rest[0] if rest else None
         elif self.transforms is None:
             image = image_to_chw(pil)
@@ -1110,13 +1123,15 @@ class TrainSampler:
     (landscape/portrait) into global batches of ``batch_size``; rank ``r`` of ``world_size``
     takes its contiguous slice of each global batch.  Batch ``i`` of the stream is a pure function
     of ``(seed, i)``, so resuming at iteration ``i`` is ``TrainSampler(..., start=i)``.
-    Items are ``(index, sample_seed)``.
+    Items are ``(index, sample_seed)``; with ``sizes``, ``(index, sample_seed, size)``: one shorter side drawn per
+    global batch (every rank's slice at the same size), so that no image is padded up to a larger one of its batch.
     """
 
     def __init__(self, aspect_ratios: Sequence[float], *, batch_size: int, seed: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1, group_by_aspect: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, group_by_aspect: bool = True, sizes: Sequence[int] = ()) -> None:
         if batch_size % world_size:
             raise ValueError(f"solver.ims_per_batch={batch_size} does not divide among {world_size} processes")
+        self.sizes = [int(s) for s in sizes]
         self.groups = [int(a >= 1.0) if group_by_aspect else 0 for a in aspect_ratios]
         self.batch_size, self.seed, self.start = batch_size, seed, start
         self.rank, self.world_size = rank, world_size
@@ -1155,9 +1170,20 @@ class TrainSampler:
                     mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
                     offset = self.rank * per_rank
                     seeds = np.random.SeedSequence([self.seed, epoch, j]).generate_state(len(batch))
-                    yield [(i, int(seeds[offset + k])) for k, i in enumerate(mine)]
+                    items = [(i, int(seeds[offset + k])) for k, i in enumerate(mine)]
+                    if self.sizes:
+                        # Its own stream (the trailing 1), not correlated with the sample seeds above.
+                        size = self.sizes[int(np.random.default_rng([self.seed, epoch, j, 1]).integers(len(self.sizes)))]
+                        items = [(i, s, size) for i, s in items]
+                    yield items
                 position += 1
             epoch += 1
+
+
+def batch_sizes(data: Any) -> list[int]:
+    """``TrainSampler``'s ``sizes`` for a ``DataConfig``: its training sizes where one is drawn per batch, else none
+    (drawn per image by the resize, or only one)."""
+    return list(data.min_size_train) if data.multiscale == "batch" and len(data.min_size_train) > 1 else []
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:

@@ -26,6 +26,7 @@ from .config import Config, ConfigError, set_key, to_dict
 from .data import (
     CocoDetection,
     TrainSampler,
+    batch_sizes,
     build_lsj_transforms,
     build_transforms,
     check_categories,
@@ -297,7 +298,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool
     with StopSignal() as stop:  # before the loader: a signal while it starts still checkpoints
         sampler = TrainSampler(train_set.aspect_ratios(), batch_size=cfg.solver.ims_per_batch, seed=cfg.train.seed,
                                start=start_iter, rank=rank, world_size=world,
-                               group_by_aspect=cfg.dataloader.aspect_ratio_grouping)
+                               group_by_aspect=cfg.dataloader.aspect_ratio_grouping, sizes=batch_sizes(cfg.data))
         loader = iter(train_loader(train_set, sampler, num_workers=cfg.dataloader.num_workers, seed=cfg.train.seed,
                                    pin_memory=device.type == "cuda"))
         model.train()
@@ -474,8 +475,11 @@ def describe_input(cfg: Config, train_set: CocoDetection | None) -> None:
     else:
         sizes = sorted(d.min_size_train)
         train_in = (f"shorter side {sizes[0]}" if len(sizes) == 1 else
-                    f"shorter side drawn from {len(sizes)} sizes {sizes[0]}-{sizes[-1]} (multi-scale)")
+                    f"shorter side drawn per {d.multiscale} from {len(sizes)} sizes {sizes[0]}-{sizes[-1]} "
+                    "(multi-scale, data.multiscale)")
         train_in += f", longer side at most {d.max_size_train} (data.min_size_train, data.max_size_train)"
+        if d.multiscale == "batch" and len(sizes) == 1:
+            log.info("note: data.multiscale=batch with one data.min_size_train: there is no size to draw")
     test_in = f"shorter side {d.min_size_test}, longer at most {d.max_size_test} (data.min_size_test, data.max_size_test)"
     if cfg.test.aug:
         test_in += f"; test-time augmentation at {list(cfg.test.aug_min_sizes)}, longer at most {cfg.test.aug_max_size}"

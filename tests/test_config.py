@@ -23,10 +23,16 @@ def test_default_preset_and_overrides():
     ("model.anchor_sizes=[1,x]", "model.anchor_sizes[1]"),
     ("train.deterministic=maybe", "train.deterministic"),
     ("model.norm=LN", "model.norm"),
+    ("data.multiscale=epoch", "data.multiscale"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [override])
+
+
+def test_multiscale_per_batch_with_lsj_is_refused():
+    with pytest.raises(ConfigError, match="data.multiscale=batch.*data.lsj"):
+        load_config(None, ["data.lsj=true", "data.multiscale=batch"])
 
 
 def test_frozen_bn_from_scratch_is_refused_with_reason():

@@ -11,6 +11,7 @@ from scratchdet.data import (
     DataError,
     ResizeShortestEdge,
     TrainSampler,
+    build_lsj_transforms,
     build_transforms,
     check_categories,
     load_coco_json,
@@ -165,6 +166,41 @@ def test_sampler_groups_by_aspect_ratio_and_covers_each_epoch():
     assert len(grouped) >= len(batches) - 1
     seen = sorted(i for b in batches for i in b)
     assert len(seen) >= 20 and len(set(seen)) == len(seen)
+
+
+def test_sampler_draws_one_size_per_global_batch_resumably_and_for_every_rank():
+    ratios = [1.0] * 24
+    full = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=3, sizes=[64, 96, 128])), 40))
+    per_batch = [{item[2] for item in batch} for batch in full]
+    assert all(len(s) == 1 for s in per_batch)  # one size for the whole batch
+    assert {s.pop() for s in per_batch} == {64, 96, 128}  # and each size drawn somewhere
+    # The indices and sample seeds are those of the sampler without sizes: only the size is added.
+    plain = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=3)), 40))
+    assert [[item[:2] for item in b] for b in full] == plain
+    resumed = list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=3, sizes=[64, 96, 128], start=23)), 17))
+    assert resumed == full[23:]
+    ranks = [list(itertools.islice(iter(TrainSampler(ratios, batch_size=4, seed=3, sizes=[64, 96, 128], rank=r,
+                                                     world_size=2)), 40)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == full
+
+
+def test_dataset_item_at_a_size_drawn_for_its_batch(tmp_path):
+    generate(tmp_path, seed=0, num_train=3, num_val=1, image_size=128)
+    ds = CocoDetection(images=tmp_path / "train", annotations=tmp_path / "annotations/instances_train.json",
+                       transforms=build_transforms(train=True, min_sizes=[64, 96, 128], max_size=128, flip_prob=0.5))
+    for size in (64, 96):
+        image, target = ds[(0, 5, size)]
+        assert image.shape[-2:] == (size, size) and target["masks"].shape[-2:] == (size, size)
+        assert float(target["boxes"].max()) <= size
+    # The flip's coin is the sample seed's first draw when the size is given: the same seed, another size, the
+    # same flip (the boxes scale with the size).
+    _, small = ds[(0, 5, 64)]
+    _, large = ds[(0, 5, 128)]
+    assert torch.allclose(small["boxes"] * 2, large["boxes"], atol=1.0)
+    lsj = CocoDetection(images=tmp_path / "train", annotations=tmp_path / "annotations/instances_train.json",
+                        transforms=build_lsj_transforms(size=64, scale=(0.5, 1.5), flip_prob=0.5))
+    with pytest.raises(ValueError, match="per image"):
+        lsj[(0, 5, 64)]
 
 
 def test_sampler_with_dataset_smaller_than_a_batch():

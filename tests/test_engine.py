@@ -21,6 +21,21 @@ def _cfg(*extra):
     return load_config(None, TINY_MODEL + TINY_SYNTH + TINY_SOLVER + list(extra))
 
 
+@pytest.mark.parametrize("per", ["batch", "image"])
+def test_multiscale_sizes_are_drawn_per_batch_or_per_image(tmp_path, per):
+    # pixels_seen counts each image at its training size: with sizes drawn per batch every step adds
+    # 2 x size^2 (one size for both images), per image some steps mix the two sizes.
+    run = tmp_path / per
+    train(_cfg("data.min_size_train=[64,96]", f"data.multiscale={per}", "train.log_period=1", "solver.max_iter=8",
+               "solver.checkpoint_period=8"), run, progress=False)
+    seen = [0] + [r["pixels_seen"] for r in read_metrics(run) if "loss" in r]
+    steps = {b - a for a, b in zip(seen, seen[1:])}
+    if per == "batch":
+        assert steps == {2 * 64 * 64, 2 * 96 * 96}
+    else:
+        assert 64 * 64 + 96 * 96 in steps
+
+
 def test_train_evaluate_synthetic_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = train(_cfg("test.eval_period=3"), run, progress=False)
@@ -365,7 +380,8 @@ def test_run_logs_input_size_and_anchors(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="scratchdet"):
         train(_cfg("solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=0", "data.min_size_train=[80,88,96]"),
               tmp_path / "run", progress=False)
-    assert "input size: training shorter side drawn from 3 sizes 80-96 (multi-scale), longer side at most 96" in caplog.text
+    assert ("input size: training shorter side drawn per image from 3 sizes 80-96 (multi-scale, data.multiscale), "
+            "longer side at most 96") in caplog.text
     assert "anchors: [12, 24, 48, 96, 192] px on P2-P6" in caplog.text
     assert "training set at the input size: images resized x0.92 on median" in caplog.text
     log_txt = (tmp_path / "run" / "log.txt").read_text()

@@ -132,17 +132,8 @@ def replicate_bootstrap(arm_a: list[Matches], arm_b: list[Matches], *, resamples
         raise ValueError(f"paired seeds need as many runs in each arm; got {len(arm_a)} and {len(arm_b)}")
     boot = [np.stack([_ap_batch(m, weights) for m in arm]) for arm in (arm_a, arm_b)]  # [seeds, resamples] each
     shared = rng.integers(0, len(arm_a), size=(resamples, len(arm_a))) if paired_seeds else None
-
-    def seed_stage(ap: np.ndarray) -> np.ndarray:
-        n = ap.shape[0]
-        picks = shared if shared is not None else rng.integers(0, n, size=(resamples, n))  # [resamples, seeds drawn]
-        drawn = np.take_along_axis(ap.T, picks, axis=1).mean(1)
-        if n == 1:
-            return drawn
-        centre = ap.mean(0)  # each resample's all-seeds mean on its images: the seed stage deviates from it
-        return centre + (drawn - centre) * np.sqrt(n / (n - 1))
-
-    arm_boot = [seed_stage(b) for b in boot]
+    arm_boot = [_seed_stage(b, shared if shared is not None else rng.integers(0, len(b), size=(resamples, len(b))))
+                for b in boot]
     full = [np.array([ap_from_matches(m) for m in arm]) for arm in (arm_a, arm_b)]
     tails = [(1 - level) / 2, 1 - (1 - level) / 2]
 
@@ -161,6 +152,47 @@ def replicate_bootstrap(arm_a: list[Matches], arm_b: list[Matches], *, resamples
             "seed_ap_a": full[0].tolist(), "seed_ap_b": full[1].tolist(), "seed_sd_a": spread[0], "seed_sd_b": spread[1],
             "covers": covers, "resamples": resamples, "seed": seed, "level": level, "images": num_i,
             "iou_type": arm_a[0].iou_type}
+
+
+def _seed_stage(ap: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """An arm's AP per resample from its seeds' APs ``ap`` [seeds, resamples] on each resample's images and the
+    seeds each resample draws, ``picks`` [resamples, seeds]: their mean, its deviation from the all-seeds mean
+    widened by sqrt(n / (n - 1)) (``replicate_bootstrap``'s docstring says why)."""
+    n = ap.shape[0]
+    drawn = np.take_along_axis(ap.T, picks, axis=1).mean(1)
+    if n == 1:
+        return drawn
+    centre = ap.mean(0)  # each resample's all-seeds mean on its images: the seed stage deviates from it
+    return centre + (drawn - centre) * np.sqrt(n / (n - 1))
+
+
+def length_replicates(lengths: list[list[Matches]], *, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """One arm's AP at each of its schedule lengths, jointly resampled: [resamples, lengths] (percent).
+
+    ``lengths[j]`` holds the runs (training seeds) at length j, all evaluated on one validation set.  Each resample
+    draws the validation images once for every length (the same images score them all, so what they share moves
+    them together) and, per length, as many seeds as it has; where every length has as many runs, the i-th runs
+    taken to share a seed (one trunk per seed: schedule branching), each resample draws the same seed indices at
+    every length.  A curve refitted on each row carries each length's own uncertainty into the fit's intervals
+    (``curvefit.fit_curve``), where residuals of a 3-parameter fit through 4 or 5 points could not.
+    """
+    if not lengths or any(not runs for runs in lengths):
+        raise ValueError("every length needs at least one run")
+    first = lengths[0][0]
+    for m in [m for runs in lengths for m in runs][1:]:
+        _check_paired(first, m)
+    if resamples < 200:
+        raise ValueError(f"resamples={resamples}: percentile intervals need at least 200 resamples")
+    rng = np.random.default_rng(seed)
+    weights = _resample_weights(rng, resamples, len(first.img_ids))
+    counts = {len(runs) for runs in lengths}
+    shared = rng.integers(0, len(lengths[0]), size=(resamples, len(lengths[0]))) if len(counts) == 1 else None
+    out = []
+    for runs in lengths:
+        ap = np.stack([_ap_batch(m, weights) for m in runs])  # [seeds, resamples]
+        picks = shared if shared is not None else rng.integers(0, len(runs), size=(resamples, len(runs)))
+        out.append(_seed_stage(ap, picks))
+    return np.stack(out, axis=1)
 
 
 def verdict(diff: float, lo: float, hi: float, *, name_a: str, name_b: str, margin: float = DEFAULT_MARGIN) -> str:

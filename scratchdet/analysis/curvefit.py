@@ -6,13 +6,20 @@ which the gap closes (each doubling of images seen shrinks it by ``2 ** (-1 / c)
 curves against training-set size follow one (Hestness et al. 2017, "Deep Learning Scaling is Predictable,
 Empirically"); taking images seen over a schedule on a fixed set for that axis is our choice.  In
 ``u = ln(x / x0)`` the curve is ``a - b * exp(-u / c)``; for a fixed ``c`` that is linear in ``a`` and ``b``,
-so ``fit_saturating`` is exact least squares on a log-spaced grid of ``c`` (then a finer grid around the best):
-no starting point to guess.
+so ``fit_curve`` is exact least squares on a log-spaced grid of ``c`` (then a finer grid around the best):
+no starting point to guess.  The exponential ``a - b * exp(-(x / x0 - 1) / c)`` is fitted the same way, the
+log-linear ``a + b * ln(x / x0)`` (never levels off) by ordinary least squares.
 
-A form is believed only after it predicted points it was not fitted on: ``fit_form`` fits the power law, an
-exponential (scipy's ``curve_fit``) or a log-linear line, ``leave_last_out`` scores each on the arm's longest
-run, ``choose_form`` applies a rule fixed in advance, and ``backtest_table1`` fits the paper's Table 1 at
-2x-4x and predicts 5x-6x.  What each study found with them is on its report page and in docs/statistics.md.
+Intervals come from refits, not residuals: ``bootstrap.length_replicates`` resamples each length's AP jointly
+(validation images and seeds, the same image draw at every length) and ``fit_curve`` refits the form on every
+replicate, so the plateau's interval carries each point's own uncertainty (a residual bootstrap of a 3-parameter
+fit through 4 points had one degree of freedom and gave intervals 5-10x too narrow).  From fewer lengths than the
+form's parameters + 2 there is no interval, and the fit says why.
+
+A form is believed only after it predicted points it was not fitted on: ``leave_last_out`` scores each form on
+the arm's longest run, ``choose_form`` applies a rule fixed in advance (the extrapolations use the form it
+picks), and ``backtest_table1`` fits the paper's Table 1 at 2x-4x and predicts 5x-6x.  What each study found
+with them is on its report page and in docs/statistics.md.
 """
 
 from __future__ import annotations
@@ -33,45 +40,72 @@ _C_RANGE = (1 / 300, 30.0)
 MIN_POINTS_FOR_INTERVAL = 5
 _GRID = 400
 _FINE = 40
+# The curve forms (CurveFit's docstring) and their parameter counts.
+FORM_PARAMS = {"power law": 3, "exponential": 3, "log-linear": 2}
 
 
 @dataclass(frozen=True)
 class CurveFit:
-    """``AP(x) = a - b * (x / x0) ** (-1 / c)`` fitted to points, with the plateau ``a``'s bootstrap interval."""
+    """A curve of ``form`` fitted to (images seen, AP), with its plateau's interval from refits on replicates.
+
+    power law    ``a - b * (x / x0) ** (-1 / c)``      plateau a
+    exponential  ``a - b * exp(-(x / x0 - 1) / c)``    plateau a
+    log-linear   ``a + b * ln(x / x0)``                no plateau (c is nan): it never levels off
+    """
 
     a: float
     b: float
     c: float
     x0: float
-    interval: tuple[float, float]  # of the plateau a, at ``level``
+    interval: tuple[float, float]  # of the plateau a, at ``level``; nan where there is none (``why_no_interval``)
     level: float
     rmse: float
     at_bound: bool  # c ended at its search limit: the plateau is an extrapolation the points do not support
-    boot: np.ndarray  # [B, 3] refitted (a, b, c) per residual resample
+    boot: np.ndarray  # [B, 3] refitted (a, b, c) per replicate row; empty where there is no interval
+    form: str = "power law"
+    why_no_interval: str = ""
+
+    @property
+    def plateau(self) -> float:
+        """Where the curve levels off: ``a``; inf for the log-linear form, which never does."""
+        return math.inf if self.form == "log-linear" else self.a
 
     def predict(self, xs: np.ndarray | float) -> np.ndarray:
         """The fitted AP at images seen ``xs``."""
-        return self.a - self.b * np.exp(-np.log(np.asarray(xs, dtype=float) / self.x0) / self.c)
+        return _curve(self.form, np.asarray(xs, dtype=float) / self.x0, self.a, self.b, self.c)
 
 
 class Reach(NamedTuple):
-    """Images seen where the fitted curve reaches a target AP (inf: never), with its bootstrap interval."""
+    """Images seen where the fitted curve reaches a target AP (inf: never), with its interval."""
 
     images: float
     low: float
     high: float
 
 
-def _check_points(xs: np.ndarray, ys: np.ndarray) -> None:
+def _axis(form: str, r: np.ndarray) -> np.ndarray:
+    """The variable in which ``form`` is linear in (a, b) for a fixed c, from ``r = x / x0``."""
+    if form not in FORM_PARAMS:
+        raise ValueError(f"unknown curve form {form!r}; forms: {', '.join(FORM_PARAMS)}")
+    return np.log(r) if form in ("power law", "log-linear") else r - 1
+
+
+def _curve(form: str, r: np.ndarray, a: float | np.ndarray, b: float | np.ndarray,
+           c: float | np.ndarray) -> np.ndarray:
+    u = _axis(form, r)
+    return a + b * u if form == "log-linear" else a - b * np.exp(-u / c)
+
+
+def _check_points(xs: np.ndarray, ys: np.ndarray, params: int = 3) -> None:
     if xs.ndim != 1 or xs.shape != ys.shape:
         raise ValueError(f"xs and ys must be 1-d and of one length; got shapes {xs.shape} and {ys.shape}")
-    if len(np.unique(xs)) < 3:
-        raise ValueError(f"a saturating fit has 3 parameters and needs at least 3 distinct points; got {len(xs)} "
+    if len(np.unique(xs)) < params:
+        raise ValueError(f"a curve of {params} parameters needs at least {params} distinct points; got {len(xs)} "
                          f"point(s) at {len(np.unique(xs))} distinct x")
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
         raise ValueError("xs and ys must be finite")
     if (xs <= 0).any():
-        raise ValueError(f"images seen must be positive for a power law in them; got {xs.min()}")
+        raise ValueError(f"images seen must be positive for a curve in their ratio; got {xs.min()}")
 
 
 def _fit_rows(dx: np.ndarray, ys: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -91,7 +125,11 @@ def _fit_rows(dx: np.ndarray, ys: np.ndarray, cs: np.ndarray) -> tuple[np.ndarra
 
 
 def _fit_many(dx: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Best (a, b, c) per row of ys [B, n], and whether c ended at its search limit."""
+    """Best (a, b, c) of ``a - b exp(-dx / c)`` per row of ys [B, n], and whether c ended at its search limit.
+
+    For a fixed c the curve is linear in a and b: exact least squares on a log-spaced grid of c, refined
+    around the best, for every row at once (a thousand replicate refits in one pass, no starting point to
+    guess, where an iterative solver such as scipy's curve_fit needs several starts per row)."""
     span = dx.max()
     grid = np.geomspace(_C_RANGE[0] * span, _C_RANGE[1] * span, _GRID)
     a, b, sse = _fit_rows(dx, ys, np.broadcast_to(grid, (len(ys), _GRID)))
@@ -111,66 +149,89 @@ def _fit_many(dx: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
             np.take_along_axis(cs, pick, 1)[:, 0], at_bound)
 
 
-def _fit_point(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float, bool, float]:
-    """The least-squares (a, b, c) of the power law, whether c ended at its search limit, and x0."""
-    x0 = float(xs.min())
-    a, b, c, at_bound = (v[0] for v in _fit_many(np.log(xs / x0), ys[None]))
-    return float(a), float(b), float(c), bool(at_bound), x0
+def _fit_rows_of(form: str, dx: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, c, at_bound) of ``form`` for every row of ys [B, n] at the points dx = _axis(form, x / x0)."""
+    if form == "log-linear":  # ordinary least squares, every row at once
+        design = np.stack([np.ones_like(dx), dx], axis=1)
+        coef = np.linalg.lstsq(design, ys.T, rcond=None)[0]  # [2, B]
+        nan = np.full(len(ys), math.nan)
+        return coef[0], coef[1], nan, np.zeros(len(ys), bool)
+    return _fit_many(dx, ys)
 
 
-def fit_saturating(xs: np.ndarray, ys: np.ndarray, *, resamples: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> CurveFit:
-    """Fit ``a - b * (x / x0) ** (-1 / c)`` to AP ``ys`` at images seen ``xs``, the plateau's interval by residual bootstrap."""
+def fit_curve(form: str, xs: np.ndarray, ys: np.ndarray, *, replicates: np.ndarray | None = None,
+              level: float = 0.95) -> CurveFit:
+    """Fit ``form`` to AP ``ys`` at images seen ``xs`` (one point per length); the plateau's interval from the
+    same form refitted on each row of ``replicates`` [B, len(xs)] (each length's AP jointly resampled over
+    validation images and seeds: ``bootstrap.length_replicates``), percentile at ``level``.
+
+    No interval (said in ``why_no_interval``) without replicates, or from fewer lengths than the form's
+    parameters + 2: a refit needs residual degrees of freedom to move with its points."""
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    _check_points(xs, ys)
+    _check_points(xs, ys, FORM_PARAMS.get(form, 3))
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie between 0 and 1")
-    a, b, c, at_bound, x0 = _fit_point(xs, ys)
-    dx = np.log(xs / x0)
-    fitted = a - b * np.exp(-dx / c)
-    resid = ys - fitted
-    n = len(xs)
-    if n < MIN_POINTS_FOR_INTERVAL:
-        return CurveFit(a=float(a), b=float(b), c=float(c), x0=x0, interval=(math.nan, math.nan), level=level,
-                        rmse=float(np.sqrt(np.mean(resid ** 2))), at_bound=bool(at_bound), boot=np.zeros((0, 3)))
-    # Residuals of a 3-parameter fit are smaller than the noise: inflate them.
-    scaled = resid * math.sqrt(n / (n - 3))
-    rng = np.random.default_rng(seed)
-    boot_ys = fitted + scaled[rng.integers(0, n, size=(resamples, n))]
-    ba, bb, bc, _ = _fit_many(dx, boot_ys)
-    tails = [(1 - level) / 2, 1 - (1 - level) / 2]
-    lo, hi = np.quantile(ba, tails)
-    return CurveFit(a=float(a), b=float(b), c=float(c), x0=x0, interval=(float(lo), float(hi)),
-                    level=level, rmse=float(np.sqrt(np.mean(resid ** 2))), at_bound=bool(at_bound),
-                    boot=np.stack([ba, bb, bc], axis=1))
+    x0 = float(xs.min())
+    dx = _axis(form, xs / x0)
+    a, b, c, at_bound = (float(v[0]) for v in _fit_rows_of(form, dx, ys[None]))
+    rmse = float(np.sqrt(np.mean((_curve(form, xs / x0, a, b, c) - ys) ** 2)))
+    need = FORM_PARAMS[form] + 2
+    why = ""
+    if len(np.unique(xs)) < need:
+        why = f"{len(np.unique(xs))} lengths for {FORM_PARAMS[form]} parameters, and an interval needs {need}"
+    elif replicates is None:
+        why = "no replicates (the runs recorded no per-image matches to resample)"
+    elif form == "log-linear":
+        why = "the log-linear form has no plateau"
+    if why:
+        return CurveFit(a=a, b=b, c=c, x0=x0, interval=(math.nan, math.nan), level=level, rmse=rmse,
+                        at_bound=bool(at_bound), boot=np.zeros((0, 3)), form=form, why_no_interval=why)
+    replicates = np.asarray(replicates, dtype=float)
+    if replicates.ndim != 2 or replicates.shape[1] != len(xs):
+        raise ValueError(f"replicates must be [resamples, {len(xs)}] (one column per length); got {replicates.shape}")
+    ba, bb, bc, _ = _fit_rows_of(form, dx, replicates)
+    lo, hi = np.quantile(ba, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return CurveFit(a=a, b=b, c=c, x0=x0, interval=(float(lo), float(hi)), level=level, rmse=rmse,
+                    at_bound=bool(at_bound), boot=np.stack([ba, bb, bc], axis=1), form=form)
 
 
-def _reach(a: np.ndarray, b: np.ndarray, c: np.ndarray, x0: float, target: float) -> np.ndarray:
+def fit_saturating(xs: np.ndarray, ys: np.ndarray, *, replicates: np.ndarray | None = None,
+                   level: float = 0.95) -> CurveFit:
+    """``fit_curve`` with the saturating power law."""
+    return fit_curve("power law", xs, ys, replicates=replicates, level=level)
+
+
+def _reach(form: str, a: np.ndarray, b: np.ndarray, c: np.ndarray, x0: float, target: float) -> np.ndarray:
     """Images seen where each curve first reaches ``target``: x0 when it starts there, inf when it never does."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = x0 * np.exp(-c * np.log((a - target) / b))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if form == "log-linear":
+            return np.where(a >= target, x0, np.where(b > 0, x0 * np.exp((target - a) / b), math.inf))
+        u = -c * np.log((a - target) / b)  # where a - b exp(-u / c) = target
+        x = x0 * (np.exp(u) if form == "power law" else 1 + u)
     return np.where(a - b >= target, x0, np.where((a > target) & (b > 0), x, math.inf))
 
 
 def reach(fit: CurveFit, target: float) -> Reach:
-    """Images seen where the fitted curve reaches AP ``target`` (inf when its plateau is at or below it), with interval."""
-    point = float(_reach(np.array(fit.a), np.array(fit.b), np.array(fit.c), fit.x0, target))
-    if not len(fit.boot):  # too few points for an interval (MIN_POINTS_FOR_INTERVAL)
+    """Images seen where the fitted curve reaches AP ``target`` (inf when its plateau is at or below it), with
+    the interval of the same over the replicate refits (nan where the fit has none)."""
+    point = float(_reach(fit.form, np.array(fit.a), np.array(fit.b), np.array(fit.c), fit.x0, target))
+    if not len(fit.boot):
         return Reach(point, math.nan, math.nan)
-    boot = _reach(fit.boot[:, 0], fit.boot[:, 1], fit.boot[:, 2], fit.x0, target)
+    boot = _reach(fit.form, fit.boot[:, 0], fit.boot[:, 1], fit.boot[:, 2], fit.x0, target)
     tails = [(1 - fit.level) / 2, 1 - (1 - fit.level) / 2]
     # inverted_cdf picks order statistics: no arithmetic on inf, which interpolation would turn into nan.
     lo, hi = np.quantile(boot, tails, method="inverted_cdf")
     return Reach(point, float(lo), float(hi))
 
 
-def holdout_error(xs: np.ndarray, ys: np.ndarray, *, split: float, resamples: int = 200) -> dict:
-    """Fit on the points with x <= split, predict the rest: their xs, errors (predicted - seen), mean absolute error."""
+def holdout_error(xs: np.ndarray, ys: np.ndarray, *, split: float, form: str = "power law") -> dict:
+    """Fit ``form`` on the points with x <= split, predict the rest: their xs, errors (predicted - seen), mean
+    absolute error."""
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
     train = xs <= split
     if train.all():
         raise ValueError(f"no point lies beyond split={split}: nothing to predict")
-    fit = fit_saturating(xs[train], ys[train], resamples=resamples)
+    fit = fit_curve(form, xs[train], ys[train])
     errors = fit.predict(xs[~train]) - ys[~train]
     return {"xs": xs[~train], "errors": errors, "mae": float(np.mean(np.abs(errors))), "fit": fit}
 
@@ -191,7 +252,7 @@ def backtest_table1(fit_upto: int = 4) -> dict[str, dict[int, float]]:
     for k, arm in enumerate(("random init", "pretrained")):
         ys = np.array([TABLE1_R50_GN[n][k] for n in lengths])
         train = np.array([n <= fit_upto for n in lengths])
-        fit = fit_saturating(xs[train], ys[train], resamples=200)
+        fit = fit_saturating(xs[train], ys[train])
         out[arm] = {n: float(fit.predict(x) - y) for n, x, y in zip(lengths, xs, ys) if n > fit_upto}
     return out
 
@@ -206,43 +267,12 @@ def backtest_table1(fit_upto: int = 4) -> dict[str, dict[int, float]]:
 #   exponential  a - b exp(-(x / x0 - 1) / s)  (saturates in images seen itself, 3 parameters)
 #   log-linear   a + b u                (never saturates: no plateau, 2 parameters)
 
-FORM_PARAMS = {"power law": 3, "exponential": 3, "log-linear": 2}
 
 
 def fit_form(form: str, xs: np.ndarray, ys: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The fitted curve of ``form`` through (images seen, AP), as a function of images seen."""
-    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    x0 = float(xs.min())
-    if form == "power law":  # the point fit alone: a holdout needs no interval, so no bootstrap of refits
-        _check_points(xs, ys)
-        a, b, c, _, _ = _fit_point(xs, ys)
-        return lambda x: a - b * np.exp(-np.log(np.asarray(x, dtype=float) / x0) / c)
-    if form == "log-linear":
-        b, a = np.polyfit(np.log(xs / x0), ys, 1)
-        return lambda x: a + b * np.log(np.asarray(x, dtype=float) / x0)
-    if form == "exponential":
-        from scipy.optimize import curve_fit
-
-        r = xs / x0 - 1
-
-        def curve(r: np.ndarray, a: float, b: float, log_s: float) -> np.ndarray:
-            return a - b * np.exp(-r / np.exp(log_s))
-
-        span = max(float(r.max()), 1e-9)
-        best = None
-        for guess in np.log(span * np.array([0.1, 0.3, 1.0, 3.0])):  # a few starts: the fit is not convex in s
-            try:
-                p, _ = curve_fit(curve, r, ys, p0=(ys.max() + 1, ys.max() - ys.min() + 1, guess), maxfev=5000)
-            except RuntimeError:
-                continue
-            sse = float(((curve(r, *p) - ys) ** 2).sum())
-            if best is None or sse < best[0]:
-                best = (sse, p)
-        if best is None:
-            raise ValueError("the exponential did not converge on these points")
-        p = best[1]
-        return lambda x: curve(np.asarray(x, dtype=float) / x0 - 1, *p)
-    raise ValueError(f"unknown curve form {form!r}; forms: {', '.join(FORM_PARAMS)}")
+    """The fitted curve of ``form`` through (images seen, AP), as a function of images seen (no interval: a
+    holdout needs none)."""
+    return fit_curve(form, xs, ys).predict
 
 
 def leave_last_out(form: str, xs: np.ndarray, ys: np.ndarray) -> float | None:

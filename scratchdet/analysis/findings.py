@@ -28,13 +28,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from ..evaluation import Matches, matches_from_record
-from .bootstrap import DEFAULT_MARGIN, replicate_bootstrap, verdict
+from .bootstrap import DEFAULT_MARGIN, length_replicates, replicate_bootstrap, verdict
 from .curvefit import (
     FORM_PARAMS,
     MIN_POINTS_FOR_INTERVAL,
     CurveFit,
     choose_form,
-    fit_saturating,
+    fit_curve,
     holdout_error,
     leave_last_out,
     reach,
@@ -167,7 +167,8 @@ class Paired:
         self._cache: dict[tuple[Any, ...], dict | list[str]] = {}
         self._decoded: dict[tuple[str, str], Matches] = {}
 
-    def _matches(self, p: Point, iou_type: str) -> Matches | None:
+    def matches(self, p: Point, iou_type: str) -> Matches | None:
+        """The run's final per-image matches of ``iou_type``, decoded once; None where it recorded none."""
         if not p.matches or iou_type not in p.matches:
             return None
         key = (p.name, iou_type)
@@ -183,8 +184,8 @@ class Paired:
         pre_runs = pre if isinstance(pre, list) else [pre]
         key = (tuple(p.name for p in scratch_runs), tuple(p.name for p in pre_runs), iou_type, paired_seeds)
         if key not in self._cache:
-            ms = [self._matches(q, iou_type) for q in scratch_runs]
-            mp = [self._matches(q, iou_type) for q in pre_runs]
+            ms = [self.matches(q, iou_type) for q in scratch_runs]
+            mp = [self.matches(q, iou_type) for q in pre_runs]
             missing = [_missing_matches(q) for q, m in zip(scratch_runs + pre_runs, ms + mp) if m is None]
             if missing:
                 self._cache[key] = missing
@@ -345,12 +346,15 @@ def plateau_check(points: list[Point], paired: Paired | None = None) -> Section:
 
 def _fit_line(fit: CurveFit, n: int, measured: float | None = None) -> str:
     lo, hi = fit.interval
-    if math.isnan(lo):
-        text = (f"plateau {fit.a:.2f} from {n} lengths (rmse {fit.rmse:.2f}), no interval: {n} points for 3 "
-                f"parameters, and an interval needs {MIN_POINTS_FOR_INTERVAL}")
+    if fit.form == "log-linear":
+        text = (f"log-linear, +{fit.b * math.log(2):.2f} AP per doubling from {n} lengths (rmse {fit.rmse:.2f}): "
+                "the chosen form never levels off, so no plateau")
+    elif math.isnan(lo):
+        text = f"plateau {fit.a:.2f} from {n} lengths (rmse {fit.rmse:.2f}), no interval: {fit.why_no_interval}"
     else:
-        text = f"plateau {fit.a:.2f} [{lo:.2f}, {hi:.2f}] from {n} lengths (rmse {fit.rmse:.2f})"
-    if measured is not None and fit.a < measured:
+        text = (f"plateau {fit.a:.2f} [{lo:.2f}, {hi:.2f}] from {n} lengths (rmse {fit.rmse:.2f}; the interval: "
+                f"the {fit.form} refitted on {len(fit.boot)} joint resamples of validation images and seeds)")
+    if measured is not None and fit.plateau < measured:
         text += (f"; FLAGGED: the plateau lies below a measured AP ({measured:.2f}): the curve does not describe "
                  "these runs, and is not used")
     if fit.at_bound:
@@ -368,46 +372,80 @@ def _note(sec: Section, text: str) -> None:
         sec.missing.append(text)
 
 
+class _Lengths(NamedTuple):
+    """One arm's points pooled per schedule length: images seen (x), the seeds' mean AP (y), and the replicates
+    (``bootstrap.length_replicates``) or why there are none."""
+
+    xs: np.ndarray
+    ys: np.ndarray
+    replicates: np.ndarray | None
+    why: str
+    names: list[str]  # the runs at each length, joined
+
+
+def _pool_lengths(pts: list[Point], t: str, paired: Paired, *, counted: bool = False) -> _Lengths:
+    """``pts`` pooled per length; ``counted``: images seen include the pre-training's."""
+    by: dict[int, list[Point]] = {}
+    for p in pts:
+        by.setdefault(p.images + ((p.pretrain_images or 0) if counted else 0), []).append(p)
+    xs = np.array(sorted(by), float)
+    ys = np.array([np.mean([p.ap[t] for p in by[x]]) for x in sorted(by)])
+    groups = [sorted(by[x], key=lambda p: p.seed) for x in sorted(by)]
+    names = [", ".join(p.name for p in g) for g in groups]
+    if len(groups) < MIN_POINTS_FOR_INTERVAL:
+        return _Lengths(xs, ys, None, "", names)
+    matches = [[paired.matches(p, t) for p in g] for g in groups]
+    missing = [_missing_matches(p) for g, ms in zip(groups, matches) for p, m in zip(g, ms) if m is None]
+    if missing:
+        return _Lengths(xs, ys, None, missing[0], names)
+    try:
+        rep = length_replicates(matches, resamples=paired.resamples, seed=paired.seed)
+    except ValueError as e:
+        return _Lengths(xs, ys, None, str(e), names)
+    return _Lengths(xs, ys, rep, "", names)
+
+
 def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: str, *, where: str, label: str,
-                     fits: list[list[Any]], hold: list[list[Any]], resamples: int, seed: int, level: float) -> None:
-    """The random-init arm's fit, where it reaches the pretrained arm's best, and the fit's holdout check."""
-    xs, ys = np.array([p.images for p in s_pts], float), np.array([p.ap[t] for p in s_pts])
-    fit = fit_saturating(xs, ys, resamples=resamples, seed=seed, level=level)
-    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted "
-                     f"{_fit_line(fit, len(set(xs.tolist())), float(ys.max()))}")
-    fits.append([label, RANDOM, "own images", TYPE_TITLES[t], len(xs), fit.a, *_interval_cells(fit.interval), fit.rmse,
-                 fit.at_bound])
-    if p_pts and fit.a >= ys.max():  # a plateau below a measured AP is flagged, and nothing is read from it
+                     fits: list[list[Any]], hold: list[list[Any]], paired: Paired, form: str) -> None:
+    """The random-init arm's fit in ``form``, where it reaches the pretrained arm's best, and a holdout check."""
+    pooled = _pool_lengths(s_pts, t, paired)
+    xs, ys = pooled.xs, pooled.ys
+    fit = fit_curve(form, xs, ys, replicates=pooled.replicates, level=paired.level)
+    if pooled.why:
+        _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: no interval for the fit: {pooled.why}")
+    measured = float(max(p.ap[t] for p in s_pts))
+    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted {_fit_line(fit, len(xs), measured)}")
+    fits.append([label, RANDOM, "own images", TYPE_TITLES[t], fit.form, len(xs),
+                 None if fit.form == "log-linear" else fit.a, *_interval_cells(fit.interval), fit.rmse, fit.at_bound])
+    if p_pts and fit.plateau >= measured:  # a plateau below a measured AP is flagged, and nothing is read from it
         best = max(p_pts, key=lambda p: p.ap[t])
         r = reach(fit, best.ap[t])
         times = "" if math.isinf(r.images) else f", {r.images / xs.max():.3g}x its longest run's images"
         sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: reaches the {PRETRAINED} arm's best "
                          f"{best.ap[t]:.2f} ({best.name}) at {_count(r.images)} images seen "
-                         + ("(no interval: too few lengths)" if math.isnan(r.low) else
-                            f"[{_count(r.low)}, {_count(r.high)}]") + times)
-        fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {best.ap[t]:.2f}", TYPE_TITLES[t], len(xs),
-                     r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound])
+                         + ("(no interval)" if math.isnan(r.low) else f"[{_count(r.low)}, {_count(r.high)}]") + times)
+        fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {best.ap[t]:.2f}", TYPE_TITLES[t], fit.form,
+                     len(xs), r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound])
     # Validate on the study itself: fit the lengths up to half the longest, predict the longer ones.
     split = float(xs.max()) / 2
-    n_train = len({x for x in xs if x <= split})
-    if n_train < 3:
+    n_train = int((xs <= split).sum())
+    if n_train < FORM_PARAMS[form]:
         _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: {n_train} length(s) up to half the longest; validating the "
-              "fit needs 3: not validated")
+              f"{form} needs {FORM_PARAMS[form]}: not validated")
         return
-    out = holdout_error(xs, ys, split=split, resamples=min(resamples, 200))
-    rows = []
-    held = [p for p in s_pts if p.images > split]  # holdout_error's order: the points beyond split, as given
-    for p, err in zip(held, out["errors"]):
-        rows.append([label, RANDOM, TYPE_TITLES[t], p.name, p.images, p.ap[t], p.ap[t] + float(err), float(err)])
+    out = holdout_error(xs, ys, split=split, form=form)
+    later = [n for x, n in zip(xs, pooled.names) if x > split]
+    rows = [[label, RANDOM, TYPE_TITLES[t], form, name, int(x), float(y), float(y + err), float(err)]
+            for name, x, y, err in zip(later, out["xs"], ys[xs > split], out["errors"])]
     hold += rows
-    sec.lines.append(f"validation, {RANDOM}{where}, {TYPE_TITLES[t]}: fitted on the {n_train} lengths up to "
-                     f"{_count(split)} images, the {len(rows)} longer predicted with mean absolute error "
-                     f"{out['mae']:.2f} AP (" + ", ".join(f"{r[3]}: {r[7]:+.2f}" for r in rows) + ")")
+    sec.lines.append(f"validation, {RANDOM}{where}, {TYPE_TITLES[t]}: the {form} fitted on the {n_train} lengths up "
+                     f"to {_count(split)} images, the {len(rows)} longer predicted with mean absolute error "
+                     f"{out['mae']:.2f} AP (" + ", ".join(f"{r[4]}: {r[8]:+.2f}" for r in rows) + ")")
 
 
-def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[Point]]) -> None:
-    """Every curve form's leave-last-out error on both arms at every data size and AP type, in one table, and
-    the form the rule fixed in advance (curvefit.choose_form) picks."""
+def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[Point]]) -> str | None:
+    """Every curve form's leave-last-out error on both arms at every data size and AP type, in one table; the
+    form the rule fixed in advance (curvefit.choose_form) picks, which the extrapolations then use."""
     rows, errors = [], {f: [] for f in FORM_PARAMS}
     for (_, pretrained), arm in sorted(arms.items(), key=lambda kv: (kv[1][0].size_rank, kv[0][1], kv[0][0])):
         for t in IOU_TYPES:
@@ -424,31 +462,35 @@ def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[P
                     errors[form].append(err)
             rows.append(row)
     if not rows:
-        return
+        return None
     chosen = choose_form(errors)
     means = ", ".join(f"{f} {np.mean(np.abs(e)):.2f}" for f, e in errors.items() if e)
     rule = ("the form with the smallest mean absolute leave-last-out error over every arm, data size and AP type "
             "(fewer parameters within 0.05 AP), fixed before any study was fitted")
     if chosen is None:
-        sec.lines.append(f"curve forms: too few lengths to test any form by leave-last-out (the rule: {rule})")
+        sec.lines.append(f"curve forms: too few lengths to test any form by leave-last-out (the rule: {rule}); the "
+                         "extrapolations use the power law, untested here: read them as a guess")
     else:
-        trusted = "the power law used here is that form" if chosen == "power law" else (
-            "the power law used for the extrapolations here is NOT that form: read them as the weaker guess")
         sec.lines.append(f"curve forms: mean absolute leave-last-out error {means} AP over {len(rows)} arm(s); the "
-                         f"rule ({rule}) picks the {chosen}; {trusted}")
+                         f"rule ({rule}) picks the {chosen}, and the extrapolations below use it")
     sec.tables.append(TableData(
         "Prediction, forms compared: each fitted without the longest length, predicting it",
         ["data", "init", "AP", "lengths", "longest run", *[f"{f} error" for f in FORM_PARAMS]], rows,
         "Error = predicted - measured AP at the longest length, each form fitted to the shorter ones (a form "
         "needs its parameters + 1 shorter lengths, else '-'). Forms in images seen x, u = ln(x / x0): power law "
-        "a - b exp(-u/c); exponential a - b exp(-(x/x0 - 1)/s); log-linear a + b u (never levels off).",
+        "a - b exp(-u/c); exponential a - b exp(-(x/x0 - 1)/c); log-linear a + b u (never levels off).",
         "prediction_forms.csv"))
+    return chosen
 
 
-def prediction(points: list[Point], *, resamples: int, seed: int, level: float) -> Section:
-    """Saturating fits of final AP against images seen per arm, the random-init plateau, its reach, a holdout check."""
+def prediction(points: list[Point], paired: Paired) -> Section:
+    """Fits of final AP against images seen per arm in the form the rule picks, the random-init plateau, its reach,
+    a holdout check; intervals from refits on joint resamples of each length's validation images and seeds."""
     sec = Section("Prediction (an extrapolation, not a measurement)")
     arms = _arms(points)
+    form = _compare_forms(sec, arms) or "power law"
+    forms_section = (list(sec.lines), list(sec.tables))
+    sec.lines, sec.tables = [], []
     fits, hold = [], []
     for group in sorted({g for g, _ in arms}, key=lambda g: arms.get((g, False), arms.get((g, True)))[0].size_rank):
         scratch, pre = arms.get((group, False), []), arms.get((group, True), [])
@@ -457,45 +499,46 @@ def prediction(points: list[Point], *, resamples: int, seed: int, level: float) 
         for t in IOU_TYPES:
             s_pts = [p for p in scratch if t in p.ap]
             p_pts = [p for p in pre if t in p.ap]
-            if len({p.images for p in s_pts}) < 3:
-                _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: {len(s_pts)} schedule length(s); a saturating fit "
-                      "needs 3: no prediction")
+            if len({p.images for p in s_pts}) < FORM_PARAMS[form]:
+                _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: {len({p.images for p in s_pts})} schedule length(s); "
+                      f"the {form} needs {FORM_PARAMS[form]}: no prediction")
             else:
-                _predict_scratch(sec, s_pts, p_pts, t, where=where, label=label, fits=fits, hold=hold,
-                                 resamples=resamples, seed=seed, level=level)
+                _predict_scratch(sec, s_pts, p_pts, t, where=where, label=label, fits=fits, hold=hold, paired=paired,
+                                 form=form)
             for counted in (False, True):
-                if len({p.images for p in p_pts}) < 3:
-                    _note(sec, f"{PRETRAINED}{where}, {TYPE_TITLES[t]}: {len(p_pts)} schedule length(s); a saturating "
-                          "fit needs 3: no fit")
+                if len({p.images for p in p_pts}) < FORM_PARAMS[form]:
+                    _note(sec, f"{PRETRAINED}{where}, {TYPE_TITLES[t]}: {len({p.images for p in p_pts})} schedule "
+                          f"length(s); the {form} needs {FORM_PARAMS[form]}: no fit")
                     break
                 if counted and any(p.pretrain_images is None for p in p_pts):
                     _note(sec, f"{PRETRAINED}{where}: no pretrain_images_seen in its records: no fit with pre-training "
                           "counted")
                     break
-                pxs = np.array([p.images + (p.pretrain_images or 0) * counted for p in p_pts], float)
-                pys = np.array([p.ap[t] for p in p_pts])
-                pf = fit_saturating(pxs, pys, resamples=resamples, seed=seed, level=level)
+                pooled = _pool_lengths(p_pts, t, paired, counted=counted)
+                pf = fit_curve(form, pooled.xs, pooled.ys, replicates=pooled.replicates, level=paired.level)
                 axis = "images incl. pre-training" if counted else "own images"
                 sec.lines.append(f"EXTRAPOLATION, {PRETRAINED}{where}, {TYPE_TITLES[t]} ({axis}): "
-                                 f"{_fit_line(pf, len(set(pxs.tolist())), float(pys.max()))}")
-                fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], len(pxs), pf.a, *_interval_cells(pf.interval),
-                             pf.rmse, pf.at_bound])
-    lv = _level(level)
+                                 f"{_fit_line(pf, len(pooled.xs), float(max(p.ap[t] for p in p_pts)))}")
+                fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], pf.form, len(pooled.xs),
+                             None if pf.form == "log-linear" else pf.a, *_interval_cells(pf.interval), pf.rmse,
+                             pf.at_bound])
+    sec.lines = forms_section[0] + sec.lines
+    lv = _level(paired.level)
     if fits:
         sec.tables.append(TableData(
-            f"Prediction: saturating fits of {points[0].ap_mode} AP against images seen (extrapolation)",
-            ["arm", "init", "x / target", "AP", "lengths", "plateau (AP) or images to reach", f"{lv} lo", f"{lv} hi",
-             "rmse", "c at search limit"], fits,
-            "AP(x) = a - b (x / x0)^(-1/c), a saturating power law in images seen, fitted to each length's "
-            f"{points[0].ap_mode} AP; "
-            "intervals by residual bootstrap. An "
-            "extrapolation beyond the longest run: a model's guess, not a measurement.", "prediction.csv"))
+            f"Prediction: fits of {points[0].ap_mode} AP against images seen (extrapolation)",
+            ["arm", "init", "x / target", "AP", "form", "lengths", "plateau (AP) or images to reach", f"{lv} lo",
+             f"{lv} hi", "rmse", "c at search limit"], fits,
+            f"The form the rule picked (table below), fitted to each length's {points[0].ap_mode} AP (seeds pooled); "
+            "intervals: the form refitted on joint resamples of every length's validation images and seeds "
+            f"(none from fewer lengths than its parameters + 2). An extrapolation beyond the longest run: a model's "
+            "guess, not a measurement.", "prediction.csv"))
     if hold:
         sec.tables.append(TableData(
             "Prediction, validated: fitted up to half the longest length, the longer lengths predicted",
-            ["arm", "init", "AP", "run", "images", "seen AP", "predicted AP", "error"], hold,
+            ["arm", "init", "AP", "form", "run(s)", "images", "seen AP", "predicted AP", "error"], hold,
             "Error = predicted - seen, AP points.", "prediction_holdout.csv"))
-    _compare_forms(sec, arms)
+    sec.tables += forms_section[1]
     return sec
 
 
@@ -696,7 +739,7 @@ def analyze(points: list[Point], *, resamples: int = 1000, seed: int = 0, level:
         raise ValueError(f"margin={margin}: an equivalence margin is a positive number of AP points")
     paired = Paired(resamples=resamples, seed=seed, level=level, margin=margin)
     return [catch_up(points, paired), plateau_check(points, paired),
-            prediction(points, resamples=resamples, seed=seed, level=level), breakdown(points, paired),
+            prediction(points, paired), breakdown(points, paired),
             ap_vs_seen(points)]
 
 

@@ -279,3 +279,29 @@ def test_seed_stage_is_widened_for_few_seeds():
     low, high = ap_from_matches(runs[0]), ap_from_matches(runs[1])
     lo, hi = replicate_bootstrap(runs, runs[:1], resamples=1000, seed=0)["interval_a"]
     assert lo < low - 5 and hi > high + 5
+
+
+def test_length_replicates_draw_the_images_jointly_and_pair_seeds():
+    from scratchdet.analysis.bootstrap import length_replicates
+
+    rng = np.random.default_rng(4)
+    num_i = 100
+    difficulty = rng.uniform(-0.3, 0.3, num_i)
+    noise = [rng.uniform(size=num_i) for _ in range(2)]
+    # Three lengths of one arm, two seeds each; seed k keeps its noise at every length (its trunk).
+    lengths = [[_simple_matches(noise[k] < np.clip(p + e + difficulty, 0, 1)) for k, e in enumerate((-0.05, 0.05))]
+               for p in (0.4, 0.45, 0.48)]
+    rep = length_replicates(lengths, resamples=300, seed=0)
+    assert rep.shape == (300, 3)
+    # The same validation images at every length: an identical run at two lengths gives identical columns.
+    same = length_replicates([lengths[0], lengths[0]], resamples=300, seed=0)
+    np.testing.assert_array_equal(same[:, 0], same[:, 1])
+    # Jointly drawn, the lengths move together: a difference between lengths spreads far less than when each
+    # length is drawn on its own (images and seeds), which adds the two spreads.
+    apart = length_replicates(lengths[2:], resamples=300, seed=1)[:, 0] - length_replicates(
+        lengths[:1], resamples=300, seed=2)[:, 0]
+    assert (rep[:, 2] - rep[:, 0]).std() < apart.std() / 1.5
+    assert np.mean(rep, axis=0) == pytest.approx(
+        [np.mean([ap_from_matches(m) for m in runs]) for runs in lengths], abs=1.5)
+    with pytest.raises(ValueError, match="every length needs"):
+        length_replicates([lengths[0], []], resamples=300)

@@ -235,28 +235,57 @@ def test_prediction_recovers_a_known_plateau_and_validates(tmp_path):
     c = 1.0  # each doubling of images seen halves the gap to the plateau
     _arm(tmp_path, [_saturating(x, c=c, x0=images[0]) for x in images], unit=unit)
     _arm(tmp_path, [38.0, 39.0, 39.5], pretrained=True, unit=unit)
-    sec = prediction(_points(tmp_path), resamples=200, seed=0, level=0.95)
+    sec = prediction(_points(tmp_path), _paired())
     fits = {(r[1], r[2], r[3]): r for r in sec.tables[0].rows}
     box = fits[("random init", "own images", "box AP")]
-    assert box[5] == pytest.approx(A, abs=0.05)
+    assert box[4] == "power law"  # the rule's pick: the exact power law predicted its held-out length best
+    assert box[6] == pytest.approx(A, abs=0.05)
     reached = fits[("random init", "reaches pretrained's best 39.50", "box AP")]
     # 40 - 30 (x / x0) ** (-1 / c) = 39.5  =>  x = x0 * 60 ** c
-    assert reached[5] == pytest.approx(images[0] * 60 ** c, rel=0.02)
+    assert reached[6] == pytest.approx(images[0] * 60 ** c, rel=0.02)
     assert any(x.startswith("EXTRAPOLATION, random init, box AP: predicted plateau 40.00") for x in sec.lines)
+    assert any("the rule" in x and "picks the power law, and the extrapolations below use it" in x for x in sec.lines)
     holdout = sec.tables[1].rows
-    assert [r[3] for r in holdout if r[2] == "box AP"] == ["rand_800"]  # fitted on 50-400 it, predicts 800 it
-    assert all(abs(r[7]) < 0.05 for r in holdout)
-    assert any(x.startswith("validation, random init, box AP: fitted on the 4 lengths") and "mean absolute error 0.0"
-               in x for x in sec.lines)
+    assert [r[4] for r in holdout if r[2] == "box AP"] == ["rand_800"]  # fitted on 50-400 it, predicts 800 it
+    assert all(abs(r[8]) < 0.05 for r in holdout)
+    assert any(x.startswith("validation, random init, box AP: the power law fitted on the 4 lengths")
+               and "mean absolute error 0.0" in x for x in sec.lines)
     # Pretrained has 3 lengths: fitted (exactly), with and without its pre-training counted.
     assert ("pretrained", "images incl. pre-training", "box AP") in fits
 
 
+def test_prediction_intervals_come_from_joint_resamples_of_each_length(tmp_path):
+    # Five lengths, each run finding more of the same 30 images' objects: the plateau's interval is the power
+    # law refitted on joint resamples of those images (each length's own uncertainty), and says so.
+    dataset, results = _case()
+    gt = coco_from_dict(dataset)
+    for k, share in enumerate((0.7, 0.5, 0.35, 0.27, 0.23)):
+        n = 50 * 2 ** k
+        _run(tmp_path, f"rand_{n}", pretrained=False, max_iter=n,
+             matches=per_image_matches(gt, _worse(results, share), "bbox"))
+    sec = prediction(_points(tmp_path), _paired())
+    table = sec.tables[0]
+    box = next(r for r in table.rows if r[1:4] == ["random init", "own images", "box AP"])
+    lo, hi = box[table.columns.index("95% lo")], box[table.columns.index("95% hi")]
+    assert lo is not None and lo < box[6] < hi
+    line = next(x for x in sec.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
+    assert "refitted on 300 joint resamples of validation images and seeds" in line
+    # Four lengths: 3 shorter ones cannot test a 3-parameter form, so the rule can only pick the log-linear line,
+    # and the extrapolation says it never levels off instead of giving a plateau.
+    (tmp_path / "rand_800" / "metrics.jsonl").unlink()
+    (tmp_path / "rand_800" / "config.yaml").unlink()
+    (tmp_path / "rand_800").rmdir()
+    four = prediction(_points(tmp_path), _paired())
+    assert any("picks the log-linear" in x for x in four.lines)
+    line = next(x for x in four.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
+    assert "never levels off, so no plateau" in line
+
+
 def test_prediction_with_too_few_lengths_says_so(tmp_path):
     _arm(tmp_path, [20.0, 26.0])
-    sec = prediction(_points(tmp_path), resamples=200, seed=0, level=0.95)
+    sec = prediction(_points(tmp_path), _paired())
     assert not sec.tables and not sec.lines
-    assert "random init, box AP: 2 schedule length(s); a saturating fit needs 3: no prediction" in sec.missing
+    assert "random init, box AP: 2 schedule length(s); the power law needs 3: no prediction" in sec.missing
 
 
 def test_breakdown_says_whether_scratch_overfits(tmp_path, case):

@@ -319,7 +319,7 @@ def test_findings_on_runs_without_matches_or_pretrain_pixels_say_what_they_lack(
     assert "Findings: the paper's questions" in page
     assert "no per-image matches in run rand_360_150 (trained before they were recorded): no intervals" in page
     assert "no pre-training counts (pretrain_images_seen and pretrain_pixels_seen)" in page
-    assert "2 schedule length(s); a saturating fit needs 3: no prediction" in page
+    assert "2 schedule length(s); the power law needs 3: no prediction" in page
     # Without intervals a large gain is still read: 360 -> 720 it at 600 images adds 3.6 AP.
     assert "data size: 600 images, box AP: NOT levelled off (last doubling adds 3.60" in page
     assert page.count("data:image/png;base64,") == 2  # Fig. 1 and the seen bars only
