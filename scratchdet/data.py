@@ -1065,8 +1065,8 @@ def input_size_report(dataset: Any, *, min_sizes: Sequence[int], max_size: int, 
     if k < 1 / SHRINK_LIMIT:
         warnings.append(
             f"training images are shrunk {1 / k:.1f}x on median by the training resize, {sides_text}, and their "
-            f"objects with them; to train nearer the images' own size raise {keys} (e.g. the small_real preset: "
-            "shorter side 512-640, for photos on a CPU), with model.anchor_sizes to match")
+            f"objects with them; to train nearer the images' own size raise {keys}, with model.anchor_sizes to match "
+            "(data.fit=true sizes both from the boxes)")
     if len(boxes):
         below, above = float(np.mean(boxes < lo / ANCHOR_REACH)), float(np.mean(boxes > hi * ANCHOR_REACH))
         under = float(np.mean(boxes < lo))

@@ -197,4 +197,4 @@ def test_dry_run_on_tiny_coco_at_the_default_size_says_the_input_size_and_warns(
            "data.max_size_train), flip 0.5; test shorter side 256, longer at most 256" in out
     assert "anchors: [12, 24, 48, 96, 192] px on P2-P6" in out
     assert "training images are shrunk 2.5x on median by the training resize, shorter side 427 px, longer 640" in out
-    assert "raise data.min_size_train / data.max_size_train" in out and "small_real" in out
+    assert "raise data.min_size_train / data.max_size_train" in out and "data.fit=true" in out

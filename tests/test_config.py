@@ -293,18 +293,8 @@ def test_given_keys_are_the_users_overrides_and_own_files(tmp_path):
     assert load_config(str(own)).given_keys == {"data.train.images", "data.train.annotations", "solver.base_lr"}
 
 
-def test_small_real_preset_is_generated_and_keeps_the_default_model():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("make_presets", Path(__file__).parents[1] / "tools/make_presets.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    assert (gen.CONFIGS / "small_real.yaml").read_text() == gen.small_real_expected()["small_real"]
-    cfg, default = load_config("small_real"), load_config("default")
-    assert cfg.data.min_size_train == [512, 544, 576, 608, 640] and cfg.data.min_size_test == 640
-    assert cfg.model.anchor_sizes == [32, 64, 128, 256, 512]
-    # The default's small model, but for the anchors.
-    assert {**to_dict(cfg)["model"], "anchor_sizes": None} == {**to_dict(default)["model"], "anchor_sizes": None}
-    s = resolve_schedule(cfg.solver, 49)  # tiny_coco's training set: 24 epochs of 49 images at 8
-    assert (s.max_iter, s.steps, s.warmup_iters) == (147, (122, 140), 50)
+def test_a_retired_preset_says_why_and_what_instead():
+    with pytest.raises(ConfigError, match="preset 'small_real' retired: measured on real sets it lost.*data.fit=true"):
+        load_config("small_real")
+    with pytest.raises(ConfigError, match="unknown preset 'no_such'"):
+        load_config("no_such")

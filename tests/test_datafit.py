@@ -151,7 +151,7 @@ def test_data_fit_on_the_nuclei_set_prints_size_anchors_and_coverage():
     assert "overrides: data.min_size_train=[384]" in out.stdout and "model.anchor_sizes=[8,16,32,64,128]" in out.stdout
 
 
-def _fitted(preset, *overrides, sides=(5.0,) * 48):
+def _fitted(preset, *overrides, sides=(5.0,) * 48, epochs=0):
     from types import SimpleNamespace
 
     from scratchdet.config import load_config
@@ -160,20 +160,22 @@ def _fitted(preset, *overrides, sides=(5.0,) * 48):
 
     cfg = load_config(preset, ["data.train.images=", "data.train.annotations=", "data.val.images=",
                                "data.val.annotations=", *overrides])
+    if epochs:  # as a preset would set it: not one of the keys the user gave
+        cfg.solver.epochs = epochs
     train_set = SimpleNamespace(records=_records(np.asarray(sides)), transforms=None)
     apply_fit(cfg, train_set)
     return cfg, resolve_schedule(cfg.solver, len(train_set.records)), train_set
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("small_real", ()),  # solver.epochs: would stretch the fitted length to its epochs
-    ("mask_rcnn_R50_FPN_GN_scratch_2x", ("solver.ims_per_batch=8",)),  # the Nx rule and linear scaling from 16
+@pytest.mark.parametrize("preset, overrides, epochs", [
+    ("default", (), 24),  # a preset's solver.epochs: it would stretch the fitted length to its epochs
+    ("mask_rcnn_R50_FPN_GN_scratch_2x", ("solver.ims_per_batch=8",), 0),  # the Nx rule and linear scaling from 16
 ])
-def test_data_fit_length_is_the_length_the_run_uses_whatever_the_preset(preset, overrides):
+def test_data_fit_length_is_the_length_the_run_uses_whatever_the_preset(preset, overrides, epochs):
     from scratchdet.config import load_config
 
     base = load_config(preset, list(overrides)).solver
-    cfg, sched, train_set = _fitted(preset, *overrides)
+    cfg, sched, train_set = _fitted(preset, *overrides, epochs=epochs)
     fit = fit_recipe(train_set.records, ims_per_batch=cfg.solver.ims_per_batch)
     assert sched.max_iter == fit.overrides["solver.max_iter"] and list(sched.steps) == fit.overrides["solver.steps"]
     # The LR is the one the preset's own scaling gives at this batch.
