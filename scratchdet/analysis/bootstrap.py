@@ -166,14 +166,16 @@ def _seed_stage(ap: np.ndarray, picks: np.ndarray) -> np.ndarray:
     return centre + (drawn - centre) * np.sqrt(n / (n - 1))
 
 
-def length_replicates(lengths: list[list[Matches]], *, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def length_replicates(lengths: list[list[Matches]], *, resamples: int = 1000, seed: int = 0,
+                      paired_seeds: bool = False) -> np.ndarray:
     """One arm's AP at each of its schedule lengths, jointly resampled: [resamples, lengths] (percent).
 
     ``lengths[j]`` holds the runs (training seeds) at length j, all evaluated on one validation set.  Each resample
     draws the validation images once for every length (the same images score them all, so what they share moves
-    them together) and, per length, as many seeds as it has; where every length has as many runs, the i-th runs
-    taken to share a seed (one trunk per seed: schedule branching), each resample draws the same seed indices at
-    every length.  A curve refitted on each row carries each length's own uncertainty into the fit's intervals
+    them together) and, per length, as many seeds as it has.  ``paired_seeds``: the i-th run of every length has
+    the same training seed (the caller checks the seed values, not just the counts: a seed's lengths share its
+    trunk and data order), and each resample draws the same seed indices at every length; otherwise each length
+    draws its own.  A curve refitted on each row carries each length's own uncertainty into the fit's intervals
     (``curvefit.fit_curve``), where residuals of a 3-parameter fit through 4 or 5 points could not.
     """
     if not lengths or any(not runs for runs in lengths):
@@ -185,8 +187,9 @@ def length_replicates(lengths: list[list[Matches]], *, resamples: int = 1000, se
         raise ValueError(f"resamples={resamples}: percentile intervals need at least 200 resamples")
     rng = np.random.default_rng(seed)
     weights = _resample_weights(rng, resamples, len(first.img_ids))
-    counts = {len(runs) for runs in lengths}
-    shared = rng.integers(0, len(lengths[0]), size=(resamples, len(lengths[0]))) if len(counts) == 1 else None
+    if paired_seeds and len({len(runs) for runs in lengths}) != 1:
+        raise ValueError(f"paired seeds need as many runs at every length; got {[len(r) for r in lengths]}")
+    shared = rng.integers(0, len(lengths[0]), size=(resamples, len(lengths[0]))) if paired_seeds else None
     out = []
     for runs in lengths:
         ap = np.stack([_ap_batch(m, weights) for m in runs])  # [seeds, resamples]

@@ -181,18 +181,29 @@ def fit_curve(form: str, xs: np.ndarray, ys: np.ndarray, *, replicates: np.ndarr
         why = f"{len(np.unique(xs))} lengths for {FORM_PARAMS[form]} parameters, and an interval needs {need}"
     elif replicates is None:
         why = "no replicates (the runs recorded no per-image matches to resample)"
-    elif form == "log-linear":
-        why = "the log-linear form has no plateau"
+    else:
+        replicates = np.asarray(replicates, dtype=float)
+        if replicates.ndim != 2 or replicates.shape[1] != len(xs):
+            raise ValueError(f"replicates must be [resamples, {len(xs)}] (one column per length); got "
+                             f"{replicates.shape}")
+        # A resample with no ground truth left scores COCO's -1 (or nan): not an AP to fit. A few such rows are
+        # dropped; more than 5% mean the validation set is too sparse to resample, and no interval is given.
+        valid = np.isfinite(replicates).all(1) & (replicates >= 0).all(1)
+        if valid.mean() < 0.95:
+            why = (f"{(~valid).sum()} of {len(valid)} resamples had no AP at some length (too few validation "
+                   "images with ground truth to resample)")
+        replicates = replicates[valid]
     if why:
         return CurveFit(a=a, b=b, c=c, x0=x0, interval=(math.nan, math.nan), level=level, rmse=rmse,
                         at_bound=bool(at_bound), boot=np.zeros((0, 3)), form=form, why_no_interval=why)
-    replicates = np.asarray(replicates, dtype=float)
-    if replicates.ndim != 2 or replicates.shape[1] != len(xs):
-        raise ValueError(f"replicates must be [resamples, {len(xs)}] (one column per length); got {replicates.shape}")
     ba, bb, bc, _ = _fit_rows_of(form, dx, replicates)
+    boot = np.stack([ba, bb, bc], axis=1)
+    if form == "log-linear":  # refits for reach()'s interval; no plateau to give one for
+        return CurveFit(a=a, b=b, c=c, x0=x0, interval=(math.nan, math.nan), level=level, rmse=rmse,
+                        at_bound=False, boot=boot, form=form, why_no_interval="the log-linear form has no plateau")
     lo, hi = np.quantile(ba, [(1 - level) / 2, 1 - (1 - level) / 2])
     return CurveFit(a=a, b=b, c=c, x0=x0, interval=(float(lo), float(hi)), level=level, rmse=rmse,
-                    at_bound=bool(at_bound), boot=np.stack([ba, bb, bc], axis=1), form=form)
+                    at_bound=bool(at_bound), boot=boot, form=form)
 
 
 def fit_saturating(xs: np.ndarray, ys: np.ndarray, *, replicates: np.ndarray | None = None,

@@ -383,8 +383,9 @@ class _Lengths(NamedTuple):
     names: list[str]  # the runs at each length, joined
 
 
-def _pool_lengths(pts: list[Point], t: str, paired: Paired, *, counted: bool = False) -> _Lengths:
-    """``pts`` pooled per length; ``counted``: images seen include the pre-training's."""
+def _pool_lengths(pts: list[Point], t: str, paired: Paired, *, counted: bool = False,
+                  replicates: bool = True) -> _Lengths:
+    """``pts`` pooled per length; ``counted``: images seen include the pre-training's; ``replicates``: resample."""
     by: dict[int, list[Point]] = {}
     for p in pts:
         by.setdefault(p.images + ((p.pretrain_images or 0) if counted else 0), []).append(p)
@@ -392,14 +393,17 @@ def _pool_lengths(pts: list[Point], t: str, paired: Paired, *, counted: bool = F
     ys = np.array([np.mean([p.ap[t] for p in by[x]]) for x in sorted(by)])
     groups = [sorted(by[x], key=lambda p: p.seed) for x in sorted(by)]
     names = [", ".join(p.name for p in g) for g in groups]
-    if len(groups) < MIN_POINTS_FOR_INTERVAL:
+    if not replicates or len(groups) < MIN_POINTS_FOR_INTERVAL:
         return _Lengths(xs, ys, None, "", names)
     matches = [[paired.matches(p, t) for p in g] for g in groups]
     missing = [_missing_matches(p) for g, ms in zip(groups, matches) for p, m in zip(g, ms) if m is None]
     if missing:
         return _Lengths(xs, ys, None, missing[0], names)
+    # A seed's lengths share its trunk (schedule branching): paired by seed value, and only where every length
+    # has the same seeds; otherwise each length's seeds are drawn apart.
+    same_seeds = len({tuple(p.seed for p in g) for g in groups}) == 1
     try:
-        rep = length_replicates(matches, resamples=paired.resamples, seed=paired.seed)
+        rep = length_replicates(matches, resamples=paired.resamples, seed=paired.seed, paired_seeds=same_seeds)
     except ValueError as e:
         return _Lengths(xs, ys, None, str(e), names)
     return _Lengths(xs, ys, rep, "", names)
@@ -413,18 +417,22 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
     fit = fit_curve(form, xs, ys, replicates=pooled.replicates, level=paired.level)
     if pooled.why:
         _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: no interval for the fit: {pooled.why}")
-    measured = float(max(p.ap[t] for p in s_pts))
+    measured = float(ys.max())  # the best length's seed mean: what the fit is drawn through
     sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted {_fit_line(fit, len(xs), measured)}")
     fits.append([label, RANDOM, "own images", TYPE_TITLES[t], fit.form, len(xs),
                  None if fit.form == "log-linear" else fit.a, *_interval_cells(fit.interval), fit.rmse, fit.at_bound])
     if p_pts and fit.plateau >= measured:  # a plateau below a measured AP is flagged, and nothing is read from it
-        best = max(p_pts, key=lambda p: p.ap[t])
-        r = reach(fit, best.ap[t])
-        times = "" if math.isinf(r.images) else f", {r.images / xs.max():.3g}x its longest run's images"
+        pre = _pool_lengths(p_pts, t, paired, replicates=False)
+        k = int(np.argmax(pre.ys))
+        target, names = float(pre.ys[k]), pre.names[k]
+        r = reach(fit, target)
+        where_seen = ("never: the fitted curve stays below it" if math.isinf(r.images) else
+                      f"at {_count(r.images)} images seen " + (
+                          f"(no interval: {fit.why_no_interval or 'none'})" if math.isnan(r.low) else
+                          f"[{_count(r.low)}, {_count(r.high)}]") + f", {r.images / xs.max():.3g}x its longest run's images")
         sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: reaches the {PRETRAINED} arm's best "
-                         f"{best.ap[t]:.2f} ({best.name}) at {_count(r.images)} images seen "
-                         + ("(no interval)" if math.isnan(r.low) else f"[{_count(r.low)}, {_count(r.high)}]") + times)
-        fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {best.ap[t]:.2f}", TYPE_TITLES[t], fit.form,
+                         f"length ({names}: {target:.2f}, its seeds' mean) {where_seen}")
+        fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {target:.2f}", TYPE_TITLES[t], fit.form,
                      len(xs), r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound])
     # Validate on the study itself: fit the lengths up to half the longest, predict the longer ones.
     split = float(xs.max()) / 2
@@ -455,24 +463,29 @@ def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[P
             xs, ys = np.array([p.images for p in pts], float), np.array([p.ap[t] for p in pts])
             row = [pts[0].group_label or pts[0].subset_label, PRETRAINED if pretrained else RANDOM, TYPE_TITLES[t],
                    len(set(xs.tolist())), max(pts, key=lambda p: p.images).name]
-            for form in FORM_PARAMS:
-                err = leave_last_out(form, xs, ys)
-                row.append(None if err is None else round(err, 4))
-                if err is not None:
-                    errors[form].append(err)
+            errs = {form: leave_last_out(form, xs, ys) for form in FORM_PARAMS}
+            row += [None if e is None else round(e, 4) for e in errs.values()]
+            # Forms are compared on the same arms only: a form tested where the others could not be (a 2-parameter
+            # line on 4 lengths) would win on arms where it had no competitor.
+            if all(e is not None for e in errs.values()):
+                for form, e in errs.items():
+                    errors[form].append(e)
             rows.append(row)
     if not rows:
         return None
     chosen = choose_form(errors)
+    complete = len(errors[next(iter(FORM_PARAMS))])
     means = ", ".join(f"{f} {np.mean(np.abs(e)):.2f}" for f, e in errors.items() if e)
     rule = ("the form with the smallest mean absolute leave-last-out error over every arm, data size and AP type "
-            "(fewer parameters within 0.05 AP), fixed before any study was fitted")
+            "where every form could be tested (fewer parameters within 0.05 AP), fixed before any study was fitted")
     if chosen is None:
-        sec.lines.append(f"curve forms: too few lengths to test any form by leave-last-out (the rule: {rule}); the "
-                         "extrapolations use the power law, untested here: read them as a guess")
+        sec.lines.append(f"curve forms: no arm has the lengths to test every form by leave-last-out (the 3-parameter "
+                         f"forms need 5; the rule: {rule}); the extrapolations use the power law, untested here: read "
+                         "them as a guess")
     else:
-        sec.lines.append(f"curve forms: mean absolute leave-last-out error {means} AP over {len(rows)} arm(s); the "
-                         f"rule ({rule}) picks the {chosen}, and the extrapolations below use it")
+        sec.lines.append(f"curve forms: mean absolute leave-last-out error {means} AP over the {complete} arm(s) where "
+                         f"every form could be tested; the rule ({rule}) picks the {chosen}, and the extrapolations "
+                         "below use it")
     sec.tables.append(TableData(
         "Prediction, forms compared: each fitted without the longest length, predicting it",
         ["data", "init", "AP", "lengths", "longest run", *[f"{f} error" for f in FORM_PARAMS]], rows,

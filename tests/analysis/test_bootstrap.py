@@ -291,16 +291,22 @@ def test_length_replicates_draw_the_images_jointly_and_pair_seeds():
     # Three lengths of one arm, two seeds each; seed k keeps its noise at every length (its trunk).
     lengths = [[_simple_matches(noise[k] < np.clip(p + e + difficulty, 0, 1)) for k, e in enumerate((-0.05, 0.05))]
                for p in (0.4, 0.45, 0.48)]
-    rep = length_replicates(lengths, resamples=300, seed=0)
+    rep = length_replicates(lengths, resamples=300, seed=0, paired_seeds=True)
     assert rep.shape == (300, 3)
     # The same validation images at every length: an identical run at two lengths gives identical columns.
-    same = length_replicates([lengths[0], lengths[0]], resamples=300, seed=0)
+    same = length_replicates([lengths[0], lengths[0]], resamples=300, seed=0, paired_seeds=True)
     np.testing.assert_array_equal(same[:, 0], same[:, 1])
     # Jointly drawn, the lengths move together: a difference between lengths spreads far less than when each
     # length is drawn on its own (images and seeds), which adds the two spreads.
     apart = length_replicates(lengths[2:], resamples=300, seed=1)[:, 0] - length_replicates(
         lengths[:1], resamples=300, seed=2)[:, 0]
     assert (rep[:, 2] - rep[:, 0]).std() < apart.std() / 1.5
+    # Seeds paired (the caller found the same seed values at every length) leave out what a seed shares; drawn
+    # per length, one seed's short run meets another's long run.
+    unpaired = length_replicates(lengths, resamples=300, seed=0)
+    assert (rep[:, 2] - rep[:, 0]).std() < (unpaired[:, 2] - unpaired[:, 0]).std()
+    with pytest.raises(ValueError, match="as many runs at every length"):
+        length_replicates([lengths[0], lengths[1][:1]], resamples=300, paired_seeds=True)
     assert np.mean(rep, axis=0) == pytest.approx(
         [np.mean([ap_from_matches(m) for m in runs]) for runs in lengths], abs=1.5)
     with pytest.raises(ValueError, match="every length needs"):

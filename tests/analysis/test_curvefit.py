@@ -138,6 +138,21 @@ def test_every_form_fits_reaches_and_refits():
     assert reach(lin, 20.0).images == pytest.approx(X0 * math.exp(2))  # 10 + 5 ln(x/x0) = 20
     with pytest.raises(ValueError, match="unknown curve form"):
         fit_curve("cubic", xs, line)
+    # The line has no plateau, but its refits give where it reaches a target an interval.
+    got = reach(lin, 20.0)
+    assert got.low < got.images < got.high
+
+
+def test_resamples_without_an_ap_are_dropped_and_too_many_give_no_interval():
+    xs = X0 * 2.0 ** np.arange(5)
+    ys = _curve(xs)
+    rep = _replicates(ys, 0.3)
+    rep[:10, 2] = -1.0  # COCO's -1: no ground truth left in that resample
+    fit = fit_saturating(xs, ys, replicates=rep)
+    assert len(fit.boot) == len(rep) - 10 and fit.interval[0] < A < fit.interval[1]
+    rep[:100, 1] = np.nan
+    sparse = fit_saturating(xs, ys, replicates=rep)
+    assert math.isnan(sparse.interval[0]) and "100 of 400 resamples had no AP" in sparse.why_no_interval
 
 
 def test_backtest_on_the_papers_table1():

@@ -66,14 +66,14 @@ def _record(matches) -> dict:
 
 def _run(root: Path, name: str, *, pretrained: bool, max_iter: int, ap: float | None = None, matches=None,
          subset: float = 0, losses: tuple[float, float] = (2.0, 1.0), pretrain_images: int = 50_000,
-         best: float | None = None) -> Path:
+         best: float | None = None, seed: int = 0) -> Path:
     """A finished run as its two files: log lines with loss and seen counts, evaluations at half and end, and
     (given ``matches``) the final evaluation's matches record; AP from the matches when given."""
     d = root / name
     d.mkdir(parents=True)
     config = {"model": {"init": "/somewhere/pretrain/backbone_final.pth" if pretrained else "random"},
               "solver": {"max_iter": max_iter, "steps": [max_iter * 3 // 4], "ims_per_batch": IMS, "warmup_iters": 1},
-              "data": {"subset": subset}}
+              "data": {"subset": subset}, "train": {"seed": seed}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     final = ap_from_matches(matches) if matches is not None else ap
     lines = []
@@ -270,15 +270,35 @@ def test_prediction_intervals_come_from_joint_resamples_of_each_length(tmp_path)
     assert lo is not None and lo < box[6] < hi
     line = next(x for x in sec.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
     assert "refitted on 300 joint resamples of validation images and seeds" in line
-    # Four lengths: 3 shorter ones cannot test a 3-parameter form, so the rule can only pick the log-linear line,
-    # and the extrapolation says it never levels off instead of giving a plateau.
+    # Four lengths: 3 shorter ones cannot test a 3-parameter form, so no form is compared with another (the line,
+    # tested alone, would win without a competitor): the power law, said to be an untested guess, with no interval.
     (tmp_path / "rand_800" / "metrics.jsonl").unlink()
     (tmp_path / "rand_800" / "config.yaml").unlink()
     (tmp_path / "rand_800").rmdir()
     four = prediction(_points(tmp_path), _paired())
-    assert any("picks the log-linear" in x for x in four.lines)
+    assert any("no arm has the lengths to test every form" in x and "untested here" in x for x in four.lines)
     line = next(x for x in four.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
-    assert "never levels off, so no plateau" in line
+    assert "no interval: 4 lengths for 3 parameters, and an interval needs 5" in line
+
+
+def test_prediction_reads_seed_means_and_compares_forms_on_the_same_arms(tmp_path):
+    # Two seeds 1 AP either side of an exact power law at 6 lengths: the fit through their means is exact, and
+    # the seed above the curve at the longest length must not flag its plateau as "below a measured AP".
+    unit = 50
+    images = [IMS * unit * 2 ** k for k in range(6)]
+    for k, x in enumerate(images):
+        for seed, off in ((0, -1.0), (1, 1.0)):
+            _run(tmp_path, f"rand_{unit * 2 ** k}_s{seed}", pretrained=False, max_iter=unit * 2 ** k, seed=seed,
+                 ap=_saturating(x, c=1.0, x0=images[0]) + off)
+    # Pretrained: 4 lengths, where only the log-linear line can be tested; it must not count in the comparison.
+    _arm(tmp_path, [36.0, 37.0, 38.0, 39.0], pretrained=True, unit=unit)
+    sec = prediction(_points(tmp_path), _paired())
+    line = next(x for x in sec.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
+    assert "plateau 40.00" in line and "FLAGGED" not in line
+    assert any("over the 2 arm(s) where every form could be tested" in x and "picks the power law" in x
+               for x in sec.lines)  # random init's box and mask AP; not pretrained's 4 lengths
+    reach_line = next(x for x in sec.lines if "reaches the pretrained arm's best length" in x and "box AP" in x)
+    assert "(pre_400: 39.00, its seeds' mean)" in reach_line and "no interval: no replicates" in reach_line
 
 
 def test_prediction_with_too_few_lengths_says_so(tmp_path):
