@@ -295,7 +295,8 @@ def _report(args: argparse.Namespace) -> int:
     if not args.runs and not args.compare:
         raise ConfigError("report: give run or study directories, or --compare A B")
     result = build_report(args.runs, args.out, compare=tuple(args.compare) if args.compare else None,
-                          pretrain_offset=args.pretrain_offset, title=args.title, margin=args.margin, ap=args.ap)
+                          pretrain_offset=args.pretrain_offset, title=args.title, margin=args.margin, ap=args.ap,
+                          notes=Path(args.notes).read_text(encoding="utf-8") if args.notes else "")
     shown = result["tables"][:3] if args.compare else result["tables"][:1]
     for t in shown:
         print(table_text(t) + "\n")
@@ -564,6 +565,9 @@ COMMANDS: dict[str, dict[str, Any]] = {
              help="equivalence margin in AP points for the catch-up verdicts (default 1: the paper's Table 1 reads "
                   "a 1.3-point gap as not caught up and 0.2-0.3 as matching); an interval inside +-margin is "
                   "'equivalent', one that holds 0 but reaches past it 'inconclusive'"),
+        _arg("--notes", metavar="FILE",
+             help="a text file shown first on the page under 'Notes' (paragraphs split at blank lines): what the "
+                  "runs' records cannot hold, e.g. a study's measured wall time and the caveats a README states"),
         _arg("--ap", choices=("final", "best"), default="final",
              help="which evaluation of each run the findings read: the final one, or the best one by box AP, every "
                   "type and the images seen read there (for presets that say 'report each arm's best evaluation'; "

@@ -136,6 +136,27 @@ class Run:
         """The pre-training stage's images in this run's iterations (where Fig. 1 starts a pretrained curve)."""
         return self.seen["pretrain_images_seen"] / self.ims_per_batch
 
+    @property
+    def precision(self) -> str:
+        """The precision the config asked for (train.amp); "auto" was resolved on the machine, not recorded here."""
+        amp = str(self.flat.get("train.amp", "auto"))
+        return {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(amp, f"{amp} (bf16 where native, else fp32)")
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds of the run's own training steps: each log line's time per iteration times the iterations it
+        covers (evaluations and checkpoints are not in it, ``loop.Throughput``); a branch's copied trunk lines are
+        the trunk's, left out."""
+        total, last = 0.0, 0
+        for r in self.records:
+            if "time_per_iter" not in r:
+                continue
+            it = int(r["iteration"])
+            if "branched_from" not in r:
+                total += float(r["time_per_iter"]) * max(it - last, 0)
+            last = it
+        return total
+
     def metric(self, iou_type: str, stat: str = "AP") -> float | None:
         last = self.last_eval
         return None if last is None or f"{iou_type}/{stat}" not in last else float(last[f"{iou_type}/{stat}"])
@@ -342,12 +363,14 @@ def runs_table(runs: list[Run]) -> Table:
     """What each run had (data, model, batch, schedule): the page says it, so it needs no other file."""
     extra = dims(runs)[2:]
     columns = ["run", "init", "data", "data size", "model", "batch", "schedule", *[d.title for d in extra], "status",
-               "iteration"]
+               "iteration", "precision", "training time (min)"]
     rows = [[r.name, init_detail(r), data_label(r), subset_label(r), model_label(r), r.ims_per_batch, schedule_detail(r),
-             *[d.label(r) for d in extra], {True: "finished", False: "unfinished", None: "?"}[r.finished], r.iteration]
-            for r in runs]
+             *[d.label(r) for d in extra], {True: "finished", False: "unfinished", None: "?"}[r.finished], r.iteration,
+             r.precision, round(r.train_seconds / 60, 2)] for r in runs]
     return Table("Runs: data, model, batch and schedule", columns, rows,
-                 "Schedule as training resolved it from config.yaml (LR drops are divisions by 10).", "runs.csv")
+                 "Schedule as training resolved it from config.yaml (LR drops are divisions by 10). Precision as "
+                 "train.amp asked for it. Training time: the run's own logged time per iteration times its iterations "
+                 "(evaluations, checkpoints and start-up left out; a branch counts its own tail only).", "runs.csv")
 
 
 def _unpath(v: Any) -> Any:
@@ -752,9 +775,11 @@ img {{ display: block; max-width: 100%; height: auto; }}
 
 def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str, str] | None = None,
                  pretrain_offset: bool = False, title: str = "scratchdet report", resamples: int = 1000,
-                 seed: int = 0, margin: float | None = None, ap: str = "final") -> dict[str, Any]:
+                 seed: int = 0, margin: float | None = None, ap: str = "final",
+                 notes: str = "") -> dict[str, Any]:
     """Write the report into ``out``; returns what was written and the tables (for the CLI to print).
-    ``ap``: the findings read each run's final evaluation, or its best (``study_points``)."""
+    ``ap``: the findings read each run's final evaluation, or its best (``study_points``). ``notes``: text the
+    runs' records cannot hold (a study's measured wall time, caveats from elsewhere), shown first, as given."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
@@ -817,10 +842,16 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
         written.append(out / "tables" / t.csv_name)
     # Folder names only: the page is shared, the machine's directories are not.
     sources = ", ".join(html.escape(Path(p).resolve().name) for p in (paths or compare or ()))
+    precisions = ", ".join(sorted({r.precision for r in runs}))
+    minutes = sum(r.train_seconds for r in runs) / 60
+    notes_html = "".join(f"<p>{html.escape(p.strip())}</p>" for p in notes.split("\n\n") if p.strip())
     page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>{html.escape(title)}</h1><p class=\"meta\">{len(runs)} runs from {sources}; read from each run's "
-            f"metrics.jsonl and config.yaml. Findings read each run's {ap} evaluation (report --ap {ap}).</p>\n"
+            f"metrics.jsonl and config.yaml. Findings read each run's {ap} evaluation (report --ap {ap}). Precision: "
+            f"{html.escape(precisions)}; training steps logged by the runs: {minutes:.1f} min in all (evaluations, "
+            "checkpoints, start-up and any pretrain stage left out: the runs table has each run's).</p>\n"
+            + (f"<h2>Notes</h2>{notes_html}\n" if notes_html else "")
             + "\n".join(sections) + "\n</body></html>\n")
     (out / "index.html").write_text(page, encoding="utf-8")
     written.insert(0, out / "index.html")

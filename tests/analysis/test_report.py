@@ -357,3 +357,36 @@ def test_ap_best_reads_the_best_evaluation_and_gives_no_interval_it_cannot_back(
     page = (out / "index.html").read_text()
     assert "Findings read each run's best evaluation (report --ap best)" in page
     assert "data size: 600 images, box AP" in page and "fits of best AP" not in page  # 2 lengths: no fit
+
+
+def test_runs_table_gives_precision_and_own_training_time_and_the_page_shows_notes(tmp_path):
+    import json
+
+    import yaml
+
+    def write(name, config, records):
+        d = tmp_path / "study" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    base = {"solver": {"max_iter": 40, "steps": [30], "ims_per_batch": 4, "warmup_iters": 1}, "model": {"init": "random"}}
+    line = lambda it, t, **k: {"iteration": it, "loss": 1.0, "lr": 0.1, "images_seen": 4 * it, "time_per_iter": t, **k}  # noqa: E731
+    ev = lambda it: {"iteration": it, "bbox/AP": 10.0, "segm/AP": 9.0}  # noqa: E731
+    write("trunk", {**base, "train": {"amp": "off"}}, [line(20, 0.5), ev(20), line(40, 0.25), ev(40)])
+    # A branch: its first line is the trunk's (copied, marked), its own tail 10 iterations at 1 s.
+    branch = {**base, "solver": {**base["solver"], "max_iter": 30, "steps": [25]}, "train": {"amp": "auto"}}
+    write("branch", branch, [line(20, 0.5, branched_from="trunk"), ev(20) | {"branched_from": "trunk"},
+                             line(30, 1.0), ev(30)])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Measured wall time: 53 min in fp32.\n\nSecond <caveat>.\n")
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "study"), "--out", str(out), "--notes", str(notes)]) == 0
+    rows = _rows(out / "tables" / "runs.csv")
+    assert rows["trunk"]["precision"] == "fp32" and float(rows["trunk"]["training time (min)"]) == pytest.approx(
+        (20 * 0.5 + 20 * 0.25) / 60, abs=0.01)
+    assert rows["branch"]["precision"].startswith("auto") and float(rows["branch"]["training time (min)"]) == \
+        pytest.approx(10 * 1.0 / 60, abs=0.01)
+    page = (out / "index.html").read_text()
+    assert "<h2>Notes</h2><p>Measured wall time: 53 min in fp32.</p><p>Second &lt;caveat&gt;.</p>" in page
+    assert "training steps logged by the runs: 0.4 min in all" in page
