@@ -326,7 +326,7 @@ REMOVED_KEYS = {
 
 # Keys added since runs were first saved, with the value that gives the old behaviour: a config saved
 # before a key existed reads as having it at that value.
-ADDED_KEYS = {"data.fit": False}
+ADDED_KEYS = {"data.fit": False, "data.multiscale": "image"}
 
 
 def without_removed(flat: dict[str, Any]) -> dict[str, Any]:

@@ -298,3 +298,13 @@ def test_a_retired_preset_says_why_and_what_instead():
         load_config("small_real")
     with pytest.raises(ConfigError, match="unknown preset 'no_such'"):
         load_config("no_such")
+
+
+def test_a_config_saved_before_a_key_existed_reads_with_the_old_behaviour():
+    # A run directory from before data.fit / data.multiscale existed: read back, it matches today's defaults, so a
+    # resumed, branched or reported old run neither drifts from nor splits from the same run saved today.
+    from scratchdet.config import flatten, without_removed
+
+    now = flatten(to_dict(load_config(None)))
+    old = {k: v for k, v in now.items() if k not in ("data.fit", "data.multiscale")}
+    assert without_removed(old) == now
