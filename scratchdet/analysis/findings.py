@@ -166,6 +166,7 @@ class Paired:
         self.resamples, self.seed, self.level, self.margin = resamples, seed, level, margin
         self._cache: dict[tuple[Any, ...], dict | list[str]] = {}
         self._decoded: dict[tuple[str, str], Matches] = {}
+        self._replicates: dict[tuple[Any, ...], np.ndarray] = {}
 
     def matches(self, p: Point, iou_type: str) -> Matches | None:
         """The run's final per-image matches of ``iou_type``, decoded once; None where it recorded none."""
@@ -175,6 +176,16 @@ class Paired:
         if key not in self._decoded:
             self._decoded[key] = matches_from_record(p.matches[iou_type])
         return self._decoded[key]
+
+    def lengths(self, names: list[list[str]], matches: list[list[Matches]], iou_type: str, *,
+                paired_seeds: bool) -> np.ndarray:
+        """``bootstrap.length_replicates`` of one arm's runs (``names`` per length), once per arm and type: the
+        pretrained arm's fits with and without its pre-training counted resample the same runs."""
+        key = ("lengths", tuple(map(tuple, names)), iou_type, paired_seeds)
+        if key not in self._replicates:
+            self._replicates[key] = length_replicates(matches, resamples=self.resamples, seed=self.seed,
+                                                      paired_seeds=paired_seeds)
+        return self._replicates[key]
 
     def get(self, scratch: Point | list[Point], pre: Point | list[Point], iou_type: str, *,
             paired_seeds: bool = False) -> dict | list[str]:
@@ -403,7 +414,7 @@ def _pool_lengths(pts: list[Point], t: str, paired: Paired, *, counted: bool = F
     # has the same seeds; otherwise each length's seeds are drawn apart.
     same_seeds = len({tuple(p.seed for p in g) for g in groups}) == 1
     try:
-        rep = length_replicates(matches, resamples=paired.resamples, seed=paired.seed, paired_seeds=same_seeds)
+        rep = paired.lengths([[p.name for p in g] for g in groups], matches, t, paired_seeds=same_seeds)
     except ValueError as e:
         return _Lengths(xs, ys, None, str(e), names)
     return _Lengths(xs, ys, rep, "", names)
@@ -501,9 +512,8 @@ def prediction(points: list[Point], paired: Paired) -> Section:
     a holdout check; intervals from refits on joint resamples of each length's validation images and seeds."""
     sec = Section("Prediction (an extrapolation, not a measurement)")
     arms = _arms(points)
-    form = _compare_forms(sec, arms) or "power law"
-    forms_section = (list(sec.lines), list(sec.tables))
-    sec.lines, sec.tables = [], []
+    forms = Section("")  # stated first on the page, its table last
+    form = _compare_forms(forms, arms) or "power law"
     fits, hold = [], []
     for group in sorted({g for g, _ in arms}, key=lambda g: arms.get((g, False), arms.get((g, True)))[0].size_rank):
         scratch, pre = arms.get((group, False), []), arms.get((group, True), [])
@@ -535,7 +545,7 @@ def prediction(points: list[Point], paired: Paired) -> Section:
                 fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], pf.form, len(pooled.xs),
                              None if pf.form == "log-linear" else pf.a, *_interval_cells(pf.interval), pf.rmse,
                              pf.at_bound])
-    sec.lines = forms_section[0] + sec.lines
+    sec.lines[:0] = forms.lines
     lv = _level(paired.level)
     if fits:
         sec.tables.append(TableData(
@@ -551,7 +561,7 @@ def prediction(points: list[Point], paired: Paired) -> Section:
             "Prediction, validated: fitted up to half the longest length, the longer lengths predicted",
             ["arm", "init", "AP", "form", "run(s)", "images", "seen AP", "predicted AP", "error"], hold,
             "Error = predicted - seen, AP points.", "prediction_holdout.csv"))
-    sec.tables += forms_section[1]
+    sec.tables += forms.tables
     return sec
 
 
