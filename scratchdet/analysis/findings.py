@@ -45,6 +45,7 @@ TYPE_TITLES = {"bbox": "box AP", "segm": "mask AP"}
 RANDOM, PRETRAINED = "random init", "pretrained"  # report.py's wording of the two arms
 ARM_COLORS = {False: "#1f77b4", True: "#ff7f0e"}
 GROUP_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+AP_CEILING = 100.0  # COCO AP is a percentage: a fitted plateau above it is no plateau of AP
 PLATEAU_GAIN = 1.0  # AP points: a last doubling adding less is a plateau (the paper's curves flatten to ~0.5)
 END_SHARE = 0.1  # "training loss at the end": the mean over the log lines of the last 10 % of iterations
 
@@ -356,10 +357,20 @@ def plateau_check(points: list[Point], paired: Paired | None = None) -> Section:
 
 
 def _fit_line(fit: CurveFit, n: int, measured: float | None = None) -> str:
+    """One fit in words.  A plateau the points do not show (c at its search limit) or above AP's ceiling of 100
+    is said to be not identified before its number, so that the number is not read as a prediction."""
     lo, hi = fit.interval
+    unidentified = []
+    if fit.at_bound:
+        unidentified.append("the points do not show the bend (c at its search limit)")
+    if fit.form != "log-linear" and fit.a > AP_CEILING:
+        unidentified.append(f"the curve levels off above AP's ceiling of {AP_CEILING:g}")
     if fit.form == "log-linear":
         text = (f"log-linear, +{fit.b * math.log(2):.2f} AP per doubling from {n} lengths (rmse {fit.rmse:.2f}): "
                 "the chosen form never levels off, so no plateau")
+    elif unidentified:
+        text = (f"no plateau identified: {'; '.join(unidentified)}; the fit's a = {fit.a:.2f} from {n} lengths "
+                f"(rmse {fit.rmse:.2f}) is not a prediction")
     elif math.isnan(lo):
         text = f"plateau {fit.a:.2f} from {n} lengths (rmse {fit.rmse:.2f}), no interval: {fit.why_no_interval}"
     else:
@@ -368,9 +379,12 @@ def _fit_line(fit: CurveFit, n: int, measured: float | None = None) -> str:
     if measured is not None and fit.plateau < measured:
         text += (f"; FLAGGED: the plateau lies below a measured AP ({measured:.2f}): the curve does not describe "
                  "these runs, and is not used")
-    if fit.at_bound:
-        text += "; the points do not show the bend (c at its search limit): the plateau is not identified"
     return text
+
+
+def _identified(fit: CurveFit) -> bool:
+    """Whether the fit's plateau may be read as one: a saturating form, c inside its search range, a <= 100."""
+    return fit.form != "log-linear" and not fit.at_bound and fit.a <= AP_CEILING
 
 
 def _interval_cells(interval: tuple[float, float]) -> tuple[float | None, float | None]:
@@ -429,9 +443,12 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
     if pooled.why:
         _note(sec, f"{RANDOM}{where}, {TYPE_TITLES[t]}: no interval for the fit: {pooled.why}")
     measured = float(ys.max())  # the best length's seed mean: what the fit is drawn through
-    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: predicted {_fit_line(fit, len(xs), measured)}")
+    text = _fit_line(fit, len(xs), measured)
+    sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: "
+                     + (f"predicted {text}" if text.startswith("plateau") else text))
     fits.append([label, RANDOM, "own images", TYPE_TITLES[t], fit.form, len(xs),
-                 None if fit.form == "log-linear" else fit.a, *_interval_cells(fit.interval), fit.rmse, fit.at_bound])
+                 None if fit.form == "log-linear" else fit.a, *_interval_cells(fit.interval), fit.rmse, fit.at_bound,
+                 _identified(fit)])
     if p_pts and fit.plateau >= measured:  # a plateau below a measured AP is flagged, and nothing is read from it
         pre = _pool_lengths(p_pts, t, paired, replicates=False)
         k = int(np.argmax(pre.ys))
@@ -441,10 +458,13 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
                       f"at {_count(r.images)} images seen " + (
                           f"(no interval: {fit.why_no_interval or 'none'})" if math.isnan(r.low) else
                           f"[{_count(r.low)}, {_count(r.high)}]") + f", {r.images / xs.max():.3g}x its longest run's images")
+        # Reaching the other arm's best run is catching up only if that arm has stopped rising there.
+        still = ("; the pretrained arm's best is its longest run, and reaching an arm that may still rise is not "
+                 "catching up with it (its plateau check above)" if k == len(pre.ys) - 1 else "")
         sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: reaches the {PRETRAINED} arm's best "
-                         f"length ({names}: {target:.2f}, its seeds' mean) {where_seen}")
+                         f"length ({names}: {target:.2f}, its seeds' mean) {where_seen}{still}")
         fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {target:.2f}", TYPE_TITLES[t], fit.form,
-                     len(xs), r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound])
+                     len(xs), r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound, None])
     # Validate on the study itself: fit the lengths up to half the longest, predict the longer ones.
     split = float(xs.max()) / 2
     n_train = int((xs <= split).sum())
@@ -544,18 +564,21 @@ def prediction(points: list[Point], paired: Paired) -> Section:
                                  f"{_fit_line(pf, len(pooled.xs), float(max(p.ap[t] for p in p_pts)))}")
                 fits.append([label, PRETRAINED, axis, TYPE_TITLES[t], pf.form, len(pooled.xs),
                              None if pf.form == "log-linear" else pf.a, *_interval_cells(pf.interval), pf.rmse,
-                             pf.at_bound])
+                             pf.at_bound, _identified(pf)])
     sec.lines[:0] = forms.lines
     lv = _level(paired.level)
     if fits:
         sec.tables.append(TableData(
             f"Prediction: fits of {points[0].ap_mode} AP against images seen (extrapolation)",
             ["arm", "init", "x / target", "AP", "form", "lengths", "plateau (AP) or images to reach", f"{lv} lo",
-             f"{lv} hi", "rmse", "c at search limit"], fits,
+             f"{lv} hi", "rmse", "c at search limit", "plateau identified"], fits,
             f"The form the rule picked (table below), fitted to each length's {points[0].ap_mode} AP (seeds pooled); "
             "intervals: the form refitted on joint resamples of every length's validation images and seeds "
-            f"(none from fewer lengths than its parameters + 2). An extrapolation beyond the longest run: a model's "
-            "guess, not a measurement.", "prediction.csv"))
+            f"(none from fewer lengths than its parameters + 2). A plateau is identified only where c stayed inside "
+            f"its search range and the plateau is at most {AP_CEILING:g} AP; otherwise its number is the fit's a, not a "
+            "prediction. The exponential is unchanged by shifting x, so counting the pre-training's images leaves its "
+            "plateau as it is. An extrapolation beyond the longest run: a model's guess, not a measurement.",
+            "prediction.csv"))
     if hold:
         sec.tables.append(TableData(
             "Prediction, validated: fitted up to half the longest length, the longer lengths predicted",

@@ -831,8 +831,8 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
     sections += [table_html(t1), table_html(ts), table_html(cb), table_html(cs),
                  "<h2>Images, instances and pixels seen (Fig. 2)</h2>" +
                  _figure(png_seen, "seen", "Images, instances and pixels each run saw: detection training in the run's "
-                         "colour (as in the AP figure), its pre-training's (grey, hatched; one instance per "
-                         "classification image) stacked before it, as the paper's Fig. 2 counts them.") +
+                         "colour (a run and its pretrained twin share one), its pre-training's (grey, hatched; one "
+                         "instance per classification image) stacked before it, as the paper's Fig. 2 counts them.") +
                  table_html(seen),
                  table_html(runs_table(runs))]
     tables += [t1, ts, cb, cs, seen, runs_table(runs)]

@@ -311,3 +311,25 @@ def test_length_replicates_draw_the_images_jointly_and_pair_seeds():
         [np.mean([ap_from_matches(m) for m in runs]) for runs in lengths], abs=1.5)
     with pytest.raises(ValueError, match="every length needs"):
         length_replicates([lengths[0], []], resamples=300)
+
+
+def test_a_run_is_resampled_once_per_set_of_weights(monkeypatch):
+    """A report asks for one run on the same resamples in several places; the AP per resample is computed once,
+    and new weights (another seed) are computed afresh, not served from the cache."""
+    from scratchdet.analysis import bootstrap
+
+    rng = np.random.default_rng(5)
+    a, b = (_simple_matches(rng.uniform(size=80) < p) for p in (0.4, 0.5))
+    calls = []
+    real = bootstrap._ap_batch
+    # Resampled calls only: the point estimates (all weights one) are one row each and cheap.
+    monkeypatch.setattr(bootstrap, "_ap_batch", lambda m, w: (len(w) > 1 and calls.append(id(m))) or real(m, w))
+    first = replicate_bootstrap([a], [b], resamples=200, seed=0)
+    assert len(calls) == 2
+    again = replicate_bootstrap([a], [b], resamples=200, seed=0)
+    rep = bootstrap.length_replicates([[a], [b]], resamples=200, seed=0)
+    assert len(calls) == 2  # both runs served from the cache
+    assert again == first
+    np.testing.assert_array_equal(rep[:, 0], real(a, bootstrap._resample_weights(np.random.default_rng(0), 200, 80)))
+    other = replicate_bootstrap([a], [b], resamples=200, seed=1)
+    assert len(calls) == 4 and other["interval_diff"] != first["interval_diff"]

@@ -254,6 +254,23 @@ def test_prediction_recovers_a_known_plateau_and_validates(tmp_path):
     assert ("pretrained", "images incl. pre-training", "box AP") in fits
 
 
+def test_a_plateau_above_100_ap_is_not_identified_and_reaching_a_rising_arm_is_not_catching_up(tmp_path):
+    # An exact power law whose plateau (150) lies above AP's ceiling while every point is under 100: the fit is
+    # exact, its a is no plateau of AP, and the words must not present it as a prediction.
+    images = [IMS * 50 * 2 ** k for k in range(5)]
+    _arm(tmp_path, [150 - 130 * (x / images[0]) ** (-1 / 3) for x in images])
+    _arm(tmp_path, [38.0, 39.0, 39.5], pretrained=True)  # still rising at its longest run
+    sec = prediction(_points(tmp_path), _paired())
+    table = sec.tables[0]
+    row = next(r for r in table.rows if r[1:4] == ["random init", "own images", "box AP"])
+    assert row[6] == pytest.approx(150, abs=0.1) and row[table.columns.index("plateau identified")] is False
+    line = next(x for x in sec.lines if x.startswith("EXTRAPOLATION, random init, box AP: no plateau identified"))
+    assert "no plateau identified: the curve levels off above AP's ceiling of 100" in line
+    assert "predicted plateau" not in line
+    reach_line = next(x for x in sec.lines if "reaches the pretrained arm's best length" in x and "box AP" in x)
+    assert "is not catching up with it" in reach_line
+
+
 def test_prediction_intervals_come_from_joint_resamples_of_each_length(tmp_path):
     # Five lengths, each run finding more of the same 30 images' objects: the plateau's interval is the power
     # law refitted on joint resamples of those images (each length's own uncertainty), and says so.
