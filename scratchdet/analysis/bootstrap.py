@@ -76,8 +76,8 @@ def _ap_batch(matches: Matches, weights: np.ndarray) -> np.ndarray:
 
 # A run's AP on each resample is what a study's report spends its time on (seconds per run and type at 1,000
 # resamples, 500 images), and a report asks for the same run on the same resamples in several places (catch-up,
-# plateau, the fits).  Kept per Matches object (dropped with it), keyed by the resample weights' bytes, so a hit is
-# the same computation by construction.
+# plateau, the fits).  Kept per Matches object (dropped with it), keyed by the resample weights' shape and bytes, so
+# a hit is the same computation by construction; a Matches object is not to be changed in place once resampled.
 _AP_CACHE: dict[int, tuple[weakref.ref, dict[bytes, np.ndarray]]] = {}
 
 
@@ -88,11 +88,12 @@ def _resampled_ap(matches: Matches, weights: np.ndarray) -> np.ndarray:
         key_id = id(matches)
         entry = (weakref.ref(matches, lambda _, k=key_id: _AP_CACHE.pop(k, None)), {})
         _AP_CACHE[key_id] = entry
-    key = hashlib.blake2b(np.ascontiguousarray(weights).view(np.uint8).ravel(), digest_size=16).digest()
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    key = repr(weights.shape).encode() + hashlib.blake2b(weights.view(np.uint8).ravel(), digest_size=16).digest()
     if key not in entry[1]:
         entry[1][key] = _ap_batch(matches, weights)
         entry[1][key].setflags(write=False)
-    return entry[1][key]
+    return entry[1][key].view()  # a view: its caller cannot make the cached array writable again
 
 
 def _check_paired(matches_a: Matches, matches_b: Matches) -> None:

@@ -106,6 +106,9 @@ class Section:
     stem: str = ""
     caption: str = ""
     missing: list[str] = field(default_factory=list)  # what the runs lack for this answer
+    # The verdicts the overall answer reads (``answer``): catch-up's at each group's longest schedule per AP type,
+    # (group label, AP type) -> (schedule, verdict); the plateau check's, (group label, pretrained, AP type) -> words.
+    facts: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
 
 def _count(x: float) -> str:
@@ -250,6 +253,7 @@ def catch_up(points: list[Point], paired: Paired) -> Section:
                          got["diff"], dlo, dhi, got["covers"], text, names])
             where = f"{s.schedule}{', ' + s.group_label if s.group_label else ''}, {TYPE_TITLES[t]}"
             sec.lines.append(f"{where} ({len(ss_t)} / {len(ps_t)} seeds; the interval covers {got['covers']}): {text}")
+            sec.facts[(s.group_label, t)] = (s.schedule, text)  # rows run shortest first: the longest stays
     note = ("Final AP (%)." if all(r[-2].startswith("no interval") for r in rows) else
             f"Final AP (%), each arm the mean over its seeds (runs that differ only in train.seed are replicates, "
             f"pooled), with {lv} percentile intervals of a two-stage bootstrap ({paired.resamples} resamples, seed "
@@ -337,6 +341,7 @@ def plateau_check(points: list[Point], paired: Paired | None = None) -> Section:
             ratio = long_.images / max(short.images, 1)
             span = "" if abs(ratio - 2) < 0.05 else f" (from {short.schedule} to {long_.schedule}: {ratio:.3g}x images)"
             sec.lines.append(f"{who}, {TYPE_TITLES[t]}: {text}{span}")
+            sec.facts[(label, pretrained, t)] = text
             rows.append([label or short.subset_label, PRETRAINED if pretrained else RANDOM, TYPE_TITLES[t],
                          ", ".join(p.name for p in longs), long_.images, ", ".join(p.name for p in shorts), short.images,
                          round(gain, 4), *(interval if interval else (None, None)), text])
@@ -461,8 +466,13 @@ def _predict_scratch(sec: Section, s_pts: list[Point], p_pts: list[Point], t: st
         # Reaching the other arm's best run is catching up only if that arm has stopped rising there.
         still = ("; the pretrained arm's best is its longest run, and reaching an arm that may still rise is not "
                  "catching up with it (its plateau check above)" if k == len(pre.ys) - 1 else "")
+        # The reach of an unidentified fit is the curve's local shape carried past the data: its interval is
+        # sampling noise only, and the form's own error (the holdout below) can be larger.
+        shaky = ("" if _identified(fit) or fit.form == "log-linear" else
+                 "; from a fit with no identified plateau: the interval covers sampling noise only, not the form's "
+                 "error (the holdout check below)")
         sec.lines.append(f"EXTRAPOLATION, {RANDOM}{where}, {TYPE_TITLES[t]}: reaches the {PRETRAINED} arm's best "
-                         f"length ({names}: {target:.2f}, its seeds' mean) {where_seen}{still}")
+                         f"length ({names}: {target:.2f}, its seeds' mean) {where_seen}{still}{shaky}")
         fits.append([label, RANDOM, f"reaches {PRETRAINED}'s best {target:.2f}", TYPE_TITLES[t], fit.form,
                      len(xs), r.images, *_interval_cells((r.low, r.high)), None, fit.at_bound, None])
     # Validate on the study itself: fit the lengths up to half the longest, predict the longer ones.
@@ -492,8 +502,9 @@ def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[P
             if len({p.images for p in pts}) < 3:
                 continue
             xs, ys = np.array([p.images for p in pts], float), np.array([p.ap[t] for p in pts])
+            longest = max(p.images for p in pts)
             row = [pts[0].group_label or pts[0].subset_label, PRETRAINED if pretrained else RANDOM, TYPE_TITLES[t],
-                   len(set(xs.tolist())), max(pts, key=lambda p: p.images).name]
+                   len(set(xs.tolist())), ", ".join(p.name for p in pts if p.images == longest)]
             errs = {form: leave_last_out(form, xs, ys) for form in FORM_PARAMS}
             row += [None if e is None else round(e, 4) for e in errs.values()]
             # Forms are compared on the same arms only: a form tested where the others could not be (a 2-parameter
@@ -514,9 +525,10 @@ def _compare_forms(sec: Section, arms: dict[tuple[tuple[str, ...], bool], list[P
                          f"forms need 5; the rule: {rule}); the extrapolations use the power law, untested here: read "
                          "them as a guess")
     else:
-        sec.lines.append(f"curve forms: mean absolute leave-last-out error {means} AP over the {complete} arm(s) where "
-                         f"every form could be tested; the rule ({rule}) picks the {chosen}, and the extrapolations "
-                         "below use it")
+        sec.lines.append(f"curve forms: mean absolute leave-last-out error {means} AP over {complete} arm and AP-type "
+                         f"pair(s) where every form could be tested (box and mask AP of the same runs are not "
+                         f"independent checks); the rule ({rule}) picks the {chosen}, and the extrapolations below use "
+                         "it")
     sec.tables.append(TableData(
         "Prediction, forms compared: each fitted without the longest length, predicting it",
         ["data", "init", "AP", "lengths", "longest run", *[f"{f} error" for f in FORM_PARAMS]], rows,
@@ -773,19 +785,51 @@ def ap_vs_seen(points: list[Point]) -> Section:
     return sec
 
 
+# --------------------------------------------------------------------------- the answer
+
+
+def answer(catch: Section, plateau: Section) -> Section:
+    """The study's question in one line per arm group and AP type, from catch-up's verdict at the longest schedule
+    and both arms' plateau checks: "caught up" only from an equivalence verdict; behind at the longest length is
+    "not caught up" only where random init has levelled off, else "inconclusive", and says why."""
+    sec = Section("Answer: does random init catch up with pretrained?")
+    for (group, t), (schedule, verdict_text) in catch.facts.items():
+        mine = plateau.facts.get((group, False, t), "")
+        theirs = plateau.facts.get((group, True, t), "")
+        head = f"{group + ', ' if group else ''}{TYPE_TITLES[t]}, at the longest schedule {schedule}"
+        other = (" The pretrained arm has not levelled off either: both stop short of where the paper compares "
+                 "them." if not theirs.startswith("levelled off") else "")
+        if " equivalent to " in verdict_text:
+            text = f"CAUGHT UP: {verdict_text}."
+        elif " ahead of " in verdict_text:
+            text = f"AHEAD: {verdict_text}."
+        elif " behind " in verdict_text and mine.startswith("levelled off"):
+            text = f"NOT CAUGHT UP: {verdict_text}, and random init has levelled off there."
+        elif " behind " in verdict_text:
+            why = mine or "no plateau check"
+            text = (f"INCONCLUSIVE: {verdict_text}, but random init has not been shown to level off ({why}): "
+                    "whether it catches up is not known; longer schedules would tell.")
+        else:
+            text = (f"INCONCLUSIVE: {verdict_text}; more validation images or seeds would narrow the interval.")
+        sec.lines.append(f"{head}: {text}{other}")
+    if not sec.lines:
+        sec.missing.append("no random-init run with a pretrained twin and an interval: no answer")
+    return sec
+
+
 # --------------------------------------------------------------------------- all of it
 
 
 def analyze(points: list[Point], *, resamples: int = 1000, seed: int = 0, level: float = 0.95,
             margin: float = DEFAULT_MARGIN) -> list[Section]:
-    """The five answers, each saying what it lacks where the runs do not have it."""
+    """The answer, then the five findings it rests on, each saying what it lacks where the runs do not have it."""
     if resamples < 200:
         raise ValueError(f"resamples={resamples}: percentile intervals need at least 200 resamples")
     if margin <= 0:
         raise ValueError(f"margin={margin}: an equivalence margin is a positive number of AP points")
     paired = Paired(resamples=resamples, seed=seed, level=level, margin=margin)
-    return [catch_up(points, paired), plateau_check(points, paired),
-            prediction(points, paired), breakdown(points, paired),
+    catch, plateau = catch_up(points, paired), plateau_check(points, paired)
+    return [answer(catch, plateau), catch, plateau, prediction(points, paired), breakdown(points, paired),
             ap_vs_seen(points)]
 
 

@@ -519,7 +519,7 @@ def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str 
     def label(rs: list[Run]) -> str:
         text = f"{PRETRAINED if rs[0].pretrained else RANDOM}, {kind(rs)}"
         if rs[0].name in shift and not drawn:
-            text += f" (after {shift[rs[0].name]:,.0f} it of pre-training, not drawn)"
+            text += f" (after pre-training on {rs[0].seen['pretrain_images_seen']:,} images, not drawn)"
         return text
 
     ordered = sorted(series, key=lambda rs: (rs[0].pretrained, SCHEDULE_DIM.order(rs[0]), label(rs)))
@@ -537,7 +537,10 @@ def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str 
                 xs, mean, lo, hi = _pooled(rs, t)
                 xs = [x + offset for x in xs]
                 c = color(rs)
-                ax.plot(xs, mean, color=c, ls="--" if rs[0].pretrained else "-", lw=2, marker="o", ms=3.5)
+                # Markers tell the arms apart too: a run evaluated once is a dot, where no dash can show.
+                ax.plot(xs, mean, color=c, ls="--" if rs[0].pretrained else "-", lw=2,
+                        marker="s" if rs[0].pretrained else "o", ms=4 if rs[0].pretrained else 3.5,
+                        mfc="white" if rs[0].pretrained else c)
                 if len(rs) > 1:
                     ax.fill_between(xs, lo, hi, color=c, alpha=0.2, lw=0)
                 steps = [x + offset for x in (rs[0].schedule.steps if rs[0].schedule else ())]
@@ -552,7 +555,8 @@ def curves_figure(runs: list[Run], *, pretrain_offset: bool = False, title: str 
             ax.set_xlim(left=0)
             ax.set_ylim(bottom=0)
     entries = {label(rs): (color(rs), "--" if rs[0].pretrained else "-") for rs in ordered}  # one per curve kind
-    handles = [Line2D([], [], color=c, lw=2, ls=ls, label=text) for text, (c, ls) in entries.items()]
+    handles = [Line2D([], [], color=c, lw=2, ls=ls, marker="s" if ls == "--" else "o", ms=4,
+                      mfc="white" if ls == "--" else c, label=text) for text, (c, ls) in entries.items()]
     if any(len(rs) > 1 for rs in series):
         handles.append(Patch(color="#555555", alpha=0.25, label="seeds pooled: the mean, a band from lowest to highest"))
     handles.append(Line2D([], [], color="#555555", ls="none", marker="|", ms=9, mew=1.5,
@@ -581,8 +585,9 @@ def seen_figure(runs: list[Run]) -> Figure:
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000 (pixels run to billions)
         ax.grid(True, axis="x", alpha=0.3)
     axes[0].set_yticks(ys, [r.name for r in runs], fontsize=8)
-    fig.legend([Patch(color=PRETRAIN_GREY, label="pre-training"), Patch(color="#555555", label="detection training")],
-               ["pre-training", "detection training"], loc="upper right", fontsize=8, frameon=False, ncol=2)
+    fig.legend([Patch(color=PRETRAIN_GREY), Patch(color="#555555")],
+               ["pre-training", "detection training (in the run's colour)"], loc="upper right", fontsize=8,
+               frameon=False, ncol=2)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
 
@@ -739,10 +744,11 @@ def _logged(run: Run, key: str) -> bool:
     return any(key in x for x in run.records)
 
 
-def findings_section(sections: list[Any], pngs: dict[str, bytes]) -> str:
+def findings_section(sections: list[Any], pngs: dict[str, bytes], *,
+                     heading: str = "Findings: the paper's questions, as these runs answer them") -> str:
     """The findings on the page: per answer its statements, what it lacks, its figure and tables."""
     e = html.escape
-    parts = ["<h2>Findings: the paper's questions, as these runs answer them</h2>"]
+    parts = [f"<h2>{e(heading, quote=False)}</h2>"]
     for sec in sections:
         parts.append(f"<h3>{e(sec.title)}</h3>")
         if sec.lines:
@@ -817,7 +823,9 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
         if sec.figure is not None:
             pngs[sec.stem] = save_figure(sec.figure, out, sec.stem)
             written += [out / f"{sec.stem}.png", out / f"{sec.stem}.svg"]
-    sections.append(findings_section(found, pngs))
+    # The answer first on the page (under the notes), its evidence in the findings below.
+    sections.insert(0, findings_section(found[:1], pngs, heading="Answer"))
+    sections.append(findings_section(found[1:], pngs))
     (out / "findings.txt").write_text(findings_text(found, lambda t: table_text(Table(*t))), encoding="utf-8")
     written.append(out / "findings.txt")
     t1 = pivot(runs, primary=SCHEDULE_DIM, title="Table 1: schedule x init", csv_name="table1_schedule.csv",

@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from scratchdet.analysis.bootstrap import ap_from_matches
-from scratchdet.analysis.findings import Paired, analyze, breakdown, catch_up, plateau_check, plateau_statement, prediction
+from scratchdet.analysis.findings import (
+    Paired,
+    analyze,
+    answer,
+    breakdown,
+    catch_up,
+    plateau_check,
+    plateau_statement,
+    prediction,
+)
 from scratchdet.analysis.report import build_report, load_runs, study_points
 from scratchdet.evaluation import matches_record, per_image_matches
 
@@ -132,6 +141,33 @@ def test_worse_scratch_is_behind_and_pairing_is_by_config(tmp_path, case):
     assert behind[cols.index("verdict")].startswith("random init behind pretrained by")
     assert behind[cols.index("difference hi")] < 0
     assert behind[cols.index("random init")] == pytest.approx(ap_from_matches(case["bad"]))
+
+
+def test_the_answer_says_inconclusive_unless_scratch_levelled_off_or_matched(tmp_path, case):
+    # Behind at the longest schedule and still rising: inconclusive, with why; levelled off behind: not caught up;
+    # equivalent at the longest: caught up.  Never "caught up" from an interval that merely holds 0.
+    dataset, results = _case()
+    case = {**case, "mid": per_image_matches(coco_from_dict(dataset), _worse(results, 0.25), "bbox")}
+
+    def study(root: Path, rand: tuple, pre: tuple):
+        for n, r, p in zip((40, 80), rand, pre):
+            _run(root, f"rand_{n}", pretrained=False, max_iter=n, matches=case[r])
+            _run(root, f"pre_{n}", pretrained=True, max_iter=n, matches=case[p])
+        pts, paired = _points(root), _paired()
+        return answer(catch_up(pts, paired), plateau_check(pts, paired)).lines
+
+    rising = study(tmp_path / "rising", ("bad", "mid"), ("good", "good"))
+    box = next(x for x in rising if x.startswith("box AP, at the longest schedule 80 it"))
+    assert "INCONCLUSIVE: random init behind pretrained by" in box and "not been shown to level off" in box
+    assert "not levelled off either" not in box  # pretrained's last doubling adds exactly 0
+    both_rising = study(tmp_path / "both", ("bad", "mid"), ("bad", "good"))
+    assert "The pretrained arm has not levelled off either" in next(x for x in both_rising if x.startswith("box AP"))
+    flat = study(tmp_path / "flat", ("bad", "bad"), ("good", "good"))
+    box = next(x for x in flat if x.startswith("box AP"))
+    assert "NOT CAUGHT UP" in box and "has levelled off" in box
+    matched = study(tmp_path / "matched", ("bad", "good"), ("good", "good"))
+    assert next(x for x in matched if x.startswith("box AP")).startswith(
+        "box AP, at the longest schedule 80 it: CAUGHT UP: random init equivalent to pretrained")
 
 
 def _seed_run(root: Path, name: str, seed: int, **kw) -> Path:
@@ -269,6 +305,18 @@ def test_a_plateau_above_100_ap_is_not_identified_and_reaching_a_rising_arm_is_n
     assert "predicted plateau" not in line
     reach_line = next(x for x in sec.lines if "reaches the pretrained arm's best length" in x and "box AP" in x)
     assert "is not catching up with it" in reach_line
+    assert "from a fit with no identified plateau" in reach_line
+
+
+def test_a_plateau_below_a_measured_ap_is_flagged_and_not_used(tmp_path):
+    # The arm peaks at its third length (36.0) and settles lower: the fitted plateau (about 35.6) lies below a
+    # measured AP, so the curve does not describe the runs: flagged, and no "reaches" line is read from it.
+    _arm(tmp_path, [20.0, 30.0, 36.0, 35.0, 35.5])
+    _arm(tmp_path, [38.0, 39.0, 39.5], pretrained=True)
+    sec = prediction(_points(tmp_path), _paired())
+    line = next(x for x in sec.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
+    assert "FLAGGED: the plateau lies below a measured AP (36.00)" in line and "is not used" in line
+    assert not any("reaches the pretrained arm's best length" in x for x in sec.lines)
 
 
 def test_prediction_intervals_come_from_joint_resamples_of_each_length(tmp_path):
@@ -312,7 +360,7 @@ def test_prediction_reads_seed_means_and_compares_forms_on_the_same_arms(tmp_pat
     sec = prediction(_points(tmp_path), _paired())
     line = next(x for x in sec.lines if x.startswith("EXTRAPOLATION, random init, box AP"))
     assert "plateau 40.00" in line and "FLAGGED" not in line
-    assert any("over the 2 arm(s) where every form could be tested" in x and "picks the power law" in x
+    assert any("over 2 arm and AP-type pair(s) where every form could be tested" in x and "picks the power law" in x
                for x in sec.lines)  # random init's box and mask AP; not pretrained's 4 lengths
     reach_line = next(x for x in sec.lines if "reaches the pretrained arm's best length" in x and "box AP" in x)
     assert "(pre_400: 39.00, its seeds' mean)" in reach_line and "no interval: no replicates" in reach_line

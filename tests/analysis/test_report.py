@@ -204,7 +204,7 @@ def test_one_panel_per_data_size_arms_in_the_papers_words(grid):
     assert titles == ["box AP, data size: 150 images", "mask AP, data size: 150 images",
                       "box AP, data size: 600 images", "mask AP, data size: 600 images"]
     for ax in fig.axes:  # each panel holds its data size's four curves, nothing empty
-        assert len([line for line in ax.lines if line.get_marker() == "o"]) == 4
+        assert len([line for line in ax.lines if line.get_marker() in ("o", "s")]) == 4
     texts = _legend_texts(fig)
     assert texts[:4] == ["random init, 360 it", "random init, 720 it", "pretrained, 360 it", "pretrained, 720 it"]
     assert len(texts) == 5 and "LR drop" in texts[4]  # no run names, no config strings
@@ -220,7 +220,7 @@ def test_lr_drops_are_short_ticks_in_their_curves_colour(grid):
         assert sorted(set(_ticks(ax))) == [240, 320, 480, 640]
         assert not ax.texts  # no stacked labels
         colors = {line.get_color() for line in ax.lines if line.get_marker() == "|"}
-        assert colors == {line.get_color() for line in ax.lines if line.get_marker() == "o"}
+        assert colors == {line.get_color() for line in ax.lines if line.get_marker() in ("o", "s")}
 
 
 def test_seed_replicates_are_one_curve_with_a_band(grid):
@@ -240,7 +240,7 @@ def test_seed_replicates_are_one_curve_with_a_band(grid):
         (grid / name / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {"seed": seed}}))
     fig = curves_figure(load_runs([grid]))
     ax = fig.axes[2]  # box AP at 600 images
-    curves = [line for line in ax.lines if line.get_marker() == "o"]
+    curves = [line for line in ax.lines if line.get_marker() in ("o", "s")]
     assert len(curves) == 4 and len(ax.collections) == 1  # the two seeds: one mean curve, one band
     mean = next(c for c in curves if c.get_xdata()[-1] == 720 and c.get_linestyle() == "-")
     assert list(mean.get_ydata()) == pytest.approx([19.2, 29.2, 39.2])  # the mean of 17.2 and 21.2, ...
@@ -253,13 +253,14 @@ def test_pretraining_is_counted_without_an_empty_panel_or_a_squashed_axis(grid):
     runs = load_runs([grid])
     fig = curves_figure(runs, pretrain_offset=True)
     assert len(fig.axes) == 4  # no panel of its own, nothing empty
-    # 24,000 iterations of pre-training against runs of 360-720: drawn, it would squash them; the legend says it.
+    # 96,000 images of pre-training (24,000 of these runs' iterations) against runs of 360-720: drawn, it would
+    # squash them; the legend says it.
     assert max(ax.get_xlim()[1] for ax in fig.axes) < 800
-    assert "pretrained, 720 it (after 24,000 it of pre-training, not drawn)" in _legend_texts(fig)
+    assert "pretrained, 720 it (after pre-training on 96,000 images, not drawn)" in _legend_texts(fig)
     for r in runs:  # a pre-training short enough to draw: the pretrained curves start after it
         r.records[:] = [{**x, "pretrain_images_seen": 4 * 300} if "pretrain_images_seen" in x else x for x in r.records]
     fig = curves_figure(runs, pretrain_offset=True)
-    firsts = sorted(line.get_xdata()[0] for line in fig.axes[0].lines if line.get_marker() == "o")
+    firsts = sorted(line.get_xdata()[0] for line in fig.axes[0].lines if line.get_marker() in ("o", "s"))
     assert firsts == [120, 240, 120 + 300, 240 + 300]
 
 
@@ -275,7 +276,7 @@ def test_an_unfinished_seed_does_not_hide_the_finished_ones_last_evaluation(grid
         cfg = yaml.safe_load((grid / name / "config.yaml").read_text())
         (grid / name / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {"seed": seed}}))
     ax = curves_figure(load_runs([grid])).axes[2]
-    solid = [line for line in ax.lines if line.get_marker() == "o" and line.get_linestyle() == "-"]  # random init
+    solid = [line for line in ax.lines if line.get_marker() in ("o", "s") and line.get_linestyle() == "-"]  # random init
     assert sorted(max(line.get_xdata()) for line in solid) == [360, 720]  # the 720-it arm still reaches 720
 
 
@@ -323,7 +324,8 @@ def test_findings_on_runs_without_matches_or_pretrain_pixels_say_what_they_lack(
     # Without intervals a large gain is still read: 360 -> 720 it at 600 images adds 3.6 AP.
     assert "data size: 600 images, box AP: NOT levelled off (last doubling adds 3.60" in page
     assert page.count("data:image/png;base64,") == 2  # Fig. 1 and the seen bars only
-    assert (out / "findings.txt").read_text().startswith("== Catch-up")
+    assert (out / "findings.txt").read_text().startswith(
+        "== Answer: does random init catch up with pretrained?\n- (not answered)")
     assert (out / "tables" / "catch_up.csv").is_file() and (out / "tables" / "plateau.csv").is_file()
 
 
