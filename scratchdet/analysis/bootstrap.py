@@ -223,19 +223,31 @@ def length_replicates(lengths: list[list[Matches]], *, resamples: int = 1000, se
     return np.stack(out, axis=1)
 
 
+def verdict_kind(lo: float, hi: float, margin: float = DEFAULT_MARGIN) -> str:
+    """``verdict``'s reading of an interval of b - a: "equivalent", "behind", "ahead" or "inconclusive"."""
+    if margin <= 0:
+        raise ValueError(f"margin={margin}: an equivalence margin is a positive number of AP points")
+    if -margin <= lo and hi <= margin:
+        return "equivalent"
+    if hi < 0:
+        return "behind"
+    if lo > 0:
+        return "ahead"
+    return "inconclusive"
+
+
 def verdict(diff: float, lo: float, hi: float, *, name_a: str, name_b: str, margin: float = DEFAULT_MARGIN) -> str:
     """Where b stands against a, from the difference b - a and its interval (AP points), against an
     equivalence margin ``m``: "equivalent within +-m" only when the whole interval lies inside [-m, m]
     (two one-sided tests' reading of an interval); "behind" / "ahead" when it excludes 0 and is not inside;
     "inconclusive" when it holds 0 but reaches past the margin: no gap was found, and none was ruled out."""
-    if margin <= 0:
-        raise ValueError(f"margin={margin}: an equivalence margin is a positive number of AP points")
+    kind = verdict_kind(lo, hi, margin)
     ci = f"[{lo:+.2f}, {hi:+.2f}]"
-    if -margin <= lo and hi <= margin:
+    if kind == "equivalent":
         return f"{name_b} equivalent to {name_a} within +-{margin:g} AP ({diff:+.2f} {ci})"
-    if hi < 0:
+    if kind == "behind":
         return f"{name_b} behind {name_a} by {-diff:.2f} AP {ci}"
-    if lo > 0:
+    if kind == "ahead":
         return f"{name_b} ahead of {name_a} by {diff:.2f} AP {ci}"
     return (f"inconclusive: {name_b} vs {name_a} {diff:+.2f} {ci}, the interval holds 0 but reaches past the "
             f"+-{margin:g} AP margin (not shown equivalent, not shown behind)")

@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from ..evaluation import Matches, matches_from_record
-from .bootstrap import DEFAULT_MARGIN, length_replicates, replicate_bootstrap, verdict
+from .bootstrap import DEFAULT_MARGIN, length_replicates, replicate_bootstrap, verdict, verdict_kind
 from .curvefit import (
     FORM_PARAMS,
     MIN_POINTS_FOR_INTERVAL,
@@ -107,7 +107,8 @@ class Section:
     caption: str = ""
     missing: list[str] = field(default_factory=list)  # what the runs lack for this answer
     # The verdicts the overall answer reads (``answer``): catch-up's at each group's longest schedule per AP type,
-    # (group label, AP type) -> (schedule, verdict); the plateau check's, (group label, pretrained, AP type) -> words.
+    # (group label, AP type) -> (schedule, verdict kind, words); the plateau check's, (group label, pretrained,
+    # AP type) -> (levelled off, words).
     facts: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
 
@@ -170,7 +171,6 @@ class Paired:
         self.resamples, self.seed, self.level, self.margin = resamples, seed, level, margin
         self._cache: dict[tuple[Any, ...], dict | list[str]] = {}
         self._decoded: dict[tuple[str, str], Matches] = {}
-        self._replicates: dict[tuple[Any, ...], np.ndarray] = {}
 
     def matches(self, p: Point, iou_type: str) -> Matches | None:
         """The run's final per-image matches of ``iou_type``, decoded once; None where it recorded none."""
@@ -180,16 +180,6 @@ class Paired:
         if key not in self._decoded:
             self._decoded[key] = matches_from_record(p.matches[iou_type])
         return self._decoded[key]
-
-    def lengths(self, names: list[list[str]], matches: list[list[Matches]], iou_type: str, *,
-                paired_seeds: bool) -> np.ndarray:
-        """``bootstrap.length_replicates`` of one arm's runs (``names`` per length), once per arm and type: the
-        pretrained arm's fits with and without its pre-training counted resample the same runs."""
-        key = ("lengths", tuple(map(tuple, names)), iou_type, paired_seeds)
-        if key not in self._replicates:
-            self._replicates[key] = length_replicates(matches, resamples=self.resamples, seed=self.seed,
-                                                      paired_seeds=paired_seeds)
-        return self._replicates[key]
 
     def get(self, scratch: Point | list[Point], pre: Point | list[Point], iou_type: str, *,
             paired_seeds: bool = False) -> dict | list[str]:
@@ -253,7 +243,8 @@ def catch_up(points: list[Point], paired: Paired) -> Section:
                          got["diff"], dlo, dhi, got["covers"], text, names])
             where = f"{s.schedule}{', ' + s.group_label if s.group_label else ''}, {TYPE_TITLES[t]}"
             sec.lines.append(f"{where} ({len(ss_t)} / {len(ps_t)} seeds; the interval covers {got['covers']}): {text}")
-            sec.facts[(s.group_label, t)] = (s.schedule, text)  # rows run shortest first: the longest stays
+            kind = verdict_kind(dlo, dhi, paired.margin)
+            sec.facts[(s.group_label, t)] = (s.schedule, kind, text)  # rows run shortest first: the longest stays
     note = ("Final AP (%)." if all(r[-2].startswith("no interval") for r in rows) else
             f"Final AP (%), each arm the mean over its seeds (runs that differ only in train.seed are replicates, "
             f"pooled), with {lv} percentile intervals of a two-stage bootstrap ({paired.resamples} resamples, seed "
@@ -285,6 +276,11 @@ def last_doubling(arm: list[Point], iou_type: str) -> tuple[Point, Point] | None
     return (half[-1] if half else shorter[-1]), longest
 
 
+def levelled_off(interval: tuple[float, float] | None) -> bool:
+    """The plateau check's rule: the last doubling's whole gain interval under the threshold (none: never)."""
+    return interval is not None and interval[1] < PLATEAU_GAIN
+
+
 def plateau_statement(gain: float, interval: tuple[float, float] | None = None) -> str:
     """The plateau check's words for the last doubling's gain in AP points and its interval: "levelled off" only
     when the whole interval lies under the threshold; with no interval, a small gain is not called a plateau."""
@@ -296,7 +292,7 @@ def plateau_statement(gain: float, interval: tuple[float, float] | None = None) 
                 "short to answer")
     lo, hi = interval
     ci = f"{gain:.2f} [{lo:+.2f}, {hi:+.2f}]"
-    if hi < PLATEAU_GAIN:
+    if levelled_off(interval):
         return f"levelled off (last doubling adds {ci}, all of the interval under {PLATEAU_GAIN:g} AP)"
     if lo >= PLATEAU_GAIN:
         return (f"NOT levelled off (last doubling adds {ci}, all of the interval at or over {PLATEAU_GAIN:g} AP): the "
@@ -341,7 +337,7 @@ def plateau_check(points: list[Point], paired: Paired | None = None) -> Section:
             ratio = long_.images / max(short.images, 1)
             span = "" if abs(ratio - 2) < 0.05 else f" (from {short.schedule} to {long_.schedule}: {ratio:.3g}x images)"
             sec.lines.append(f"{who}, {TYPE_TITLES[t]}: {text}{span}")
-            sec.facts[(label, pretrained, t)] = text
+            sec.facts[(label, pretrained, t)] = (levelled_off(interval), text)
             rows.append([label or short.subset_label, PRETRAINED if pretrained else RANDOM, TYPE_TITLES[t],
                          ", ".join(p.name for p in longs), long_.images, ", ".join(p.name for p in shorts), short.images,
                          round(gain, 4), *(interval if interval else (None, None)), text])
@@ -365,11 +361,7 @@ def _fit_line(fit: CurveFit, n: int, measured: float | None = None) -> str:
     """One fit in words.  A plateau the points do not show (c at its search limit) or above AP's ceiling of 100
     is said to be not identified before its number, so that the number is not read as a prediction."""
     lo, hi = fit.interval
-    unidentified = []
-    if fit.at_bound:
-        unidentified.append("the points do not show the bend (c at its search limit)")
-    if fit.form != "log-linear" and fit.a > AP_CEILING:
-        unidentified.append(f"the curve levels off above AP's ceiling of {AP_CEILING:g}")
+    unidentified = _unidentified(fit)
     if fit.form == "log-linear":
         text = (f"log-linear, +{fit.b * math.log(2):.2f} AP per doubling from {n} lengths (rmse {fit.rmse:.2f}): "
                 "the chosen form never levels off, so no plateau")
@@ -387,9 +379,18 @@ def _fit_line(fit: CurveFit, n: int, measured: float | None = None) -> str:
     return text
 
 
+def _unidentified(fit: CurveFit) -> list[str]:
+    """Why a saturating fit's plateau may not be read as one (c at its search limit, a above 100 AP); empty
+    where it may.  The log-linear form has no plateau to identify, and no reasons here."""
+    if fit.form == "log-linear":
+        return []
+    return ((["the points do not show the bend (c at its search limit)"] if fit.at_bound else [])
+            + ([f"the curve levels off above AP's ceiling of {AP_CEILING:g}"] if fit.a > AP_CEILING else []))
+
+
 def _identified(fit: CurveFit) -> bool:
     """Whether the fit's plateau may be read as one: a saturating form, c inside its search range, a <= 100."""
-    return fit.form != "log-linear" and not fit.at_bound and fit.a <= AP_CEILING
+    return fit.form != "log-linear" and not _unidentified(fit)
 
 
 def _interval_cells(interval: tuple[float, float]) -> tuple[float | None, float | None]:
@@ -433,7 +434,7 @@ def _pool_lengths(pts: list[Point], t: str, paired: Paired, *, counted: bool = F
     # has the same seeds; otherwise each length's seeds are drawn apart.
     same_seeds = len({tuple(p.seed for p in g) for g in groups}) == 1
     try:
-        rep = paired.lengths([[p.name for p in g] for g in groups], matches, t, paired_seeds=same_seeds)
+        rep = length_replicates(matches, resamples=paired.resamples, seed=paired.seed, paired_seeds=same_seeds)
     except ValueError as e:
         return _Lengths(xs, ys, None, str(e), names)
     return _Lengths(xs, ys, rep, "", names)
@@ -793,24 +794,23 @@ def answer(catch: Section, plateau: Section) -> Section:
     and both arms' plateau checks: "caught up" only from an equivalence verdict; behind at the longest length is
     "not caught up" only where random init has levelled off, else "inconclusive", and says why."""
     sec = Section("Answer: does random init catch up with pretrained?")
-    for (group, t), (schedule, verdict_text) in catch.facts.items():
-        mine = plateau.facts.get((group, False, t), "")
-        theirs = plateau.facts.get((group, True, t), "")
+    for (group, t), (schedule, kind, verdict_text) in catch.facts.items():
+        mine_levelled, mine = plateau.facts.get((group, False, t), (False, "no plateau check"))
+        theirs_levelled, _ = plateau.facts.get((group, True, t), (False, ""))
         head = f"{group + ', ' if group else ''}{TYPE_TITLES[t]}, at the longest schedule {schedule}"
-        other = (" The pretrained arm has not levelled off either: both stop short of where the paper compares "
-                 "them." if not theirs.startswith("levelled off") else "")
-        if " equivalent to " in verdict_text:
+        other = ("" if theirs_levelled else " The pretrained arm has not levelled off either: both stop short of "
+                 "where the paper compares them.")
+        if kind == "equivalent":
             text = f"CAUGHT UP: {verdict_text}."
-        elif " ahead of " in verdict_text:
+        elif kind == "ahead":
             text = f"AHEAD: {verdict_text}."
-        elif " behind " in verdict_text and mine.startswith("levelled off"):
+        elif kind == "behind" and mine_levelled:
             text = f"NOT CAUGHT UP: {verdict_text}, and random init has levelled off there."
-        elif " behind " in verdict_text:
-            why = mine or "no plateau check"
-            text = (f"INCONCLUSIVE: {verdict_text}, but random init has not been shown to level off ({why}): "
+        elif kind == "behind":
+            text = (f"INCONCLUSIVE: {verdict_text}, but random init has not been shown to level off ({mine}): "
                     "whether it catches up is not known; longer schedules would tell.")
         else:
-            text = (f"INCONCLUSIVE: {verdict_text}; more validation images or seeds would narrow the interval.")
+            text = f"INCONCLUSIVE: {verdict_text}; more validation images or seeds would narrow the interval."
         sec.lines.append(f"{head}: {text}{other}")
     if not sec.lines:
         sec.missing.append("no random-init run with a pretrained twin and an interval: no answer")

@@ -842,8 +842,8 @@ def build_report(paths: list[str | Path], out: str | Path, *, compare: tuple[str
                          "colour (a run and its pretrained twin share one), its pre-training's (grey, hatched; one "
                          "instance per classification image) stacked before it, as the paper's Fig. 2 counts them.") +
                  table_html(seen),
-                 table_html(runs_table(runs))]
-    tables += [t1, ts, cb, cs, seen, runs_table(runs)]
+                 table_html(rt := runs_table(runs))]
+    tables += [t1, ts, cb, cs, seen, rt]
     tables += [Table(*t) for sec in found for t in sec.tables]
     for t in tables:
         write_csv(t, out / "tables" / t.csv_name)
